@@ -1,0 +1,129 @@
+"""A peft LoRA model whose adapter tensors are addressed by peft name and grouped by role.
+
+Tensor names are exactly those of ``get_peft_model_state_dict`` (``...lora_A.weight``,
+``...lora_B.weight``, ``...classifier.weight``), so what travels between clients and
+coordinator is what a PEFT adapter directory stores. Roles (``lora_A``, ``lora_B``,
+``head``) are what strategies speak about: which are trained, sent, private, frozen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedtune.config import Config
+from fedtune.plan import ROLES, role_of
+
+from client.model import head_module_names, load_base_model, load_tokenizer, pick_device
+
+
+@dataclass
+class AdapterModel:
+    """A base model with one LoRA adapter (and task head), plus name -> parameter maps."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    task: str
+    labels: list[str]
+    device: torch.device
+    params: dict[str, torch.nn.Parameter]  # peft state-dict name -> live parameter
+
+    def names(self, roles: Iterable[str]) -> list[str]:
+        wanted = set(roles)
+        return [name for name in self.params if role_of(name) in wanted]
+
+    def state(self, roles: Iterable[str] = ROLES) -> dict[str, torch.Tensor]:
+        """A CPU copy of the adapter tensors of ``roles``."""
+        return {name: self.params[name].detach().to("cpu", copy=True) for name in self.names(roles)}
+
+    @torch.no_grad()
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy tensors into the live parameters; names and shapes must match exactly."""
+        for name, value in tensors.items():
+            param = self.params[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(param.shape)}")
+            param.copy_(torch.as_tensor(value, dtype=param.dtype))
+
+    def trainable(self, roles: Iterable[str]) -> list[torch.nn.Parameter]:
+        """Make exactly ``roles`` trainable and return those parameters."""
+        chosen = set(self.names(roles))
+        for name, param in self.params.items():
+            param.requires_grad_(name in chosen)
+        return [self.params[name] for name in chosen]
+
+
+def build_adapter_model(config: Config, labels: list[str]) -> AdapterModel:
+    """Load the base model, wrap it with LoRA (and a head) and set seeded initial values."""
+    device = pick_device(config.model.device)
+    num_labels = len(labels) if config.model.task == "classification" else 0
+    base = load_base_model(config.model.name, config.model.task, num_labels, device)
+    heads = head_module_names(base) if config.model.task == "classification" else None
+    lora = LoraConfig(
+        r=config.adapter.r,
+        lora_alpha=config.adapter.alpha,
+        lora_dropout=config.adapter.dropout,
+        target_modules=list(config.adapter.target_modules),
+        use_rslora=config.adapter.rslora,
+        modules_to_save=heads,
+    )
+    model = get_peft_model(base, lora)
+    model.eval()  # trainers switch to train mode for their steps and back
+    adapter = AdapterModel(
+        model=model,
+        tokenizer=load_tokenizer(config.model.name),
+        task=config.model.task,
+        labels=labels,
+        device=device,
+        params=_params_by_state_name(model),
+    )
+    adapter.load_state(initial_state(adapter.model, config.seed, adapter.params))
+    return adapter
+
+
+def initial_state(model: PreTrainedModel, seed: int, params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Seeded initial adapter values, identical on every machine and device.
+
+    Each tensor gets its own CPU generator seeded from (seed, name), so values do not
+    depend on load order, process or device. Initialisers follow peft and transformers:
+    A ~ kaiming-uniform(a=sqrt(5)), B = 0, head weights ~ N(0, initializer_range), biases 0.
+    """
+    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+    values = {}
+    for name, param in params.items():
+        generator = torch.Generator().manual_seed(_name_seed(seed, name))
+        value = torch.empty(param.shape, dtype=torch.float32)
+        role = role_of(name)
+        if role == "lora_A":
+            bound = 1.0 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
+            value.uniform_(-bound, bound, generator=generator)
+        elif role == "lora_B" or value.dim() == 1:
+            value.zero_()
+        else:
+            value.normal_(0.0, std, generator=generator)
+        values[name] = value
+    return values
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def _params_by_state_name(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """Map ``get_peft_model_state_dict`` names to the live parameters they come from."""
+    live = {
+        name.replace(".default", "").replace(".modules_to_save", ""): param
+        for name, param in model.named_parameters()
+        if ".lora_" in name or ".modules_to_save." in name
+    }
+    expected = list(get_peft_model_state_dict(model))
+    missing = [name for name in expected if name not in live]
+    if missing:
+        raise RuntimeError(f"cannot map peft state names to parameters: {missing[:3]}")
+    return {name: live[name] for name in expected}

@@ -1,0 +1,64 @@
+"""The Flower ClientApp: train and evaluate handlers that follow the strategy's plan.
+
+Nothing here knows whether it runs in the Simulation Engine or behind a SuperNode,
+nor which strategy the coordinator runs: the message's plan says which adapter roles
+to train, send and keep private.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.plan import ParameterPlan
+
+from client import model as model_loading
+from client.evaluate import evaluate as evaluate_model
+from client.job import ClientJob, process_tag
+from client.trainers import TRAINERS
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    job = ClientJob.for_context(context)
+    config = msg.content["config"]
+    plan = ParameterPlan.from_record(dict(config))
+    round_number = int(config["round"])
+    job.model.load_state(job.start_state(plan, msg.content["arrays"].to_torch_state_dict()))
+    params = job.model.trainable(plan.trained)
+    started = time.perf_counter()
+    result = TRAINERS["backprop"]().train(job.model, params, job.train, job.config.client, job.rng(round_number))
+    job.save_private(plan)
+    metrics = {
+        "num-examples": len(job.train),
+        "train_loss": result.loss,
+        "train_s": time.perf_counter() - started,
+        "steps": result.steps,
+        **result.metrics,
+    }
+    info = {
+        "name": job.name,
+        "process": process_tag(),
+        "model-loads": model_loading.BASE_MODEL_LOADS,
+        "frozen-checksum": job.frozen_checksum(plan),
+    }
+    content = RecordDict({
+        "arrays": ArrayRecord(job.model.state(plan.sent)),
+        "metrics": MetricRecord(metrics),
+        "info": ConfigRecord(info),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    job = ClientJob.for_context(context)
+    plan = ParameterPlan.from_record(dict(msg.content["config"]))
+    job.model.load_state(job.start_state(plan, msg.content["arrays"].to_torch_state_dict()))
+    metrics = evaluate_model(job.model, job.holdout)
+    content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"name": job.name})})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,239 @@
+"""Reading labeled text, turning it into token ids for the task, and batching it.
+
+Sources: local ``.jsonl``/``.json``/``.csv``/``.tsv`` files, the built-in synthetic
+generator (``synthetic:NAME/SPLIT``) and, for online users, Hugging Face datasets
+(``hf:PATH[#CONFIG][:SPLIT]``). Classification uses ``text_field``/``label_field``;
+causal LM renders ``data.prompt`` and ``data.response`` templates and puts the loss on
+the response tokens only.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.config import HF_PREFIX, SYNTHETIC_PREFIX, Config
+from fedtune.errors import UserError
+
+IGNORE_INDEX = -100
+csv.field_size_limit(2**31 - 1)
+
+
+@functools.lru_cache(maxsize=8)
+def read_records(source: str) -> tuple[dict[str, Any], ...]:
+    """All rows of a source, cached per process (simulated clients share one read)."""
+    if source.startswith(SYNTHETIC_PREFIX):
+        from simulations.synthetic import generate
+
+        return tuple(generate(source[len(SYNTHETIC_PREFIX):]))
+    if source.startswith(HF_PREFIX):
+        return tuple(_read_hf(source[len(HF_PREFIX):]))
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"data file not found: {source}")
+    suffix = path.suffix.lower()
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            if suffix == ".jsonl":
+                rows = [json.loads(line) for line in handle if line.strip()]
+            elif suffix == ".json":
+                rows = json.load(handle)
+            elif suffix == ".tsv":
+                rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+            elif suffix == ".csv":
+                rows = list(csv.DictReader(handle))
+            else:
+                raise UserError(f"{source}: unsupported file type {suffix!r}; allowed: .jsonl, .json, .csv, .tsv")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{source}: cannot parse as {suffix[1:]} ({err})") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise UserError(f"{source}: expected rows of named columns (one JSON object per row)")
+    if not rows:
+        raise UserError(f"{source}: no rows")
+    return tuple(rows)
+
+
+def require_fields(rows: Sequence[dict[str, Any]], source: str, fields: Sequence[str]) -> None:
+    columns = list(rows[0])
+    for name in fields:
+        if name not in columns:
+            raise UserError(f"{source}: no column {name!r} (columns: {', '.join(columns)}); set data.text_field / data.label_field")
+        for number, row in enumerate(rows, start=2):
+            if row.get(name) in (None, ""):
+                raise UserError(f"{source}: row {number}: empty {name!r}")
+
+
+def infer_labels(sources: Sequence[str], label_field: str) -> list[str]:
+    """Sorted label values found in the given sources (the class index order)."""
+    values: set[str] = set()
+    for source in sources:
+        rows = read_records(source)
+        require_fields(rows, source, [label_field])
+        values.update(str(row[label_field]) for row in rows)
+    return sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a row means for the model: the part of the config clients need to encode data."""
+
+    task: str
+    labels: tuple[str, ...]
+    text_field: str
+    label_field: str
+    max_length: int
+    prompt: str = "{text}"
+    response: str = "{label}"
+    label_words: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Config) -> TaskSpec:
+        data = config.data
+        return cls(
+            task=config.model.task,
+            labels=tuple(data.labels or ()),
+            text_field=data.text_field,
+            label_field=data.label_field,
+            max_length=config.model.max_length,
+            prompt=data.prompt,
+            response=data.response,
+            label_words=tuple((data.label_words or {}).items()),
+        )
+
+    @property
+    def choices(self) -> bool:
+        """Causal LM scored as a choice among label words (classification as generation)."""
+        return self.task == "causal-lm" and bool(self.label_words)
+
+    def response_text(self, label: str) -> str:
+        return self.response.format(label=dict(self.label_words).get(label, label))
+
+
+@dataclass
+class ExampleSet:
+    """Tokenized examples of one split, with training and evaluation batching."""
+
+    examples: list[dict[str, Any]]
+    pad_id: int
+    spec: TaskSpec
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batches(self, batch_size: int, rng: random.Random) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless shuffled batches (reshuffled each epoch), for local training steps."""
+        if not self.examples:
+            raise UserError("no training examples on this client")
+        order: list[int] = []
+        while True:
+            if len(order) < batch_size:
+                fresh = list(range(len(self.examples)))
+                rng.shuffle(fresh)
+                order += fresh
+            chosen, order = order[:batch_size], order[batch_size:]
+            yield collate([self.examples[i] for i in chosen], self.pad_id)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """Length-sorted batches (little padding), each with the example indices it holds."""
+        order = sorted(range(len(self.examples)), key=lambda i: len(self.examples[i]["input_ids"]))
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            yield chosen, collate([self.examples[i] for i in chosen], self.pad_id)
+
+
+def encode(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, source: str) -> ExampleSet:
+    """Tokenize rows for the task; a label outside ``spec.labels`` is a data error."""
+    rows = list(rows)
+    label_index = {label: i for i, label in enumerate(spec.labels)}
+    fields = [spec.text_field] + ([spec.label_field] if spec.label_field else [])
+    if rows:
+        require_fields(rows, source, fields)
+    if spec.task == "classification" or spec.choices:
+        for number, row in enumerate(rows, start=2):
+            if str(row[spec.label_field]) not in label_index:
+                raise UserError(
+                    f"{source}: row {number}: label {row[spec.label_field]!r} is not one of the run's labels "
+                    f"({', '.join(spec.labels)})"
+                )
+    if spec.task == "classification":
+        texts = [str(row[spec.text_field]) for row in rows]
+        ids = tokenizer(texts, truncation=True, max_length=spec.max_length)["input_ids"] if texts else []
+        examples = [{"input_ids": x, "label": label_index[str(row[spec.label_field])]} for x, row in zip(ids, rows)]
+    else:
+        examples = [_encode_lm(row, spec, tokenizer) for row in rows]
+        if spec.choices:
+            for example, row in zip(examples, rows):
+                example["label"] = label_index[str(row[spec.label_field])]
+    return ExampleSet(examples=examples, pad_id=tokenizer.pad_token_id, spec=spec, rows=rows)
+
+
+def encode_prompt_response(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, Any]:
+    """Prompt + response + EOS, loss only on the response; long prompts lose their start."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = response_ids[: max(1, max_length // 2)]
+    prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        "prompt_len": len(prompt_ids),
+    }
+
+
+def _encode_lm(row: dict[str, Any], spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    prompt = spec.prompt.format(text=row[spec.text_field])
+    response = spec.response_text(str(row[spec.label_field]))
+    return encode_prompt_response(prompt, response, tokenizer, spec.max_length)
+
+
+def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; LM labels pad with IGNORE_INDEX, class labels stack."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        attention[row, :n] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    if "labels" in examples[0]:
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, example in enumerate(examples):
+            labels[row, : len(example["labels"])] = torch.tensor(example["labels"])
+        batch["labels"] = labels
+    elif "label" in examples[0]:
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+    return batch
+
+
+def holdout_split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Seeded split of a client's rows into (train, held-out); held-out gets at least one row."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_held = min(len(rows) - 1, max(1, round(fraction * len(rows)))) if fraction > 0 and len(rows) > 1 else 0
+    held, train = order[:n_held], order[n_held:]
+    return [rows[i] for i in train], [rows[i] for i in held]
+
+
+def _read_hf(spec: str) -> list[dict[str, Any]]:
+    match = re.fullmatch(r"(?P<path>[^#:]+)(?:#(?P<name>[^:]+))?(?::(?P<split>.+))?", spec)
+    if not match:
+        raise UserError(f"hf:{spec}: expected hf:PATH[#CONFIG][:SPLIT], e.g. hf:stanfordnlp/sst2:train")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(match["path"], match["name"], split=match["split"] or "train")
+    except Exception as err:  # network, auth, unknown dataset: all user-facing
+        raise UserError(f"hf:{spec}: cannot load from the Hugging Face hub ({str(err).splitlines()[0]})") from None
+    return [dict(row) for row in dataset]

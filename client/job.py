@@ -1,0 +1,127 @@
+"""A client's standing state across rounds: config, its data, the shared model, private tensors.
+
+Process-level caches make a long-lived client process (a Ray actor in simulation, the
+agent's ClientApp process in deployment) load the base model once and tokenize its
+data once; every message then only swaps adapter tensors. Simulated clients that share
+a process share the model object, so each message sets *all* adapter tensors:
+received global values, else this client's private values, else the seeded init.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from safetensors.torch import load_file, save_file
+
+from fedtune.config import Config, parse_config_text
+from fedtune.errors import UserError
+from fedtune.plan import ParameterPlan, checksum
+from fedtune.rundir import RunDir
+
+from client.adapters import AdapterModel, build_adapter_model, initial_state
+from client.data import ExampleSet, TaskSpec, encode, holdout_split, read_records
+
+PRIVATE_FILE = "private.safetensors"
+
+
+parse_config = functools.lru_cache(maxsize=4)(parse_config_text)
+
+
+_MODELS: dict[str, AdapterModel] = {}
+
+
+def shared_model(config: Config) -> AdapterModel:
+    """One adapter model per process and model definition: the base model loads once."""
+    key = "|".join((config.model.model_dump_json(), config.adapter.model_dump_json(), repr(config.data.labels)))
+    if key not in _MODELS:
+        _MODELS.clear()  # a new run with another model: free the old one first
+        _MODELS[key] = build_adapter_model(config, list(config.data.labels or []))
+    return _MODELS[key]
+
+
+def process_tag() -> str:
+    """Identifies a client process across messages (for the base-model load count)."""
+    return f"{os.uname().nodename}:{os.getpid()}"
+
+
+@dataclass
+class ClientJob:
+    config: Config
+    name: str
+    state_dir: Path
+    model: AdapterModel
+    train: ExampleSet
+    holdout: ExampleSet
+    initial: dict[str, torch.Tensor]
+
+    @classmethod
+    def for_context(cls, context: Context) -> ClientJob:
+        text = str(context.run_config["fedtune-config"])
+        node = context.node_config
+        if "data-path" in node:
+            key = (text, str(node["data-path"]), str(node.get("name", "")), str(node.get("state-dir", "")))
+        else:
+            key = (text, f"partition-{int(node['partition-id'])}", "", str(context.run_config["run-dir"]))
+        return _job(*key)
+
+    def start_state(self, plan: ParameterPlan, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Seeded init, overlaid with this client's private tensors, then the global ones."""
+        state = dict(self.initial)
+        private = self.state_dir / PRIVATE_FILE
+        if plan.private and private.is_file():
+            stored = load_file(str(private))
+            state.update({k: v for k, v in stored.items() if k in state and k in self.model.names(plan.private)})
+        state.update(received)
+        return state
+
+    def save_private(self, plan: ParameterPlan) -> None:
+        if not plan.private:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.state_dir / f".{PRIVATE_FILE}.tmp"
+        save_file({k: v.contiguous() for k, v in self.model.state(plan.private).items()}, str(staging))
+        staging.replace(self.state_dir / PRIVATE_FILE)
+
+    def frozen_checksum(self, plan: ParameterPlan) -> str:
+        return checksum(self.model.state(plan.frozen)) if plan.frozen else ""
+
+    def rng(self, round_number: int) -> random.Random:
+        return random.Random(f"{self.config.seed}:{self.name}:{round_number}")
+
+
+@functools.lru_cache(maxsize=64)
+def _job(config_text: str, data: str, name: str, location: str) -> ClientJob:
+    config = parse_config(config_text)
+    model = shared_model(config)
+    spec = TaskSpec.from_config(config)
+    if data.startswith("partition-"):
+        from simulations.partition import client_rows
+
+        partition_id = int(data.removeprefix("partition-"))
+        name = f"client-{partition_id}"
+        train_rows, held_rows = client_rows(config, partition_id)
+        state_dir = RunDir(Path(location)).client_dir(name)
+        source = f"{config.data.train} (partition {partition_id})"
+    else:
+        rows = list(read_records(data))
+        name = name or Path(data).stem
+        train_rows, held_rows = holdout_split(rows, config.data.holdout, seed=config.seed)
+        if not location:
+            raise UserError("client state dir: not set (fedtune client --state-dir DIR)")
+        state_dir = Path(location) / str(config.output.name) / name
+        source = data
+    return ClientJob(
+        config=config,
+        name=name,
+        state_dir=state_dir,
+        model=model,
+        train=encode(train_rows, spec, model.tokenizer, source),
+        holdout=encode(held_rows, spec, model.tokenizer, source),
+        initial=initial_state(model.model, config.seed, model.params),
+    )

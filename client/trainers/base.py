@@ -1,0 +1,40 @@
+"""The interface every local trainer implements, so backprop, zeroth-order and DP-SGD
+are interchangeable peers rather than branches inside one loop."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from fedtune.config import ClientSection
+
+from client.adapters import AdapterModel
+from client.data import ExampleSet
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples: int  # examples consumed, counting repeats
+    loss: float  # mean training loss over the local steps
+    metrics: dict[str, float] = field(default_factory=dict)  # trainer-specific extras
+
+
+class Trainer(Protocol):
+    def train(
+        self,
+        model: AdapterModel,
+        params: list[torch.nn.Parameter],
+        data: ExampleSet,
+        settings: ClientSection,
+        rng: random.Random,
+    ) -> TrainResult:
+        """Run ``settings.local_steps`` updates of ``params`` on batches drawn from ``data``."""
+        ...
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,60 @@
+"""Per-round checkpoints: a PEFT adapter directory plus the state needed to resume.
+
+``checkpoints/round-K/`` holds ``adapter_config.json`` + ``adapter_model.safetensors``
+(what ``PeftModel.from_pretrained(base, dir)`` loads, head included) and
+``fedtune.json`` (round, labels, strategy state incl. its sampling RNG). It is written
+to a temporary directory and renamed, so a killed coordinator never leaves a torn
+checkpoint behind; ``fedtune.json`` is the completeness marker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from fedtune.errors import UserError
+from fedtune.rundir import RunDir
+
+from client.adapters import AdapterModel, build_adapter_model
+from client.job import PRIVATE_FILE
+
+ADAPTER_FILE = "adapter_model.safetensors"
+STATE_FILE = "fedtune.json"
+
+
+def save_checkpoint(run: RunDir, round_number: int, model: AdapterModel, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    target = run.checkpoint(round_number)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.load_state(tensors)
+    model.model.save_pretrained(staging)
+    (staging / STATE_FILE).write_text(json.dumps({"round": round_number, "labels": model.labels, **state}) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(adapter tensors by peft name, fedtune state) of a checkpoint directory."""
+    return load_file(str(path / ADAPTER_FILE)), json.loads((path / STATE_FILE).read_text())
+
+
+def load_run_model(run: RunDir, round_number: int | None = None, client: str | None = None) -> tuple[AdapterModel, int]:
+    """A run's adapter model at a checkpoint: global, or personalised with a client's private tensors."""
+    config = run.config()
+    path = run.latest_checkpoint(round_number)
+    tensors, state = load_checkpoint(path)
+    if client is not None:
+        private = run.client_dir(client) / PRIVATE_FILE
+        if not private.is_file():
+            known = sorted(p.name for p in (run.path / "clients").glob("*")) if (run.path / "clients").is_dir() else []
+            raise UserError(f"--client {client}: no private state in {run.path} (clients with state: {known or 'none'})")
+        tensors = {**tensors, **load_file(str(private))}
+    model = build_adapter_model(config, state["labels"])
+    model.load_state(tensors)
+    return model, int(state["round"])

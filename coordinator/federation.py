@@ -1,0 +1,150 @@
+"""The coordinator's round loop, readable top to bottom.
+
+Each round: the strategy samples clients and builds messages, Flower's Grid delivers
+them and collects replies, the strategy checks and combines the replies, clients and
+server evaluate, then the round is recorded (metrics line, checkpoint, progress line).
+A run directory that already has checkpoints resumes after its last completed round.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedtune.config import Config
+from fedtune.rundir import RunDir
+
+from client.adapters import AdapterModel, build_adapter_model
+from client.data import ExampleSet, TaskSpec, encode, read_records
+from client.evaluate import evaluate
+from coordinator.checkpoint import load_checkpoint, save_checkpoint
+from coordinator.report import finish_run, progress_line, say
+from strategies import LoraStrategy, build_strategy
+
+
+@dataclass
+class Federation:
+    config: Config
+    run: RunDir
+    strategy: LoraStrategy
+    model: AdapterModel  # the server's copy: evaluation and checkpoints
+    eval_data: ExampleSet | None
+    arrays: ArrayRecord
+    first_round: int = 1
+    elapsed_before: float = 0.0
+    client_loads: dict[str, int] = field(default_factory=dict)  # process -> base-model loads
+
+    @classmethod
+    def prepare(cls, config: Config, run: RunDir) -> Federation:
+        model = build_adapter_model(config, list(config.data.labels or []))
+        strategy = build_strategy(config)
+        federation = cls(config, run, strategy, model, eval_set(config, model), ArrayRecord(model.state()))
+        rounds = run.completed_rounds()
+        if rounds:
+            tensors, state = load_checkpoint(run.checkpoint(rounds[-1]))
+            strategy.load_state_dict(state["strategy"])
+            run.truncate_metrics(rounds[-1])
+            federation.arrays = ArrayRecord(tensors)
+            federation.first_round = rounds[-1] + 1
+            federation.elapsed_before = state.get("elapsed_s", 0.0)
+            federation.client_loads = state.get("client_loads", {})
+            say(f"resuming {run.path.name} after round {rounds[-1]}")
+        return federation
+
+    def run_rounds(self, grid: Grid) -> dict[str, Any]:
+        fed = self.config.federation
+        self._wait_for_clients(grid)
+        started = time.time() - self.elapsed_before
+        for rnd in range(self.first_round, fed.rounds + 1):
+            round_start = time.time()
+            replies = grid.send_and_receive(
+                self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), grid), timeout=fed.round_timeout
+            )
+            new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+            ledger = self.strategy.ledger
+            if new_arrays is not None:
+                self.arrays = new_arrays
+            for update in ledger.updates:
+                self.client_loads[str(update.info.get("process", update.name))] = int(update.info.get("model-loads", 0))
+            record: dict[str, Any] = {
+                "round": rnd,
+                "train_loss": train_metrics["train_loss"] if train_metrics else None,
+                "clients": len(ledger.updates),
+                "sampled": ledger.sent_to,
+                "bytes_up": ledger.bytes_up,
+                "bytes_down": ledger.bytes_down,
+            }
+            if ledger.rejected:
+                record["rejected"] = ledger.rejected
+            if self._evaluates(rnd):
+                record.update(self._evaluate(grid, rnd))
+            record["wall_s"] = round(time.time() - round_start, 3)
+            record["elapsed_s"] = round(time.time() - started, 3)
+            self.run.append_metrics(record)
+            save_checkpoint(self.run, rnd, self.model, self.arrays.to_torch_state_dict(), {
+                "strategy": self.strategy.state_dict(),
+                "elapsed_s": record["elapsed_s"],
+                "client_loads": self.client_loads,
+            })
+            say(progress_line(record, fed.rounds))
+        return self._finish(time.time() - started)
+
+    def _evaluates(self, rnd: int) -> bool:
+        every = self.config.federation.eval_every
+        return rnd == self.config.federation.rounds or (every > 0 and rnd % every == 0)
+
+    def _evaluate(self, grid: Grid, rnd: int) -> dict[str, float]:
+        result: dict[str, float] = {}
+        replies = grid.send_and_receive(
+            self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(), grid),
+            timeout=self.config.federation.round_timeout,
+        )
+        client_metrics = self.strategy.aggregate_evaluate(rnd, replies)
+        if client_metrics:
+            result["client_accuracy"] = client_metrics["accuracy"]
+            result["client_loss"] = client_metrics["loss"]
+        if self.eval_data is not None:
+            self.model.load_state(self.arrays.to_torch_state_dict())
+            metrics = evaluate(self.model, self.eval_data)
+            result["eval_accuracy"] = metrics["accuracy"]
+            result["eval_loss"] = metrics["loss"]
+        return result
+
+    def _wait_for_clients(self, grid: Grid) -> None:
+        needed = self.config.federation.min_clients
+        announced = -1
+        while (connected := len(list(grid.get_node_ids()))) < needed:
+            if connected != announced:
+                say(f"waiting for clients: {connected}/{needed} connected")
+                announced = connected
+            time.sleep(1.0)
+
+    def _finish(self, wall_s: float) -> dict[str, Any]:
+        summary = finish_run(self.run, self.config, self.config.strategy.name, wall_s, {
+            "client_processes": len(self.client_loads),
+            "client_base_model_loads": sum(self.client_loads.values()),
+        })
+        say(f"done: {self.run.path}")
+        return summary
+
+
+def eval_set(config: Config, model: AdapterModel) -> ExampleSet | None:
+    """The server's evaluation data: data.eval, or the server's holdout of data.train."""
+    if config.data.eval:
+        rows, source = list(read_records(config.data.eval)), config.data.eval
+    elif config.data.server_holdout:
+        from simulations.partition import train_and_server_rows
+
+        rows = list(train_and_server_rows(config.data.train, config.data.server_holdout, config.seed)[1])
+        source = f"{config.data.train} (server holdout)"
+    else:
+        return None
+    limit = config.data.eval_max_examples
+    if limit and limit < len(rows):
+        rows = random.Random(config.seed).sample(rows, limit)
+    return encode(rows, TaskSpec.from_config(config), model.tokenizer, source)

@@ -1,0 +1,152 @@
+"""Starting a Flower SuperLink and submitting fedtune's app to it with ``flwr run``.
+
+Both ``fedtune simulate`` (SuperLink with ``--simulation``: the Simulation Engine runs
+the clients) and ``fedtune coordinator`` (a deployment SuperLink that client agents
+join) go through here, so a run is the same Flower run either way. Runtime dependency
+installation is always off: it would ``uv sync`` torch from PyPI (the CUDA build).
+Each launcher gets its own ``FLWR_HOME`` so parallel runs never share Flower state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtune.errors import UserError
+
+APP_DIR = Path(__file__).resolve().parent.parent / "fedtune" / "flower_app"
+CONNECTION = "fedtune"
+
+
+def quiet_environment(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process fedtune starts."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONWARNINGS": "ignore",
+    })
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Tls:
+    """Certificates for the SuperLink's HTTPS endpoint (see ``fedtune certs``)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass
+class SuperLink:
+    """A SuperLink subprocess plus a private flwr CLI configuration that reaches it."""
+
+    simulation: bool
+    host: str = "127.0.0.1"
+    port: int = 0
+    tls: Tls | None = None
+    extra_args: list[str] = field(default_factory=list)
+    log_file: Path | None = None
+    home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fedtune-flwr-")))
+    process: subprocess.Popen | None = None
+
+    def __enter__(self) -> SuperLink:
+        self.port = self.port or free_port()
+        args = [_tool("flower-superlink"), "--host", self.host, "--port", str(self.port),
+                "--disable-runtime-dependency-installation", *self.extra_args]
+        if self.simulation:
+            args.append("--simulation")
+        if self.tls is None:
+            args.append("--insecure")
+        else:
+            args += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                     "--ssl-keyfile", str(self.tls.server_key)]
+        self._write_cli_config()
+        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self.process = subprocess.Popen(args, env=quiet_environment(self.home), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self._wait_until_listening()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything it started (its whole process group)."""
+        if self.process and self.process.poll() is None:
+            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.process.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+
+    def submit(self, run_config: dict[str, str], federation_config: dict[str, int | float] | None,
+               on_line: Callable[[str], None], app_dir: Path = APP_DIR) -> int:
+        """``flwr run`` a Flower App (fedtune's by default); stream its log lines; return its exit code."""
+        overrides = self.home / "run-config.toml"
+        overrides.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_config.items()))
+        args = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
+        if federation_config:
+            args += ["--federation-config", " ".join(f"{k}={v}" for k, v in federation_config.items())]
+        process = subprocess.Popen(args, env=quiet_environment(self.home), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert process.stdout is not None
+        for line in process.stdout:
+            on_line(line.rstrip("\n"))
+        return process.wait()
+
+    def _write_cli_config(self) -> None:
+        lines = [f"[superlink]\ndefault = \"{CONNECTION}\"\n\n[superlink.{CONNECTION}]\n",
+                 f"address = \"{self.host}:{self.port}\"\n"]
+        if self.tls is None:
+            lines.append("insecure = true\n")
+        else:
+            lines.append(f"root-certificates = \"{self.tls.ca_cert}\"\n")
+        (self.home / "config.toml").write_text("".join(lines))
+
+    def _wait_until_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise UserError(f"the SuperLink exited at start (code {self.process.returncode}); "
+                                f"see {self.log_file or 'its output'}")
+            with socket.socket() as sock:
+                if sock.connect_ex((self.host if self.host != "0.0.0.0" else "127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise UserError(f"the SuperLink did not listen on {self.host}:{self.port} within {timeout:.0f}s")
+
+
+def _tool(name: str) -> str:
+    """A Flower console script from the same environment as this Python."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name

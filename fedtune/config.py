@@ -1,0 +1,284 @@
+"""The one YAML file that drives a fedtune run: schema, loading, ``--set`` overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error
+that names the field instead of a silently ignored setting. ``load_config`` turns any
+problem into a ``UserError`` with one line per bad field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedtune.errors import UserError
+from fedtune.models import describe_model_name
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so label words like yes/no/on/off stay strings."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)
+
+
+SYNTHETIC_PREFIX = "synthetic:"
+HF_PREFIX = "hf:"
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = "minilm-l6"
+    task: Literal["classification", "causal-lm"] = "classification"
+    max_length: int | None = Field(None, ge=8, le=32768)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        problem = describe_model_name(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+
+class AdapterSection(Section):
+    r: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+    rslora: bool = False
+
+
+class StrategySection(Section):
+    name: Literal["fedit", "ffa", "fedsa", "fair"] = "fedit"
+    head: Literal["shared", "private"] = "shared"
+    fair_lambda: float = Field(0.01, ge=0.0)
+    fair_steps: int = Field(200, ge=1)
+
+
+class FederationSection(Section):
+    clients: int = Field(10, ge=1, le=100_000)
+    rounds: int = Field(10, ge=1, le=100_000)
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    min_clients: int = Field(2, ge=1)
+    round_timeout: float = Field(3600.0, gt=0)
+    eval_every: int = Field(1, ge=0)
+
+
+class ClientSection(Section):
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_accum: int = Field(1, ge=1)
+
+
+class PartitionSection(Section):
+    kind: Literal["iid", "dirichlet", "field"] = "iid"
+    alpha: float = Field(0.5, gt=0.0)
+    field: str | None = None
+    min_size: int = Field(10, ge=1)
+
+
+class DataSection(Section):
+    train: str | None = None
+    eval: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: list[str] | None = None
+    holdout: float = Field(0.1, ge=0.0, lt=1.0)
+    server_holdout: float = Field(0.0, ge=0.0, lt=1.0)
+    eval_max_examples: int | None = Field(None, ge=1)
+    prompt: str = "{text}"
+    response: str = "{label}"
+    label_words: dict[str, str] | None = None
+    partition: PartitionSection = PartitionSection()
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _source_exists(cls, source: str | None) -> str | None:
+        if source is None or source.startswith(HF_PREFIX):
+            return source
+        if source.startswith(SYNTHETIC_PREFIX):
+            from simulations.synthetic import describe_synthetic
+
+            problem = describe_synthetic(source[len(SYNTHETIC_PREFIX):])
+            if problem:
+                raise ValueError(problem)
+            return source
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"file not found: {source} (allowed: an existing {'/'.join(DATA_SUFFIXES)} "
+                f"file, {SYNTHETIC_PREFIX}NAME, or {HF_PREFIX}NAME)"
+            )
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            raise ValueError(f"unsupported file type {path.suffix!r}; allowed: {', '.join(DATA_SUFFIXES)}")
+        return str(path.resolve())
+
+    @field_validator("labels", "label_words", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: Any) -> Any:
+        """Labels are names: 0/1 in a YAML file mean the labels "0" and "1"."""
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, prompt: str) -> str:
+        if "{text}" not in prompt:
+            raise ValueError("must contain the placeholder {text}")
+        return prompt
+
+
+class PrivacySection(Section):
+    mode: Literal["none"] = "none"
+
+
+class SimulationSection(Section):
+    client_cpus: int | None = Field(None, ge=1)
+    client_gpus: float | None = Field(None, ge=0.0)
+
+
+class OutputSection(Section):
+    dir: str = "runs"
+    name: str | None = Field(None, pattern=r"^[\w.-]+$")
+    plots: bool = True
+
+
+class Config(Section):
+    seed: int = Field(0, ge=0)
+    model: ModelSection = ModelSection()
+    adapter: AdapterSection = AdapterSection()
+    strategy: StrategySection = StrategySection()
+    federation: FederationSection = FederationSection()
+    client: ClientSection = ClientSection()
+    data: DataSection = DataSection()
+    privacy: PrivacySection = PrivacySection()
+    simulation: SimulationSection = SimulationSection()
+    output: OutputSection = OutputSection()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` to the raw config dict (value parsed as YAML)."""
+    match = re.fullmatch(r"([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)=(.*)", assignment, re.S)
+    if not match:
+        raise UserError(f"--set {assignment!r}: expected section.key=value, e.g. federation.rounds=5")
+    path, text = match.group(1).split("."), match.group(2)
+    value = _parse_override_value(path, text)
+    node = raw
+    for depth, key in enumerate(path[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {assignment!r}: {'.'.join(path[: depth + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _parse_override_value(path: list[str], text: str) -> Any:
+    """YAML-typed value, except that string fields take the text as is (unless quoted)."""
+    if _is_string_field(path) and not text.startswith(("'", '"')):
+        return None if text in ("null", "~") else text
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _is_string_field(path: list[str]) -> bool:
+    model: type[BaseModel] = Config
+    for key in path:
+        info = model.model_fields.get(key)
+        if info is None:
+            return False
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        return annotation in (str, str | None)
+    return False
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read, override and validate a config; any problem raises ``UserError``."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml_mapping(Path(path))
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_config(raw, source=str(path) if path else "config")
+
+
+def parse_config_text(text: str, source: str = "run config") -> Config:
+    """A config serialized with ``Config.to_yaml`` (what runs and clients receive)."""
+    raw = load_yaml(text)
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a YAML mapping")
+    return validate_config(raw, source=source)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (model:, data:, ...) at the top level")
+    return raw
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe_error(source, e) for e in err.errors()]
+        raise UserError("\n".join(lines)) from None
+
+
+def _describe_error(source: str, error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    field = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(loc[:-1]))
+        return f"{source}: {field}: unknown key; allowed keys here: {allowed}"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) or "file not found" in message or "unknown model" in message else f" (got {got!r})"
+    return f"{source}: {field}: {message}{shown}"
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for key in loc:
+        annotation = model.model_fields[key].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,43 @@
+"""PNG plots of run metrics (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedtune.rundir import RunDir  # noqa: E402
+
+
+def plot_run(run: RunDir) -> Path:
+    """Accuracy, loss and traffic against rounds: ``plots/metrics.png``."""
+    records = run.metrics()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key, axis in (("accuracy", axes[0]), ("loss", axes[1])):
+        for prefix, label in (("eval_", "server eval"), ("client_", "client held-out"), ("train_", "train")):
+            points = [(r["round"], r[prefix + key]) for r in records if r.get(prefix + key) is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label)
+        axis.set(xlabel="round", ylabel=key, title=key)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    for key in ("bytes_up", "bytes_down"):
+        points = [(r["round"], r[key] / 1e6) for r in records if key in r]
+        if points:
+            axes[2].plot(*zip(*points), marker="o", label=key)
+    axes[2].set(xlabel="round", ylabel="MB (all clients)", title="traffic per round")
+    axes[2].grid(alpha=0.3)
+    if axes[2].lines:
+        axes[2].legend()
+    for axis in axes:
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(run.path.name)
+    fig.tight_layout()
+    run.plots.mkdir(parents=True, exist_ok=True)
+    target = run.plots / "metrics.png"
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target

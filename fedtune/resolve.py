@@ -1,0 +1,54 @@
+"""Turning a validated config into a fully resolved one before a run starts.
+
+Resolution fills every default that depends on the model or the data (target
+modules, token budget, label set, run name) and checks the rules that span sections.
+The resolved config is what ``config.yaml`` in the run directory records and what
+every client receives, so all parties agree on it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fedtune.config import Config
+from fedtune.errors import UserError
+
+
+def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
+    from client.data import infer_labels
+    from client.model import default_max_length, default_target_modules
+
+    config = config.model_copy(deep=True)
+    fed = config.federation
+    if fed.min_clients > fed.clients:
+        raise UserError(f"federation.min_clients: {fed.min_clients} exceeds federation.clients ({fed.clients})")
+    if need_train_data and not config.data.train:
+        raise UserError("data.train: required for this command (a data file, synthetic:NAME/SPLIT or hf:NAME)")
+    if config.data.server_holdout and config.data.eval:
+        raise UserError("data.server_holdout: set either data.eval or data.server_holdout, not both")
+    if config.data.partition.kind == "field" and not config.data.partition.field:
+        raise UserError("data.partition.field: required when data.partition.kind is field (e.g. domain)")
+    if config.adapter.target_modules is None:
+        config.adapter.target_modules = default_target_modules(config.model.name)
+    if config.model.max_length is None:
+        config.model.max_length = default_max_length(config.model.name)
+    wants_labels = config.model.task == "classification" or config.data.label_words
+    if wants_labels and not config.data.labels:
+        if config.data.label_words:
+            config.data.labels = list(config.data.label_words)
+        else:
+            sources = [s for s in (config.data.train, config.data.eval) if s]
+            if not sources:
+                raise UserError("data.labels: required when neither data.train nor data.eval is given")
+            config.data.labels = infer_labels(sources, config.data.label_field)
+    if config.data.label_words:
+        missing = [label for label in config.data.labels if label not in config.data.label_words]
+        if missing:
+            raise UserError(f"data.label_words: no word for labels {missing}")
+    if config.model.task == "classification" and len(config.data.labels) < 2:
+        raise UserError(f"data.labels: classification needs at least 2 labels (got {config.data.labels})")
+    if config.output.name is None:
+        config.output.name = f"{name_hint}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config.output.dir = str(Path(config.output.dir).resolve())
+    return config

@@ -1,0 +1,111 @@
+"""``fedtune compare``: several strategies on identical seeds and partitions, side by side.
+
+Writes ``DIR/<strategy>/`` run directories (plus ``DIR/central/`` with ``--central``),
+``DIR/summary.json``, ``DIR/summary.md`` and ``DIR/accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedtune.config import Config  # noqa: E402
+from fedtune.errors import UserError  # noqa: E402
+from fedtune.rundir import RunDir  # noqa: E402
+
+PERSONALISED = {"fedsa"}  # strategies whose clients evaluate their own personalised model
+
+
+def run_comparison(config: Config, strategies: list[str], out: Path, central: bool, echo=print) -> dict[str, Any]:
+    from simulations.central import run_central
+    from simulations.simulate import run_simulation
+
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    results: dict[str, Any] = {}
+    jobs = [(name, False) for name in strategies] + ([("central", True)] if central else [])
+    for name, is_central in jobs:
+        variant = config.model_copy(deep=True)
+        if not is_central:
+            variant.strategy.name = name
+        variant.output.dir, variant.output.name = str(out.resolve()), name
+        run = RunDir.create(out / name, variant)
+        echo(f"== {name} ==")
+        try:
+            summary = run_central(variant, run, echo) if is_central else run_simulation(variant, run, echo)
+            results[name] = describe(name, run, summary)
+        except UserError as err:
+            results[name] = {"status": "failed", "error": str(err).splitlines()[0]}
+            echo(f"{name} failed: {results[name]['error']}")
+    (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown_table(results))
+    plot_comparison(out, [name for name, _ in jobs if results[name].get("status") == "completed"])
+    return results
+
+
+def describe(name: str, run: RunDir, summary: dict[str, Any]) -> dict[str, Any]:
+    records = run.metrics()
+    final = records[-1]
+    row = {
+        "status": "completed",
+        "final_accuracy": final.get("eval_accuracy"),
+        "best_accuracy": summary.get("best", {}).get("eval_accuracy"),
+        "best_round": summary.get("best", {}).get("round"),
+        "client_accuracy": final.get("client_accuracy"),
+        "personalized_accuracy": final.get("client_accuracy") if name in PERSONALISED else None,
+        "bytes_up_per_client_round": summary.get("bytes_up_per_client_round"),
+        "bytes_down_per_client_round": summary.get("bytes_down_per_client_round"),
+        "bytes_up_per_round": [r.get("bytes_up") for r in records],
+        "bytes_down_per_round": [r.get("bytes_down") for r in records],
+        "wall_s": summary["wall_s"],
+    }
+    return row
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    head = ("| strategy | final acc | best acc (round) | personalised acc | up / client-round | "
+            "down / client-round | wall |\n|---|---|---|---|---|---|---|\n")
+    lines = []
+    for name, row in results.items():
+        if row.get("status") != "completed":
+            lines.append(f"| {name} | failed: {row.get('error', '')} | | | | | |")
+            continue
+        lines.append("| {} | {} | {} ({}) | {} | {} | {} | {:.0f} s |".format(
+            name, _pct(row["final_accuracy"]), _pct(row["best_accuracy"]), row["best_round"] or "-",
+            _pct(row["personalized_accuracy"]), _mb(row["bytes_up_per_client_round"]),
+            _mb(row["bytes_down_per_client_round"]), row["wall_s"]))
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_comparison(out: Path, names: list[str]) -> Path:
+    fig, axis = plt.subplots(figsize=(8, 5))
+    for name in names:
+        records = RunDir(out / name).metrics()
+        points = [(r["round"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+        if points:
+            line, = axis.plot(*zip(*points), marker="o", label=name)
+            if name in PERSONALISED:
+                personal = [(r["round"], r["client_accuracy"]) for r in records if "client_accuracy" in r]
+                axis.plot(*zip(*personal), linestyle="--", color=line.get_color(), label=f"{name} (personalised)")
+    axis.set(xlabel="round", ylabel="accuracy (server eval)", title=out.name)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.tight_layout()
+    target = out / "accuracy.png"
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.3f} MB"

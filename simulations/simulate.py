@@ -1,0 +1,68 @@
+"""``fedtune simulate``: N clients on this machine through Flower's Simulation Engine.
+
+A SuperLink in simulation mode runs the ServerApp and the Ray-backed Simulation Engine
+with ``federation.clients`` virtual SuperNodes; partition ``i`` of ``data.train`` is
+client ``i``'s private data. Only fedtune's per-round lines reach the terminal; the
+full Flower/Ray log is kept in ``logs/flower.log``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedtune.config import Config
+from fedtune.errors import UserError
+from fedtune.rundir import RunDir
+
+from client.data import read_records, require_fields
+from coordinator.superlink import APP_DIR, SuperLink
+from simulations.partition import partition_rows
+
+MARKER = "[fedtune]"
+
+
+def check_data(config: Config) -> None:
+    """Surface data problems here, as one line, rather than inside a Ray worker."""
+    data = config.data
+    fields = [data.text_field, data.label_field]
+    for source in filter(None, (data.train, data.eval)):
+        require_fields(read_records(source), source, fields)
+    column = data.partition.field or data.label_field
+    partition_rows(data.train, data.server_holdout, data.partition.kind, config.federation.clients, column,
+                   data.partition.alpha, config.seed, data.partition.min_size)
+
+
+def backend_resources(config: Config) -> dict[str, int | float]:
+    """Ray resources per simulated client: all cores unless configured, a GPU if present."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    cpus = min(config.simulation.client_cpus or cores, cores)
+    gpus = config.simulation.client_gpus
+    if gpus is None:
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    return {"client-resources-num-cpus": cpus, "client-resources-num-gpus": gpus}
+
+
+def run_simulation(config: Config, run: RunDir, echo=print, app_dir: Path = APP_DIR) -> dict:
+    """Run the federated simulation described by a resolved ``config`` into ``run``."""
+    check_data(config)
+    log_path = run.logs / "flower.log"
+    with open(log_path, "a") as log, SuperLink(simulation=True, log_file=run.logs / "superlink.log") as link:
+
+        def on_line(line: str) -> None:
+            log.write(line + "\n")
+            log.flush()
+            if MARKER in line:
+                echo(line[line.index(MARKER) + len(MARKER):].strip())
+            elif "ERROR" in line:
+                echo(line)
+
+        federation = {"num-supernodes": config.federation.clients, **backend_resources(config)}
+        link.submit({"fedtune-config": config.to_yaml(), "run-dir": str(run.path)}, federation, on_line, app_dir)
+    try:
+        return run.summary()
+    except UserError:
+        tail = "".join(Path(log_path).read_text().splitlines(keepends=True)[-25:])
+        raise UserError(f"the simulation failed; last lines of {log_path}:\n{tail}") from None

@@ -1,0 +1,25 @@
+"""LoRA aggregation strategies, one module per method; ``strategy.name`` picks one."""
+
+from __future__ import annotations
+
+from fedtune.config import Config
+
+from strategies.base import LoraStrategy
+from strategies.fair import LoraFair, SolverSettings
+from strategies.fedit import FedIT
+from strategies.fedsa import FedSaLora
+from strategies.ffa import FfaLora
+
+STRATEGIES: dict[str, type[LoraStrategy]] = {"fedit": FedIT, "ffa": FfaLora, "fedsa": FedSaLora, "fair": LoraFair}
+
+
+def build_strategy(config: Config) -> LoraStrategy:
+    common = {"fraction": config.federation.fraction, "min_clients": config.federation.min_clients,
+              "sample_seed": config.seed}
+    name = config.strategy.name
+    if name == "fedsa":
+        return FedSaLora(**common, private_head=config.strategy.head == "private")
+    if name == "fair":
+        return LoraFair(**common, settings=SolverSettings(lam=config.strategy.fair_lambda,
+                                                          max_steps=config.strategy.fair_steps))
+    return STRATEGIES[name](**common)

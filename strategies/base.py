@@ -1,0 +1,199 @@
+"""What every LoRA strategy shares: sampling, the message format, reply checks, bytes.
+
+A concrete strategy sets ``plan`` (which adapter roles are trained, sent, private,
+frozen) and implements ``combine``: pure tensor math from the clients' sent tensors
+to the new global values of those tensors. Everything Flower-specific lives here, in
+the four Message-API hooks, so the math modules stay testable without Flower.
+
+Message format. Train/evaluate messages carry ``arrays`` (the global tensors of the
+sent roles, peft-named) and ``config`` (round, the plan). Train replies carry
+``arrays`` (exactly the sent tensors), ``metrics`` (``num-examples`` and training
+metrics) and ``info`` (client name, frozen-tensor checksum).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from fedtune.plan import ParameterPlan, checksum, role_of
+
+Tensors = dict[str, torch.Tensor]
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes Flower transfers for a message's content: its deflated object tree."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+@dataclass
+class ClientUpdate:
+    """One accepted train reply, decoded."""
+
+    node_id: int
+    name: str
+    tensors: Tensors
+    num_examples: int
+    metrics: dict[str, float]
+    info: dict[str, str | int | float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundLedger:
+    """What happened on the wire in the current round (read by the coordinator)."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+    sent_to: int = 0
+    replies: int = 0
+    rejected: list[str] = field(default_factory=list)  # "name: reason"
+    updates: list[ClientUpdate] = field(default_factory=list)
+
+
+class LoraStrategy(Strategy):
+    """Base of fedtune's strategies (Flower Message-API ``Strategy``)."""
+
+    plan: ParameterPlan
+    weighted_by_key = "num-examples"
+
+    def __init__(self, fraction: float = 1.0, min_clients: int = 2, sample_seed: int = 0) -> None:
+        self.fraction = fraction
+        self.min_clients = min_clients
+        self.rng = random.Random(sample_seed)  # client sampling, checkpointed for resume
+        self.current: Tensors = {}
+        self.frozen_checksum: str | None = None
+        self.ledger = RoundLedger()
+
+    # -- method-specific math ------------------------------------------------------
+    def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
+        """New global values of the sent tensors from the accepted client updates."""
+        raise NotImplementedError
+
+    # -- Flower Message-API hooks --------------------------------------------------
+    def summary(self) -> None:
+        log(INFO, "\t├── %s: fraction %.2f, min clients %d", type(self).__name__, self.fraction, self.min_clients)
+        for key, roles in self.plan.to_record().items():
+            log(INFO, "\t├── %s: %s", key, roles or "-")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current = arrays.to_torch_state_dict()
+        self.ledger = RoundLedger()
+        if self.plan.frozen:  # frozen tensors never change: the global copy is the reference
+            self.frozen_checksum = checksum({k: v for k, v in self.current.items() if role_of(k) in self.plan.frozen})
+        return self._messages(server_round, config, grid, MessageType.TRAIN, count_bytes=True)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        for reply in replies:
+            self._accept(reply)
+        updates = self.ledger.updates
+        if len(updates) < self.min_clients:
+            log(WARNING, "round %d: %d usable replies < min_clients %d; global adapter unchanged",
+                server_round, len(updates), self.min_clients)
+            return None, None
+        new = dict(self.current)
+        new.update(self.combine(self.current, updates))
+        return ArrayRecord(new), MetricRecord(weighted_metrics([(u.num_examples, u.metrics) for u in updates]))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current = arrays.to_torch_state_dict()
+        return self._messages(server_round, config, grid, MessageType.EVALUATE, count_bytes=False)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        results = []
+        for reply in replies:
+            if reply.has_error() or "metrics" not in reply.content.metric_records:
+                continue
+            metrics = dict(reply.content["metrics"])
+            if metrics.get(self.weighted_by_key, 0) > 0:
+                results.append((int(metrics.pop(self.weighted_by_key)), metrics))
+        return MetricRecord(weighted_metrics(results)) if results else None
+
+    # -- helpers -------------------------------------------------------------------
+    def sent_names(self) -> list[str]:
+        return [name for name in self.current if role_of(name) in self.plan.sent]
+
+    def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, kind: str, count_bytes: bool) -> list[Message]:
+        nodes = sorted(grid.get_node_ids())
+        wanted = max(self.min_clients, math.ceil(self.fraction * len(nodes)))
+        chosen = self.rng.sample(nodes, min(wanted, len(nodes)))
+        config = ConfigRecord({**dict(config), "round": server_round, **self.plan.to_record()})
+        arrays = ArrayRecord({name: self.current[name] for name in self.sent_names()})
+        messages = []
+        for node_id in chosen:
+            content = RecordDict({"arrays": arrays, "config": config})
+            messages.append(Message(content=content, message_type=kind, dst_node_id=node_id))
+            if count_bytes:
+                self.ledger.bytes_down += payload_bytes(content)
+        if count_bytes:
+            self.ledger.sent_to = len(messages)
+        return messages
+
+    def _accept(self, reply: Message) -> None:
+        """Decode a train reply into the ledger, or record why it was rejected."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            self.ledger.rejected.append(f"node {node}: client error: {reply.error.reason.strip()[:300]}")
+            return
+        self.ledger.replies += 1
+        self.ledger.bytes_up += payload_bytes(reply.content)
+        name = str(reply.content["info"]["name"]) if "info" in reply.content.config_records else f"node {node}"
+        problem, update = self.decode(reply.content, node, name)
+        if problem:
+            self.ledger.rejected.append(f"{name}: {problem}")
+            log(WARNING, "rejected reply from %s: %s", name, problem)
+            return
+        self.ledger.updates.append(update)
+
+    def decode(self, content: RecordDict, node: int, name: str) -> tuple[str | None, ClientUpdate | None]:
+        """Check a reply against the plan: keys, shapes, finite values, a sample count."""
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            return "missing 'arrays' or 'metrics' record", None
+        metrics = dict(content["metrics"])
+        num_examples = metrics.pop(self.weighted_by_key, None)
+        if not isinstance(num_examples, (int, float)) or num_examples <= 0:
+            return f"'{self.weighted_by_key}' must be a positive number (got {num_examples!r})", None
+        expected = set(self.sent_names())
+        received = set(content["arrays"].keys())
+        if received != expected:
+            extra, missing = sorted(received - expected), sorted(expected - received)
+            return f"wrong tensors (unexpected {extra[:3]}, missing {missing[:3]})", None
+        tensors = content["arrays"].to_torch_state_dict()
+        for key, value in tensors.items():
+            if tuple(value.shape) != tuple(self.current[key].shape):
+                return f"{key}: shape {tuple(value.shape)}, expected {tuple(self.current[key].shape)}", None
+            if not torch.isfinite(value).all():
+                return f"{key}: contains NaN or Inf", None
+        if self.frozen_checksum is not None:
+            theirs = content["info"].get("frozen-checksum") if "info" in content.config_records else None
+            if theirs != self.frozen_checksum:
+                return f"frozen tensors differ from the shared init (checksum {str(theirs)[:12]})", None
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        info = dict(content["info"]) if "info" in content.config_records else {}
+        return None, ClientUpdate(node, name, {k: v.float() for k, v in tensors.items()}, int(num_examples), metrics, info)
+
+    # -- state that must survive a coordinator restart ----------------------------
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+def weighted_metrics(results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Example-weighted mean of each metric, plus the total ``num-examples``."""
+    total = sum(n for n, _ in results)
+    keys = sorted({k for _, metrics in results for k in metrics})
+    merged = {k: sum(n * m[k] for n, m in results if k in m) / max(1, sum(n for n, m in results if k in m)) for k in keys}
+    merged["num-examples"] = total
+    return merged

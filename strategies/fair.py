@@ -1,0 +1,122 @@
+"""LoRA-FAIR (Bian et al., ICCV 2025): a server-side correction of the averaged B.
+
+FedIT's B̄Ā is not the average of the clients' products ΔW = Σ_k p_k B_k A_k. LoRA-FAIR
+keeps Ā and finds a residual ΔB for B̄ minimising
+
+    f(ΔB) = 1 − cos(ΔW, (B̄ + ΔB) Ā) + λ ‖ΔB‖_F          (λ = 0.01 by default)
+
+then broadcasts Ā and B̄ + ΔB as every client's starting point for the next round.
+
+Solver. Everything the objective needs lives in the rank-r space, so ΔW (d_out × d_in)
+is never formed: with B' = B̄ + ΔB,
+    ⟨ΔW, B'Ā⟩ = ⟨G, B'⟩,      G = Σ_k p_k B_k (A_k Āᵀ)              (d_out × r)
+    ‖B'Ā‖²    = ⟨B' S, B'⟩,   S = Ā Āᵀ                               (r × r)
+    ‖ΔW‖²     = Σ_{k,l} p_k p_l ⟨B_kᵀ B_l, A_k A_lᵀ⟩                  (r × r each)
+Modules with equal shapes are stacked and solved together. ΔB is parametrised as
+s·U with s the RMS of B̄ (per module), so one step size fits every module whatever the
+scale of its weights; U starts at 0 and Adam (step 0.05) runs at most 200 steps,
+stopping once the summed objective improves by less than 1e-7 (relative) over 10
+steps. Cost per step: O(d_out · r²) per module; the setup is O(K² · r² · (d_in + d_out))
+per module. For SmolLM2-135M (120 modules, r = 8, 10 clients) the whole aggregation
+takes well under a second on 2 CPU cores (benchmarks/fair_aggregation.py).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.plan import ROLES, ParameterPlan
+
+from strategies.base import ClientUpdate, LoraStrategy, Tensors
+from strategies.fedit import weighted_mean
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    lam: float = 0.01
+    max_steps: int = 200
+    step_size: float = 0.05
+    tolerance: float = 1e-7
+    patience: int = 10
+
+
+def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """(A name, B name) of every LoRA-adapted module."""
+    return [(a, a.replace(".lora_A.", ".lora_B.")) for a in names if ".lora_A." in a]
+
+
+def fair_correction(
+    a_clients: list[torch.Tensor],  # K tensors (L, r, d_in)
+    b_clients: list[torch.Tensor],  # K tensors (L, d_out, r)
+    weights: torch.Tensor,  # (K,) summing to 1
+    settings: SolverSettings = SolverSettings(),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Ā, B̄ + ΔB, ΔB) for a stack of L same-shaped modules."""
+    a = torch.stack(a_clients).double()  # (K, L, r, d_in)
+    b = torch.stack(b_clients).double()  # (K, L, d_out, r)
+    p = weights.double().view(-1, 1, 1, 1)
+    a_bar, b_bar = (p * a).sum(0), (p * b).sum(0)
+    g = (p * b @ (a @ a_bar.transpose(-1, -2))).sum(0)  # (L, d_out, r)
+    s = a_bar @ a_bar.transpose(-1, -2)  # (L, r, r)
+    cross_a = torch.einsum("kmri,lmsi->klmrs", a, a)  # A_k A_lᵀ
+    cross_b = torch.einsum("kmor,lmos->klmrs", b, b)  # B_kᵀ B_l
+    pw = weights.double()
+    norm_w = torch.einsum("k,l,klmrs,klmrs->m", pw, pw, cross_b, cross_a).clamp_min(1e-30).sqrt()  # (L,)
+    scale = b_bar.pow(2).mean(dim=(-1, -2), keepdim=True).sqrt().clamp_min(1e-12)  # (L, 1, 1)
+    # the sums above need float64; the iterations do not, and run 3x faster in float32
+    g, s, norm_w, scale, b_bar32 = (t.float() for t in (g, s, norm_w, scale, b_bar))
+
+    def objective(u: torch.Tensor) -> torch.Tensor:
+        delta = scale * u
+        b_new = b_bar32 + delta
+        inner = (g * b_new).sum((-1, -2))
+        norm_m = ((b_new @ s) * b_new).sum((-1, -2)).clamp_min(1e-30).sqrt()
+        cos = inner / (norm_w * norm_m)
+        return (1 - cos + settings.lam * delta.flatten(1).norm(dim=1)).sum()
+
+    u = torch.zeros_like(b_bar32, requires_grad=True)
+    optimizer = torch.optim.Adam([u], lr=settings.step_size)
+    history: list[float] = []
+    for _ in range(settings.max_steps):
+        optimizer.zero_grad()
+        loss = objective(u)
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+        if len(history) > settings.patience:
+            before = history[-settings.patience - 1]
+            if before - history[-1] < settings.tolerance * abs(before):
+                break
+    delta = (scale * u).detach()
+    return a_bar.float(), b_bar32 + delta, delta
+
+
+def fair_aggregate(updates: list[Tensors], weights: list[float], settings: SolverSettings = SolverSettings()) -> Tensors:
+    """FedIT means for every tensor, then B̄ + ΔB for each LoRA module (batched by shape)."""
+    result = weighted_mean(updates, weights)
+    p = torch.tensor(weights, dtype=torch.float64)
+    p = p / p.sum()
+    groups: dict[tuple, list[tuple[str, str]]] = defaultdict(list)
+    for a_name, b_name in lora_pairs(list(updates[0])):
+        groups[(tuple(updates[0][a_name].shape), tuple(updates[0][b_name].shape))].append((a_name, b_name))
+    for pairs in groups.values():
+        a_clients = [torch.stack([u[a] for a, _ in pairs]) for u in updates]
+        b_clients = [torch.stack([u[b] for _, b in pairs]) for u in updates]
+        _, b_new, _ = fair_correction(a_clients, b_clients, p, settings)
+        for index, (_, b_name) in enumerate(pairs):
+            result[b_name] = b_new[index]
+    return result
+
+
+class LoraFair(LoraStrategy):
+    plan = ParameterPlan(trained=frozenset(ROLES), sent=frozenset(ROLES))
+
+    def __init__(self, *args, settings: SolverSettings = SolverSettings(), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+
+    def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
+        return fair_aggregate([u.tensors for u in updates], [u.num_examples for u in updates], self.settings)
