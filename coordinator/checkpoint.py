@@ -17,17 +17,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from fedtune.errors import UserError
-from fedtune.rundir import RunDir
-
 from client.adapters import AdapterModel, build_adapter_model
 from client.job import PRIVATE_FILE
+from fedtune.errors import UserError
+from fedtune.rundir import RunDir
 
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "fedtune.json"
 
 
-def save_checkpoint(run: RunDir, round_number: int, model: AdapterModel, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    run: RunDir, round_number: int, model: AdapterModel, tensors: dict[str, torch.Tensor], state: dict[str, Any]
+) -> Path:
     target = run.checkpoint(round_number)
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -53,7 +54,9 @@ def load_run_model(run: RunDir, round_number: int | None = None, client: str | N
         private = run.client_dir(client) / PRIVATE_FILE
         if not private.is_file():
             known = sorted(p.name for p in (run.path / "clients").glob("*")) if (run.path / "clients").is_dir() else []
-            raise UserError(f"--client {client}: no private state in {run.path} (clients with state: {known or 'none'})")
+            raise UserError(
+                f"--client {client}: no private state in {run.path} (clients with state: {known or 'none'})"
+            )
         tensors = {**tensors, **load_file(str(private))}
     model = build_adapter_model(config, state["labels"])
     model.load_state(tensors)

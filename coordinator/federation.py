@@ -16,14 +16,14 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedtune.config import Config
-from fedtune.rundir import RunDir
-
 from client.adapters import AdapterModel, build_adapter_model
-from client.data import ExampleSet, TaskSpec, encode, read_records
+from client.data import ExampleSet, TaskSpec, encode
 from client.evaluate import evaluate
 from coordinator.checkpoint import load_checkpoint, save_checkpoint
 from coordinator.report import finish_run, progress_line, say
+from fedtune.config import Config
+from fedtune.records import read_records
+from fedtune.rundir import RunDir
 from strategies import LoraStrategy, build_strategy
 
 
@@ -62,22 +62,21 @@ class Federation:
         started = time.time() - self.elapsed_before
         for rnd in range(self.first_round, fed.rounds + 1):
             round_start = time.time()
-            replies = grid.send_and_receive(
-                self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), grid), timeout=fed.round_timeout
-            )
-            new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+            train_metrics, traffic = self._train_round(grid, rnd)
+            if train_metrics is None:
+                return self._finish(time.time() - started, stopped=(
+                    f"round {rnd} got fewer than federation.min_clients={fed.min_clients} usable replies "
+                    f"in {fed.round_retries + 1} attempts"
+                ))
             ledger = self.strategy.ledger
-            if new_arrays is not None:
-                self.arrays = new_arrays
             for update in ledger.updates:
                 self.client_loads[str(update.info.get("process", update.name))] = int(update.info.get("model-loads", 0))
             record: dict[str, Any] = {
                 "round": rnd,
-                "train_loss": train_metrics["train_loss"] if train_metrics else None,
+                "train_loss": train_metrics["train_loss"],
                 "clients": len(ledger.updates),
                 "sampled": ledger.sent_to,
-                "bytes_up": ledger.bytes_up,
-                "bytes_down": ledger.bytes_down,
+                **traffic,
             }
             if ledger.rejected:
                 record["rejected"] = ledger.rejected
@@ -86,13 +85,38 @@ class Federation:
             record["wall_s"] = round(time.time() - round_start, 3)
             record["elapsed_s"] = round(time.time() - started, 3)
             self.run.append_metrics(record)
-            save_checkpoint(self.run, rnd, self.model, self.arrays.to_torch_state_dict(), {
-                "strategy": self.strategy.state_dict(),
-                "elapsed_s": record["elapsed_s"],
-                "client_loads": self.client_loads,
-            })
+            save_checkpoint(
+                self.run,
+                rnd,
+                self.model,
+                self.arrays.to_torch_state_dict(),
+                {
+                    "strategy": self.strategy.state_dict(),
+                    "elapsed_s": record["elapsed_s"],
+                    "client_loads": self.client_loads,
+                },
+            )
             say(progress_line(record, fed.rounds))
         return self._finish(time.time() - started)
+
+    def _train_round(self, grid: Grid, rnd: int) -> tuple[dict | None, dict[str, int]]:
+        """Train, aggregate; retry when too few usable replies come back. (metrics or None, bytes)."""
+        fed = self.config.federation
+        traffic = {"bytes_up": 0, "bytes_down": 0}
+        for attempt in range(fed.round_retries + 1):
+            self._wait_for_clients(grid)
+            messages = self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+            new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+            traffic["bytes_up"] += self.strategy.ledger.bytes_up
+            traffic["bytes_down"] += self.strategy.ledger.bytes_down
+            if new_arrays is not None:
+                self.arrays = new_arrays
+                return dict(train_metrics), traffic
+            say(f"round {rnd}: {len(self.strategy.ledger.updates)} usable replies < min_clients "
+                f"{fed.min_clients} (attempt {attempt + 1}/{fed.round_retries + 1}); "
+                + "; ".join(self.strategy.ledger.rejected[:3]))
+        return None, traffic
 
     def _evaluates(self, rnd: int) -> bool:
         every = self.config.federation.eval_every
@@ -124,12 +148,15 @@ class Federation:
                 announced = connected
             time.sleep(1.0)
 
-    def _finish(self, wall_s: float) -> dict[str, Any]:
-        summary = finish_run(self.run, self.config, self.config.strategy.name, wall_s, {
+    def _finish(self, wall_s: float, stopped: str | None = None) -> dict[str, Any]:
+        extra = {
             "client_processes": len(self.client_loads),
             "client_base_model_loads": sum(self.client_loads.values()),
-        })
-        say(f"done: {self.run.path}")
+        }
+        if stopped:
+            extra |= {"status": "stopped", "reason": stopped}
+        summary = finish_run(self.run, self.config, self.config.strategy.name, wall_s, extra)
+        say(f"stopped: {stopped}" if stopped else f"done: {self.run.path}")
         return summary
 
 

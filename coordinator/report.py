@@ -41,12 +41,14 @@ def finish_run(run: RunDir, config: Config, strategy: str, wall_s: float, extra:
         "wall_s": round(wall_s, 3),
     }
     if records and "bytes_up" in records[0]:
-        summary.update({
-            "bytes_up_total": sum(r["bytes_up"] for r in records),
-            "bytes_down_total": sum(r["bytes_down"] for r in records),
-            "bytes_up_per_client_round": _per_client(records, "bytes_up", "clients"),
-            "bytes_down_per_client_round": _per_client(records, "bytes_down", "sampled"),
-        })
+        summary.update(
+            {
+                "bytes_up_total": sum(r["bytes_up"] for r in records),
+                "bytes_down_total": sum(r["bytes_down"] for r in records),
+                "bytes_up_per_client_round": _per_client(records, "bytes_up", "clients"),
+                "bytes_down_per_client_round": _per_client(records, "bytes_down", "sampled"),
+            }
+        )
     summary.update(extra)
     run.write_summary(summary)
     if config.output.plots:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator.federation import Federation
 from fedtune.config import parse_config_text
 from fedtune.rundir import RunDir
-
-from coordinator.federation import Federation
 
 app = ServerApp()
 

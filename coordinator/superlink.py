@@ -31,18 +31,32 @@ CONNECTION = "fedtune"
 def quiet_environment(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process fedtune starts."""
     env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONWARNINGS": "ignore",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
     return env
+
+
+def die_with_parent() -> None:
+    """Run in a child before exec: the kernel sends it SIGTERM when its parent dies (Linux).
+
+    A coordinator or agent killed with SIGKILL then leaves no SuperLink holding its port
+    and no SuperNode that still looks alive to the federation.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -75,19 +89,38 @@ class SuperLink:
 
     def __enter__(self) -> SuperLink:
         self.port = self.port or free_port()
-        args = [_tool("flower-superlink"), "--host", self.host, "--port", str(self.port),
-                "--disable-runtime-dependency-installation", *self.extra_args]
+        args = [
+            tool_path("flower-superlink"),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+            *self.extra_args,
+        ]
         if self.simulation:
             args.append("--simulation")
         if self.tls is None:
             args.append("--insecure")
         else:
-            args += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
-                     "--ssl-keyfile", str(self.tls.server_key)]
+            args += [
+                "--ssl-ca-certfile",
+                str(self.tls.ca_cert),
+                "--ssl-certfile",
+                str(self.tls.server_cert),
+                "--ssl-keyfile",
+                str(self.tls.server_key),
+            ]
         self._write_cli_config()
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.process = subprocess.Popen(args, env=quiet_environment(self.home), stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            args,
+            env=quiet_environment(self.home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         self._wait_until_listening()
         return self
 
@@ -109,36 +142,65 @@ class SuperLink:
                 except subprocess.TimeoutExpired:
                     continue
 
-    def submit(self, run_config: dict[str, str], federation_config: dict[str, int | float] | None,
-               on_line: Callable[[str], None], app_dir: Path = APP_DIR) -> int:
+    def submit(
+        self,
+        run_config: dict[str, str],
+        federation_config: dict[str, int | float] | None,
+        on_line: Callable[[str], None],
+        app_dir: Path = APP_DIR,
+    ) -> int:
         """``flwr run`` a Flower App (fedtune's by default); stream its log lines; return its exit code."""
         overrides = self.home / "run-config.toml"
         overrides.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in run_config.items()))
-        args = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
+        args = [tool_path("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides)]
         if federation_config:
             args += ["--federation-config", " ".join(f"{k}={v}" for k, v in federation_config.items())]
-        process = subprocess.Popen(args, env=quiet_environment(self.home), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        process = subprocess.Popen(
+            args,
+            env=quiet_environment(self.home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         assert process.stdout is not None
         for line in process.stdout:
             on_line(line.rstrip("\n"))
         return process.wait()
 
+    def register(self, public_key: Path) -> None:
+        """Authorize a SuperNode's public key (Flower's ``flwr supernode register``)."""
+        result = subprocess.run(
+            [tool_path("flwr"), "supernode", "register", str(public_key), CONNECTION],
+            env=quiet_environment(self.home),
+            capture_output=True,
+            text=True,
+        )
+        output = (result.stdout + result.stderr).strip()
+        if result.returncode != 0 and "already" not in output.lower():
+            raise UserError(
+                f"registering {public_key} failed: {output.splitlines()[-1] if output else result.returncode}"
+            )
+
     def _write_cli_config(self) -> None:
-        lines = [f"[superlink]\ndefault = \"{CONNECTION}\"\n\n[superlink.{CONNECTION}]\n",
-                 f"address = \"{self.host}:{self.port}\"\n"]
+        lines = [
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n',
+            f'address = "{self.host}:{self.port}"\n',
+        ]
         if self.tls is None:
             lines.append("insecure = true\n")
         else:
-            lines.append(f"root-certificates = \"{self.tls.ca_cert}\"\n")
+            lines.append(f'root-certificates = "{self.tls.ca_cert}"\n')
         (self.home / "config.toml").write_text("".join(lines))
 
     def _wait_until_listening(self, timeout: float = 60.0) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise UserError(f"the SuperLink exited at start (code {self.process.returncode}); "
-                                f"see {self.log_file or 'its output'}")
+                raise UserError(
+                    f"the SuperLink exited at start (code {self.process.returncode}); "
+                    f"see {self.log_file or 'its output'}"
+                )
             with socket.socket() as sock:
                 if sock.connect_ex((self.host if self.host != "0.0.0.0" else "127.0.0.1", self.port)) == 0:
                     return
@@ -146,7 +208,7 @@ class SuperLink:
         raise UserError(f"the SuperLink did not listen on {self.host}:{self.port} within {timeout:.0f}s")
 
 
-def _tool(name: str) -> str:
+def tool_path(name: str) -> str:
     """A Flower console script from the same environment as this Python."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name

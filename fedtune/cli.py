@@ -26,6 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up live, also in log files
     try:
         args = parser.parse_args(argv)
         _quiet_libraries()
@@ -45,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="run a federation of N local clients (Flower Simulation Engine)")
     _config_args(simulate)
-    simulate.add_argument("--app", default=None, metavar="DIR",
-                          help="advanced: a Flower App directory to run instead of fedtune's own (e.g. a custom ClientApp)")
+    simulate.add_argument(
+        "--app",
+        default=None,
+        metavar="DIR",
+        help="advanced: a Flower App directory to run instead of fedtune's own (e.g. a custom ClientApp)",
+    )
     simulate.set_defaults(handler=_simulate)
 
     train = commands.add_parser("train", help="centralized reference: the same trainer on all training data")
@@ -67,21 +72,126 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--round", type=int, default=None, metavar="K", help="checkpoint round (default: last)")
     evaluate.add_argument("--client", default=None, metavar="NAME", help="personalised model of this client (FedSA)")
     evaluate.set_defaults(handler=_evaluate)
+    coordinator = commands.add_parser("coordinator", help="run the federation's server for agents on other machines")
+    coordinator.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config (optional with --resume)")
+    coordinator.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    coordinator.add_argument("--address", default="0.0.0.0:9092", metavar="HOST:PORT", help="where agents connect")
+    coordinator.add_argument(
+        "--out", default=None, metavar="DIR", help="run directory (default: output.dir/output.name)"
+    )
+    coordinator.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue after its last checkpoint")
+    coordinator.add_argument("--certs", type=Path, default=None, metavar="DIR", help="ca.crt, server.crt, server.key")
+    coordinator.add_argument(
+        "--authorized-keys",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="agents' public keys: a .pub file or a directory of them",
+    )
+    coordinator.add_argument("--insecure", action="store_true", help="plain text and no agent authentication")
+    coordinator.set_defaults(handler=_coordinator)
+
+    agent = commands.add_parser("client", help="run a client agent that trains on a local file")
+    agent.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    agent.add_argument("--data", required=True, type=Path, metavar="FILE", help="this machine's private data")
+    agent.add_argument("--name", default=None, help="client name (default: the data file's stem)")
+    agent.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    agent.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="private state kept across restarts (default: ~/.fedtune/agents/NAME)",
+    )
+    agent.add_argument("--ca-cert", type=Path, default=None, metavar="FILE", help="the coordinator's ca.crt")
+    agent.add_argument(
+        "--key", type=Path, default=None, metavar="FILE", help="this agent's private key (fedtune keygen)"
+    )
+    agent.add_argument("--insecure", action="store_true", help="plain text, for try-outs")
+    agent.set_defaults(handler=_client)
+
+    certs = commands.add_parser("certs", help="make a development CA and server certificate")
+    certs.add_argument("directory", type=Path, metavar="DIR")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="coordinator host name or IP agents use (repeatable; localhost is always included)",
+    )
+    certs.set_defaults(handler=_certs)
+
+    keygen = commands.add_parser("keygen", help="make an agent key pair (FILE and FILE.pub)")
+    keygen.add_argument("path", type=Path, metavar="FILE")
+    keygen.set_defaults(handler=_keygen)
+
+    partition = commands.add_parser("partition", help="write each simulated client's data to DIR/client-K.jsonl")
+    _config_args(partition)
+    partition.set_defaults(handler=_partition)
+
+    export = commands.add_parser("export", help="merge a run's adapter and export a verified ONNX bundle")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to create")
+    export.add_argument("--round", type=int, default=None, metavar="K", help="checkpoint round (default: last)")
+    export.add_argument(
+        "--client", default=None, metavar="NAME", help="export this client's personalised model (FedSA)"
+    )
+    export.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization")
+    export.add_argument(
+        "--check-data", default=None, metavar="FILE", help="labeled file for the checks (default: run's eval data)"
+    )
+    export.add_argument("--check-examples", type=int, default=500, metavar="N", help="examples used by the checks")
+    export.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| ONNX vs PyTorch (fp32)")
+    export.add_argument(
+        "--max-drop", type=float, default=1.0, help="classifier: max accuracy drop (points) when quantizing"
+    )
+    export.add_argument(
+        "--min-agreement", type=float, default=0.9, help="causal LM: min next-token agreement when quantizing"
+    )
+    export.set_defaults(handler=_export)
+
+    edge = commands.add_parser("edge", help="run an exported bundle with onnxruntime only")
+    edge_commands = edge.add_subparsers(dest="edge_command", required=True, parser_class=_Parser)
+    edge_run = edge_commands.add_parser("run", help="classify a text, or generate from a prompt")
+    edge_run.add_argument("bundle", metavar="BUNDLE")
+    edge_run.add_argument("--text", required=True)
+    edge_run.add_argument("--max-new-tokens", type=int, default=32)
+    edge_run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    edge_run.add_argument("--top-k", type=int, default=0)
+    edge_run.add_argument("--seed", type=int, default=0)
+    edge_run.add_argument(
+        "--raw", action="store_true", help="causal LM: use the text as the prompt, without the template"
+    )
+    edge_run.set_defaults(handler=_edge_run)
+    edge_bench = edge_commands.add_parser("bench", help="accuracy / exact match and latency on a labeled file")
+    edge_bench.add_argument("bundle", metavar="BUNDLE")
+    edge_bench.add_argument("--data", required=True, metavar="FILE")
+    edge_bench.add_argument("--limit", type=int, default=None, metavar="N", help="first N rows only")
+    edge_bench.add_argument("--text-field", default=None, help="default: the run's data.text_field")
+    edge_bench.add_argument("--label-field", default=None, help="default: the run's data.label_field")
+    edge_bench.set_defaults(handler=_edge_bench)
     return parser
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config key (repeatable), e.g. --set federation.rounds=5")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set federation.rounds=5",
+    )
     parser.add_argument("--out", default=None, metavar="DIR", help="run directory (default: output.dir/output.name)")
 
 
 def _prepare_run(args: argparse.Namespace, need_train_data: bool) -> tuple[Config, RunDir]:
     from fedtune.resolve import resolve
 
-    config = resolve(load_config(args.config, args.overrides), name_hint=Path(args.config).stem,
-                     need_train_data=need_train_data)
+    config = resolve(
+        load_config(args.config, args.overrides), name_hint=Path(args.config).stem, need_train_data=need_train_data
+    )
     path = Path(args.out) if args.out else Path(config.output.dir) / str(config.output.name)
     if path.exists() and any(path.iterdir()):
         raise UserError(f"{path} already exists and is not empty; choose another --out or output.name")
@@ -94,11 +204,12 @@ def _simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import run_simulation
 
     config, run = _prepare_run(args, need_train_data=True)
-    print(f"fedtune: simulating {config.federation.clients} clients x {config.federation.rounds} rounds "
-          f"({config.strategy.name}, {config.model.name}) -> {run.path}")
+    print(
+        f"fedtune: simulating {config.federation.clients} clients x {config.federation.rounds} rounds "
+        f"({config.strategy.name}, {config.model.name}) -> {run.path}"
+    )
     summary = run_simulation(config, run, app_dir=Path(args.app).resolve()) if args.app else run_simulation(config, run)
-    print(json.dumps({k: summary[k] for k in ("final", "best", "wall_s") if k in summary}))
-    return 0
+    return _report(summary, run)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -106,8 +217,15 @@ def _train(args: argparse.Namespace) -> int:
 
     config, run = _prepare_run(args, need_train_data=True)
     print(f"fedtune: centralized training, {config.federation.rounds} x {steps_per_round(config)} steps -> {run.path}")
-    summary = run_central(config, run)
+    return _report(run_central(config, run), run)
+
+
+def _report(summary: dict, run: RunDir) -> int:
+    """Final line of a run command; a run that stopped before its last round exits 1."""
     print(json.dumps({k: summary[k] for k in ("final", "best", "wall_s") if k in summary}))
+    if summary.get("status") == "stopped":
+        print(f"fedtune: run stopped: {summary.get('reason')} (continue with --resume {run.path})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -127,24 +245,145 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from client.data import TaskSpec, encode, read_records
+    from client.data import TaskSpec, encode
     from client.evaluate import evaluate
     from coordinator.checkpoint import load_run_model
+    from fedtune.records import read_records
 
     run = RunDir.open(args.run_dir)
     model, round_number = load_run_model(run, args.round, args.client)
     data = encode(read_records(args.data), TaskSpec.from_config(run.config()), model.tokenizer, args.data)
     metrics = evaluate(model, data)
-    print(json.dumps({"round": round_number, "client": args.client, "data": args.data,
-                      "eval_accuracy": metrics["accuracy"], "eval_loss": metrics["loss"],
-                      "num_examples": metrics["num-examples"]}))
+    print(
+        json.dumps(
+            {
+                "round": round_number,
+                "client": args.client,
+                "data": args.data,
+                "eval_accuracy": metrics["accuracy"],
+                "eval_loss": metrics["loss"],
+                "num_examples": metrics["num-examples"],
+            }
+        )
+    )
+    return 0
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from coordinator.service import CoordinatorSettings, run_coordinator
+
+    settings = CoordinatorSettings(args.address, args.certs, args.authorized_keys, args.insecure)
+    if args.resume:
+        run = RunDir.open(args.resume)
+        config = run.config()
+        print(f"fedtune: resuming {run.path} with its config.yaml")
+    elif args.config is None:
+        raise UserError("coordinator: CONFIG is required unless --resume RUN_DIR is given")
+    else:
+        config, run = _prepare_run(args, need_train_data=False)
+    return _report(run_coordinator(config, run, settings), run)
+
+
+def _client(args: argparse.Namespace) -> int:
+    from client.agent import AgentSettings, run_agent
+
+    name = args.name or args.data.stem
+    state_dir = args.state_dir or Path.home() / ".fedtune" / "agents" / name
+    if not args.insecure and args.key is None:
+        raise UserError(
+            "agent authentication is on by default: pass --key FILE (make one with fedtune keygen FILE "
+            "and give FILE.pub to the coordinator), or --insecure"
+        )
+    settings = AgentSettings(
+        args.coordinator, args.data, name, args.device, state_dir, args.ca_cert, args.key, args.insecure
+    )
+    return run_agent(settings)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedtune.security import make_certs
+
+    files = make_certs(args.directory, args.host)
+    print(f"fedtune: wrote {', '.join(str(p) for p in files.values())} (+ ca.key: keep it private)")
+    print("fedtune: the coordinator uses --certs DIR; each agent needs only ca.crt (--ca-cert)")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from fedtune.security import make_agent_key
+
+    public = make_agent_key(args.path)
+    print(f"fedtune: private key {args.path} (stays on the agent), public key {public} (give it to the coordinator)")
+    return 0
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from fedtune.resolve import resolve
+    from simulations.partition import client_partition
+
+    config = resolve(load_config(args.config, args.overrides), name_hint="partition", need_train_data=True)
+    out = Path(args.out or "partitions")
+    out.mkdir(parents=True, exist_ok=True)
+    for index in range(config.federation.clients):
+        rows = client_partition(config, index)
+        target = out / f"client-{index}.jsonl"
+        target.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        print(f"{target}: {len(rows)} rows")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from edge.export import export_bundle
+
+    export_bundle(
+        RunDir.open(args.run_dir),
+        Path(args.out),
+        args.round,
+        args.client,
+        args.quantize,
+        args.check_data,
+        args.check_examples,
+        args.tolerance,
+        args.max_drop,
+        args.min_agreement,
+    )
+    return 0
+
+
+def _edge_run(args: argparse.Namespace) -> int:
+    from edge import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    if bundle.task == "classification":
+        prediction = bundle.classify([args.text])[0]
+        print(json.dumps({"label": prediction.label, "probabilities": prediction.probabilities}))
+    else:
+        prompt = args.text if args.raw else bundle.prompt(args.text)
+        text = bundle.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        print(json.dumps({"prompt": prompt, "generated": text}))
+    return 0
+
+
+def _edge_bench(args: argparse.Namespace) -> int:
+    from edge import Bundle, bench
+    from fedtune.records import read_records
+
+    bundle = Bundle.load(args.bundle)
+    fields = bundle.manifest["fields"]
+    rows = list(read_records(args.data))[: args.limit]
+    result = bench(bundle, rows, args.text_field or fields["text"], args.label_field or fields["label"])
+    print(json.dumps({"bundle": args.bundle, "data": args.data, **result}))
     return 0
 
 
 def _quiet_libraries() -> None:
     """Library chatter (load reports, progress bars, bitsandbytes probes) stays off the terminal."""
-    for key, value in (("TOKENIZERS_PARALLELISM", "false"), ("TRANSFORMERS_VERBOSITY", "error"),
-                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")):
+    for key, value in (
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+    ):
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore")
     for name in ("transformers", "bitsandbytes", "peft", "torch", "datasets"):

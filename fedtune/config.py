@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedtune.errors import UserError
 from fedtune.models import describe_model_name
+from fedtune.records import HF_PREFIX, SYNTHETIC_PREFIX
+
 
 class YamlLoader(yaml.SafeLoader):
     """YAML 1.2 booleans: only true/false, so label words like yes/no/on/off stay strings."""
@@ -25,16 +27,15 @@ YamlLoader.yaml_implicit_resolvers = {
     key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                 list("tTfF"))
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)
 
 
-SYNTHETIC_PREFIX = "synthetic:"
-HF_PREFIX = "hf:"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
@@ -78,6 +79,7 @@ class FederationSection(Section):
     fraction: float = Field(1.0, gt=0.0, le=1.0)
     min_clients: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0)
+    round_retries: int = Field(3, ge=0)
     eval_every: int = Field(1, ge=0)
 
 
@@ -119,7 +121,7 @@ class DataSection(Section):
         if source.startswith(SYNTHETIC_PREFIX):
             from simulations.synthetic import describe_synthetic
 
-            problem = describe_synthetic(source[len(SYNTHETIC_PREFIX):])
+            problem = describe_synthetic(source[len(SYNTHETIC_PREFIX) :])
             if problem:
                 raise ValueError(problem)
             return source
@@ -270,7 +272,9 @@ def _describe_error(source: str, error: dict[str, Any]) -> str:
         return f"{source}: {field}: unknown key; allowed keys here: {allowed}"
     message = error["msg"].removeprefix("Value error, ")
     got = error.get("input")
-    shown = "" if isinstance(got, dict) or "file not found" in message or "unknown model" in message else f" (got {got!r})"
+    shown = (
+        "" if isinstance(got, dict) or "file not found" in message or "unknown model" in message else f" (got {got!r})"
+    )
     return f"{source}: {field}: {message}{shown}"
 
 

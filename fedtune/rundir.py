@@ -1,13 +1,13 @@
 """The run directory: the unit users hold, and a public contract.
 
-    <run>/config.yaml            resolved config (every default and path filled in)
-    <run>/metrics.jsonl          one JSON object per round
-    <run>/summary.json           final and best metrics, bytes, wall time
-    <run>/checkpoints/round-K/   PEFT adapter (adapter_config.json,
-                                 adapter_model.safetensors) + fedtune.json
-    <run>/clients/<name>/        per-client private state (e.g. FedSA's B)
-    <run>/plots/metrics.png      metrics against rounds
-    <run>/logs/                  full logs of the processes fedtune started
+<run>/config.yaml            resolved config (every default and path filled in)
+<run>/metrics.jsonl          one JSON object per round
+<run>/summary.json           final and best metrics, bytes, wall time
+<run>/checkpoints/round-K/   PEFT adapter (adapter_config.json,
+                             adapter_model.safetensors) + fedtune.json
+<run>/clients/<name>/        per-client private state (e.g. FedSA's B)
+<run>/plots/metrics.png      metrics against rounds
+<run>/logs/                  full logs of the processes fedtune started
 """
 
 from __future__ import annotations

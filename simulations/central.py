@@ -13,10 +13,6 @@ import random
 import time
 from typing import Any
 
-from fedtune.config import Config
-from fedtune.plan import ROLES
-from fedtune.rundir import RunDir
-
 from client.adapters import build_adapter_model
 from client.data import TaskSpec, encode
 from client.evaluate import evaluate
@@ -24,6 +20,9 @@ from client.trainers import BackpropTrainer
 from coordinator.checkpoint import save_checkpoint
 from coordinator.federation import eval_set
 from coordinator.report import finish_run, progress_line
+from fedtune.config import Config
+from fedtune.plan import ROLES
+from fedtune.rundir import RunDir
 from simulations.partition import client_pool
 
 
@@ -45,8 +44,10 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
         round_start = time.time()
         result = BackpropTrainer().train(model, params, train, settings, random.Random(f"{config.seed}:central:{rnd}"))
         record: dict[str, Any] = {"round": rnd, "train_loss": result.loss, "steps": result.steps}
-        if evaluation is not None and (rnd == config.federation.rounds or (
-                config.federation.eval_every and rnd % config.federation.eval_every == 0)):
+        if evaluation is not None and (
+            rnd == config.federation.rounds
+            or (config.federation.eval_every and rnd % config.federation.eval_every == 0)
+        ):
             metrics = evaluate(model, evaluation)
             record.update(eval_accuracy=metrics["accuracy"], eval_loss=metrics["loss"])
         record["wall_s"] = round(time.time() - round_start, 3)
@@ -54,4 +55,6 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
         run.append_metrics(record)
         save_checkpoint(run, rnd, model, model.state(), {"strategy": {}, "elapsed_s": record["elapsed_s"]})
         echo(progress_line(record, config.federation.rounds))
-    return finish_run(run, config, "central", time.time() - started, {"total_steps": settings.local_steps * config.federation.rounds})
+    return finish_run(
+        run, config, "central", time.time() - started, {"total_steps": settings.local_steps * config.federation.rounds}
+    )

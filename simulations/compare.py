@@ -69,17 +69,27 @@ def describe(name: str, run: RunDir, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    head = ("| strategy | final acc | best acc (round) | personalised acc | up / client-round | "
-            "down / client-round | wall |\n|---|---|---|---|---|---|---|\n")
+    head = (
+        "| strategy | final acc | best acc (round) | personalised acc | up / client-round | "
+        "down / client-round | wall |\n|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for name, row in results.items():
         if row.get("status") != "completed":
             lines.append(f"| {name} | failed: {row.get('error', '')} | | | | | |")
             continue
-        lines.append("| {} | {} | {} ({}) | {} | {} | {} | {:.0f} s |".format(
-            name, _pct(row["final_accuracy"]), _pct(row["best_accuracy"]), row["best_round"] or "-",
-            _pct(row["personalized_accuracy"]), _mb(row["bytes_up_per_client_round"]),
-            _mb(row["bytes_down_per_client_round"]), row["wall_s"]))
+        lines.append(
+            "| {} | {} | {} ({}) | {} | {} | {} | {:.0f} s |".format(
+                name,
+                _pct(row["final_accuracy"]),
+                _pct(row["best_accuracy"]),
+                row["best_round"] or "-",
+                _pct(row["personalized_accuracy"]),
+                _mb(row["bytes_up_per_client_round"]),
+                _mb(row["bytes_down_per_client_round"]),
+                row["wall_s"],
+            )
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -89,7 +99,7 @@ def plot_comparison(out: Path, names: list[str]) -> Path:
         records = RunDir(out / name).metrics()
         points = [(r["round"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
         if points:
-            line, = axis.plot(*zip(*points), marker="o", label=name)
+            (line,) = axis.plot(*zip(*points), marker="o", label=name)
             if name in PERSONALISED:
                 personal = [(r["round"], r["client_accuracy"]) for r in records if "client_accuracy" in r]
                 axis.plot(*zip(*personal), linestyle="--", color=line.get_color(), label=f"{name} (personalised)")

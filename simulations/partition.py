@@ -14,10 +14,10 @@ from typing import Any
 import datasets
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
+from client.data import holdout_split
 from fedtune.config import Config
 from fedtune.errors import UserError
-
-from client.data import holdout_split, read_records, require_fields
+from fedtune.records import read_records, require_fields
 
 INDEX_COLUMN = "__row__"
 
@@ -38,7 +38,9 @@ def client_pool(config: Config) -> tuple[dict[str, Any], ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def train_and_server_rows(source: str, server_holdout: float, seed: int) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+def train_and_server_rows(
+    source: str, server_holdout: float, seed: int
+) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
     """(client pool, server eval rows): a seeded ``server_holdout`` slice never reaches a client."""
     rows = read_records(source)
     if not server_holdout:
@@ -48,8 +50,9 @@ def train_and_server_rows(source: str, server_holdout: float, seed: int) -> tupl
 
 
 @functools.lru_cache(maxsize=8)
-def partition_rows(source: str, server_holdout: float, kind: str, clients: int, column: str, alpha: float, seed: int,
-                   min_size: int) -> tuple[tuple[int, ...], ...]:
+def partition_rows(
+    source: str, server_holdout: float, kind: str, clients: int, column: str, alpha: float, seed: int, min_size: int
+) -> tuple[tuple[int, ...], ...]:
     """Indices into the client pool for every partition (cached: clients in one process share it)."""
     rows = train_and_server_rows(source, server_holdout, seed)[0]
     require_fields(rows, source, [column])
@@ -67,15 +70,27 @@ def partition_rows(source: str, server_holdout: float, kind: str, clients: int, 
         raise UserError(f"data.partition: {err}") from None
 
 
-def client_rows(config: Config, partition_id: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, held-out) rows of one simulated client."""
+def client_partition(config: Config, partition_id: int) -> list[dict[str, Any]]:
+    """All rows of simulated client ``partition_id`` (before its local holdout split)."""
     data = config.data
-    column = data.partition.field or data.label_field
     if data.partition.kind == "field" and not data.partition.field:
         raise UserError("data.partition.field: required when data.partition.kind is field (e.g. domain)")
     parts = partition_rows(
-        data.train, data.server_holdout, data.partition.kind, config.federation.clients, column,
-        data.partition.alpha, config.seed, data.partition.min_size,
+        data.train,
+        data.server_holdout,
+        data.partition.kind,
+        config.federation.clients,
+        data.partition.field or data.label_field,
+        data.partition.alpha,
+        config.seed,
+        data.partition.min_size,
     )
     rows = client_pool(config)
-    return holdout_split([rows[i] for i in parts[partition_id]], data.holdout, seed=config.seed + partition_id)
+    return [rows[i] for i in parts[partition_id]]
+
+
+def client_rows(config: Config, partition_id: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) rows of simulated client ``partition_id``, split as an agent with that name splits."""
+    return holdout_split(
+        client_partition(config, partition_id), config.data.holdout, seed=f"{config.seed}:client-{partition_id}"
+    )

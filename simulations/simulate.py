@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from coordinator.superlink import APP_DIR, SuperLink
 from fedtune.config import Config
 from fedtune.errors import UserError
+from fedtune.records import read_records, require_fields
 from fedtune.rundir import RunDir
-
-from client.data import read_records, require_fields
-from coordinator.superlink import APP_DIR, SuperLink
 from simulations.partition import partition_rows
 
 MARKER = "[fedtune]"
@@ -29,8 +28,16 @@ def check_data(config: Config) -> None:
     for source in filter(None, (data.train, data.eval)):
         require_fields(read_records(source), source, fields)
     column = data.partition.field or data.label_field
-    partition_rows(data.train, data.server_holdout, data.partition.kind, config.federation.clients, column,
-                   data.partition.alpha, config.seed, data.partition.min_size)
+    partition_rows(
+        data.train,
+        data.server_holdout,
+        data.partition.kind,
+        config.federation.clients,
+        column,
+        data.partition.alpha,
+        config.seed,
+        data.partition.min_size,
+    )
 
 
 def backend_resources(config: Config) -> dict[str, int | float]:
@@ -55,7 +62,7 @@ def run_simulation(config: Config, run: RunDir, echo=print, app_dir: Path = APP_
             log.write(line + "\n")
             log.flush()
             if MARKER in line:
-                echo(line[line.index(MARKER) + len(MARKER):].strip())
+                echo(line[line.index(MARKER) + len(MARKER) :].strip())
             elif "ERROR" in line:
                 echo(line)
 

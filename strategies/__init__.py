@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fedtune.config import Config
-
 from strategies.base import LoraStrategy
 from strategies.fair import LoraFair, SolverSettings
 from strategies.fedit import FedIT
@@ -14,12 +13,16 @@ STRATEGIES: dict[str, type[LoraStrategy]] = {"fedit": FedIT, "ffa": FfaLora, "fe
 
 
 def build_strategy(config: Config) -> LoraStrategy:
-    common = {"fraction": config.federation.fraction, "min_clients": config.federation.min_clients,
-              "sample_seed": config.seed}
+    common = {
+        "fraction": config.federation.fraction,
+        "min_clients": config.federation.min_clients,
+        "sample_seed": config.seed,
+    }
     name = config.strategy.name
     if name == "fedsa":
         return FedSaLora(**common, private_head=config.strategy.head == "private")
     if name == "fair":
-        return LoraFair(**common, settings=SolverSettings(lam=config.strategy.fair_lambda,
-                                                          max_steps=config.strategy.fair_steps))
+        return LoraFair(
+            **common, settings=SolverSettings(lam=config.strategy.fair_lambda, max_steps=config.strategy.fair_steps)
+        )
     return STRATEGIES[name](**common)

@@ -73,6 +73,7 @@ class LoraStrategy(Strategy):
         self.current: Tensors = {}
         self.frozen_checksum: str | None = None
         self.ledger = RoundLedger()
+        self.node_names: dict[int, str] = {}  # for readable rejection reasons
 
     # -- method-specific math ------------------------------------------------------
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
@@ -85,26 +86,37 @@ class LoraStrategy(Strategy):
         for key, roles in self.plan.to_record().items():
             log(INFO, "\t├── %s: %s", key, roles or "-")
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()
         self.ledger = RoundLedger()
         if self.plan.frozen:  # frozen tensors never change: the global copy is the reference
             self.frozen_checksum = checksum({k: v for k, v in self.current.items() if role_of(k) in self.plan.frozen})
         return self._messages(server_round, config, grid, MessageType.TRAIN, count_bytes=True)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         for reply in replies:
             self._accept(reply)
-        updates = self.ledger.updates
+        updates = sorted(self.ledger.updates, key=lambda u: u.name)  # arrival order must not change the sums
         if len(updates) < self.min_clients:
-            log(WARNING, "round %d: %d usable replies < min_clients %d; global adapter unchanged",
-                server_round, len(updates), self.min_clients)
+            log(
+                WARNING,
+                "round %d: %d usable replies < min_clients %d; global adapter unchanged",
+                server_round,
+                len(updates),
+                self.min_clients,
+            )
             return None, None
         new = dict(self.current)
         new.update(self.combine(self.current, updates))
         return ArrayRecord(new), MetricRecord(weighted_metrics([(u.num_examples, u.metrics) for u in updates]))
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()
         return self._messages(server_round, config, grid, MessageType.EVALUATE, count_bytes=False)
 
@@ -122,7 +134,9 @@ class LoraStrategy(Strategy):
     def sent_names(self) -> list[str]:
         return [name for name in self.current if role_of(name) in self.plan.sent]
 
-    def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, kind: str, count_bytes: bool) -> list[Message]:
+    def _messages(
+        self, server_round: int, config: ConfigRecord, grid: Grid, kind: str, count_bytes: bool
+    ) -> list[Message]:
         nodes = sorted(grid.get_node_ids())
         wanted = max(self.min_clients, math.ceil(self.fraction * len(nodes)))
         chosen = self.rng.sample(nodes, min(wanted, len(nodes)))
@@ -142,7 +156,8 @@ class LoraStrategy(Strategy):
         """Decode a train reply into the ledger, or record why it was rejected."""
         node = reply.metadata.src_node_id
         if reply.has_error():
-            self.ledger.rejected.append(f"node {node}: client error: {reply.error.reason.strip()[:300]}")
+            who = self.node_names.get(node, f"node {node}")
+            self.ledger.rejected.append(f"{who}: client error: {reply.error.reason.strip()[:300]}")
             return
         self.ledger.replies += 1
         self.ledger.bytes_up += payload_bytes(reply.content)
@@ -152,6 +167,7 @@ class LoraStrategy(Strategy):
             self.ledger.rejected.append(f"{name}: {problem}")
             log(WARNING, "rejected reply from %s: %s", name, problem)
             return
+        self.node_names[node] = name
         self.ledger.updates.append(update)
 
     def decode(self, content: RecordDict, node: int, name: str) -> tuple[str | None, ClientUpdate | None]:
@@ -179,7 +195,9 @@ class LoraStrategy(Strategy):
                 return f"frozen tensors differ from the shared init (checksum {str(theirs)[:12]})", None
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         info = dict(content["info"]) if "info" in content.config_records else {}
-        return None, ClientUpdate(node, name, {k: v.float() for k, v in tensors.items()}, int(num_examples), metrics, info)
+        return None, ClientUpdate(
+            node, name, {k: v.float() for k, v in tensors.items()}, int(num_examples), metrics, info
+        )
 
     # -- state that must survive a coordinator restart ----------------------------
     def state_dict(self) -> dict:
@@ -194,6 +212,8 @@ def weighted_metrics(results: list[tuple[int, dict[str, float]]]) -> dict[str, f
     """Example-weighted mean of each metric, plus the total ``num-examples``."""
     total = sum(n for n, _ in results)
     keys = sorted({k for _, metrics in results for k in metrics})
-    merged = {k: sum(n * m[k] for n, m in results if k in m) / max(1, sum(n for n, m in results if k in m)) for k in keys}
+    merged = {
+        k: sum(n * m[k] for n, m in results if k in m) / max(1, sum(n for n, m in results if k in m)) for k in keys
+    }
     merged["num-examples"] = total
     return merged

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.plan import ROLES, ParameterPlan
-
 from strategies.base import ClientUpdate, LoraStrategy, Tensors
 from strategies.fedit import weighted_mean
 
@@ -94,7 +93,9 @@ def fair_correction(
     return a_bar.float(), b_bar32 + delta, delta
 
 
-def fair_aggregate(updates: list[Tensors], weights: list[float], settings: SolverSettings = SolverSettings()) -> Tensors:
+def fair_aggregate(
+    updates: list[Tensors], weights: list[float], settings: SolverSettings = SolverSettings()
+) -> Tensors:
     """FedIT means for every tensor, then B̄ + ΔB for each LoRA module (batched by shape)."""
     result = weighted_mean(updates, weights)
     p = torch.tensor(weights, dtype=torch.float64)

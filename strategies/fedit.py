@@ -10,20 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fedtune.plan import ROLES, ParameterPlan
-
 from strategies.base import ClientUpdate, LoraStrategy, Tensors
 
 
 def weighted_mean(tensors: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
     """Σ_k p_k T_k per name, with p_k = w_k / Σ w."""
     total = float(sum(weights))
-    return {
-        name: sum((w / total) * t[name] for t, w in zip(tensors, weights))
-        for name in tensors[0]
-    }
+    return {name: sum((w / total) * t[name] for t, w in zip(tensors, weights)) for name in tensors[0]}
 
 
 class FedIT(LoraStrategy):

@@ -11,7 +11,6 @@ rsLoRA scaling (``adapter.rslora: true``) gives FedSA-rsLoRA.
 from __future__ import annotations
 
 from fedtune.plan import ParameterPlan
-
 from strategies.base import ClientUpdate, LoraStrategy, Tensors
 from strategies.fedit import weighted_mean
 

@@ -10,7 +10,6 @@ of FedIT's traffic.
 from __future__ import annotations
 
 from fedtune.plan import ParameterPlan
-
 from strategies.base import ClientUpdate, LoraStrategy, Tensors
 from strategies.fedit import weighted_mean
 

@@ -27,8 +27,9 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600):
     """Run the installed ``fedtune`` command as a user would."""
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(autouse=True)

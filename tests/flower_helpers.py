@@ -22,11 +22,14 @@ def enter_run() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
 
 
-def reply(to: Message, tensors: dict[str, torch.Tensor], num_examples: int = 10, name: str = "c",
-          **info: str) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord({k: v.contiguous() for k, v in tensors.items()}),
-        "metrics": MetricRecord({"num-examples": num_examples, "train_loss": 0.5}),
-        "info": ConfigRecord({"name": name, **info}),
-    })
+def reply(
+    to: Message, tensors: dict[str, torch.Tensor], num_examples: int = 10, name: str = "c", **info: str
+) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: v.contiguous() for k, v in tensors.items()}),
+            "metrics": MetricRecord({"num-examples": num_examples, "train_loss": 0.5}),
+            "info": ConfigRecord({"name": name, **info}),
+        }
+    )
     return Message(content=content, reply_to=to)

@@ -6,24 +6,25 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedtune.config import Config
-from fedtune.plan import ParameterPlan, checksum, role_of
-from fedtune.rundir import RunDir
-
 from client.adapters import build_adapter_model, initial_state
 from client.model import load_base_model
 from coordinator.checkpoint import load_checkpoint, load_run_model, save_checkpoint
+from fedtune.config import Config
+from fedtune.plan import ParameterPlan, checksum, role_of
+from fedtune.rundir import RunDir
 
 LABELS = ["complaint", "praise", "question"]
 
 
 @pytest.fixture(scope="module")
 def config() -> Config:
-    return Config.model_validate({
-        "model": {"name": "minilm-l6", "max_length": 32},
-        "adapter": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
-        "data": {"labels": LABELS},
-    })
+    return Config.model_validate(
+        {
+            "model": {"name": "minilm-l6", "max_length": 32},
+            "adapter": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+            "data": {"labels": LABELS},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +53,24 @@ def test_initial_state_is_seeded_and_peft_shaped(adapter):
 
 
 def test_trainable_follows_the_plan(adapter):
-    plan = ParameterPlan(trained=frozenset({"lora_B", "head"}), sent=frozenset({"lora_B", "head"}),
-                         frozen=frozenset({"lora_A"}))
+    plan = ParameterPlan(
+        trained=frozenset({"lora_B", "head"}), sent=frozenset({"lora_B", "head"}), frozen=frozenset({"lora_A"})
+    )
     params = adapter.trainable(plan.trained)
     assert {id(p) for p in params} == {id(adapter.params[n]) for n in adapter.names(["lora_B", "head"])}
     assert not any(adapter.params[n].requires_grad for n in adapter.names(["lora_A"]))
-    base_trainable = [n for n, p in adapter.model.named_parameters() if p.requires_grad and ".lora_" not in n
-                      and "modules_to_save" not in n]
+    base_trainable = [
+        n
+        for n, p in adapter.model.named_parameters()
+        if p.requires_grad and ".lora_" not in n and "modules_to_save" not in n
+    ]
     assert base_trainable == []
 
 
 def test_plan_round_trips_through_a_config_record():
-    plan = ParameterPlan(trained=frozenset({"lora_A", "lora_B"}), sent=frozenset({"lora_A"}),
-                         private=frozenset({"lora_B"}))
+    plan = ParameterPlan(
+        trained=frozenset({"lora_A", "lora_B"}), sent=frozenset({"lora_A"}), private=frozenset({"lora_B"})
+    )
     assert ParameterPlan.from_record(plan.to_record()) == plan
 
 
@@ -79,8 +85,9 @@ def test_checkpoint_is_a_peft_adapter_that_peft_loads(tmp_path, config, adapter)
     assert state["round"] == 3 and state["labels"] == LABELS
     assert set(tensors) == set(trained) and all(torch.equal(tensors[k], trained[k]) for k in trained)
 
-    inputs = adapter.tokenizer(["the delivery was late again", "how do I reset the router?"],
-                               padding=True, return_tensors="pt")
+    inputs = adapter.tokenizer(
+        ["the delivery was late again", "how do I reset the router?"], padding=True, return_tensors="pt"
+    )
     adapter.load_state(trained)
     adapter.model.eval()
     with torch.no_grad():

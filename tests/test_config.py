@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from conftest import run_cli
 from fedtune.config import Config, load_config, parse_config_text
 from fedtune.errors import UserError
-
-from conftest import run_cli
 
 GOOD = {
     "model": {"name": "minilm-l6"},
@@ -50,8 +49,12 @@ def test_bad_config_is_one_line_naming_the_field(tmp_path, change, field, hint):
 
 def test_bad_cli_flag_and_bad_override_are_one_line(tmp_path):
     path = _write(tmp_path, GOOD)
-    for args in (["simulate", path, "--bogus"], ["simulate", path, "--set", "federation.rounds"],
-                 ["simulate", path, "--set", "federation.rounds=0"], ["simulate", str(tmp_path / "missing.yaml")]):
+    for args in (
+        ["simulate", path, "--bogus"],
+        ["simulate", path, "--set", "federation.rounds"],
+        ["simulate", path, "--set", "federation.rounds=0"],
+        ["simulate", str(tmp_path / "missing.yaml")],
+    ):
         result = run_cli(*args, timeout=120)
         assert result.returncode == 2, args
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -66,10 +69,17 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 def test_overrides_are_typed_by_the_schema(tmp_path):
-    config = load_config(_write(tmp_path, GOOD), [
-        "federation.rounds=7", "client.lr=3e-4", "adapter.target_modules=[query, key]",
-        "data.response= {label}", "data.label_words={a: yes, b: no}", "model.max_length=null",
-    ])
+    config = load_config(
+        _write(tmp_path, GOOD),
+        [
+            "federation.rounds=7",
+            "client.lr=3e-4",
+            "adapter.target_modules=[query, key]",
+            "data.response= {label}",
+            "data.label_words={a: yes, b: no}",
+            "model.max_length=null",
+        ],
+    )
     assert config.federation.rounds == 7 and config.client.lr == pytest.approx(3e-4)
     assert config.adapter.target_modules == ["query", "key"]
     assert config.data.response == " {label}"  # a string field keeps braces and spaces
@@ -98,3 +108,22 @@ def test_shipped_configs_are_valid():
         raw.get("data", {}).pop("train", None)  # data paths are checked where the data exists
         raw.get("data", {}).pop("eval", None)
         Config.model_validate(raw)
+
+
+def test_readme_documents_every_config_key():
+    from pydantic import BaseModel
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+
+    def keys(model: type[BaseModel], prefix: str = ""):
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from keys(annotation, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    missing = [key for key in keys(Config) if f"`{key}`" not in readme]
+    assert not missing, f"README lacks config keys: {missing}"

@@ -6,13 +6,12 @@ import json
 
 import pytest
 
-from fedtune.errors import UserError
-
-from client.data import IGNORE_INDEX, TaskSpec, encode, infer_labels, read_records
+from client.data import IGNORE_INDEX, TaskSpec, encode, infer_labels
 from client.model import load_tokenizer
-from simulations.synthetic import generate
-
 from conftest import shared_data
+from fedtune.errors import UserError
+from fedtune.records import read_records
+from simulations.synthetic import generate
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +36,14 @@ def test_jsonl_csv_and_json_sources(tmp_path):
         assert list(read_records(str(tmp_path / name))) == rows
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ('{"text": "a", "label": "x"}\nnot json\n', "cannot parse as jsonl"),
-    ("", "no rows"),
-    ('[1, 2]', "expected rows of named columns"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "a", "label": "x"}\nnot json\n', "cannot parse as jsonl"),
+        ("", "no rows"),
+        ("[1, 2]", "expected rows of named columns"),
+    ],
+)
 def test_broken_files_are_one_clear_error(tmp_path, content, message):
     suffix = ".json" if content.startswith("[") else ".jsonl"
     path = tmp_path / f"bad{suffix}"
@@ -68,8 +70,16 @@ def test_labels_sort_numerically_when_numeric():
 
 def test_causal_lm_loss_is_on_the_response_only():
     tokenizer = load_tokenizer("smollm2-135m")
-    spec = TaskSpec("causal-lm", ("negative", "positive"), "text", "label", 64, prompt="Review: {text}\nSentiment:",
-                    response=" {label}", label_words=(("negative", "bad"), ("positive", "good")))
+    spec = TaskSpec(
+        "causal-lm",
+        ("negative", "positive"),
+        "text",
+        "label",
+        64,
+        prompt="Review: {text}\nSentiment:",
+        response=" {label}",
+        label_words=(("negative", "bad"), ("positive", "good")),
+    )
     example = encode([{"text": "great film", "label": "positive"}], spec, tokenizer, "mem").examples[0]
     n = example["prompt_len"]
     assert example["labels"][:n] == [IGNORE_INDEX] * n
@@ -83,7 +93,7 @@ def test_long_prompts_keep_the_response():
     spec = TaskSpec("causal-lm", (), "text", "label", 24, prompt="{text}", response=" {label}")
     example = encode([{"text": "word " * 200, "label": "the answer"}], spec, tokenizer, "mem").examples[0]
     assert len(example["input_ids"]) <= 24
-    assert tokenizer.decode(example["input_ids"][example["prompt_len"]:], skip_special_tokens=True) == " the answer"
+    assert tokenizer.decode(example["input_ids"][example["prompt_len"] :], skip_special_tokens=True) == " the answer"
 
 
 def test_synthetic_task_is_deterministic_multi_domain_and_disjoint():

@@ -8,10 +8,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from flower_helpers import StaticGrid, enter_run, reply
 from strategies.base import payload_bytes
 from strategies.fedit import FedIT, weighted_mean
-
-from flower_helpers import StaticGrid, enter_run, reply
 
 NAMES = ["m.q.lora_A.weight", "m.q.lora_B.weight", "m.classifier.weight"]
 SHAPES = [(4, 16), (16, 4), (3, 16)]
@@ -32,7 +31,9 @@ def test_weighted_mean_is_example_weighted():
 def test_fedit_round_aggregates_good_replies_and_rejects_malformed_ones():
     enter_run()
     strategy = FedIT(fraction=1.0, min_clients=2)
-    messages = list(strategy.configure_train(1, ArrayRecord(_tensors(0)), ConfigRecord(), StaticGrid([11, 12, 13, 14, 15])))
+    messages = list(
+        strategy.configure_train(1, ArrayRecord(_tensors(0)), ConfigRecord(), StaticGrid([11, 12, 13, 14, 15]))
+    )
     assert len(messages) == 5
     assert all(set(m.content["arrays"].keys()) == set(NAMES) for m in messages)
     assert strategy.ledger.bytes_down == sum(payload_bytes(m.content) for m in messages)
@@ -42,9 +43,13 @@ def test_fedit_round_aggregates_good_replies_and_rejects_malformed_ones():
     nan[NAMES[0]][0, 0] = math.nan
     wrong_shape = {**_tensors(4), NAMES[1]: torch.zeros(16, 5)}
     missing = {k: v for k, v in _tensors(5).items() if k != NAMES[2]}
-    replies = [reply(messages[0], good1, 10, "a"), reply(messages[1], good2, 30, "b"),
-               reply(messages[2], nan, 10, "nan"), reply(messages[3], wrong_shape, 10, "shape"),
-               reply(messages[4], missing, 10, "keys")]
+    replies = [
+        reply(messages[0], good1, 10, "a"),
+        reply(messages[1], good2, 30, "b"),
+        reply(messages[2], nan, 10, "nan"),
+        reply(messages[3], wrong_shape, 10, "shape"),
+        reply(messages[4], missing, 10, "keys"),
+    ]
     arrays, metrics = strategy.aggregate_train(1, replies)
 
     expected = weighted_mean([good1, good2], [10, 30])
@@ -73,8 +78,12 @@ def test_sampling_is_seeded_and_respects_fraction_and_minimum():
     picks = []
     for _ in range(2):
         strategy = FedIT(fraction=0.25, min_clients=2, sample_seed=7)
-        picks.append([m.metadata.dst_node_id for m in strategy.configure_train(1, ArrayRecord(_tensors(0)),
-                                                                              ConfigRecord(), grid)])
+        picks.append(
+            [
+                m.metadata.dst_node_id
+                for m in strategy.configure_train(1, ArrayRecord(_tensors(0)), ConfigRecord(), grid)
+            ]
+        )
     assert picks[0] == picks[1] and len(picks[0]) == 5 and len(set(picks[0])) == 5
     small = FedIT(fraction=0.01, min_clients=3)
     assert len(list(small.configure_train(1, ArrayRecord(_tensors(0)), ConfigRecord(), grid))) == 3

@@ -7,13 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from client.data import holdout_split
+from conftest import shared_data
 from fedtune.config import Config
 from fedtune.errors import UserError
-
-from client.data import holdout_split, read_records
+from fedtune.records import read_records
 from simulations.partition import client_rows, partition_rows
-
-from conftest import shared_data
 
 SYNTH = "synthetic:support/train"
 
@@ -74,10 +73,12 @@ def test_field_partition_rejects_a_wrong_client_count():
 
 
 def test_client_rows_hold_out_part_of_each_partition():
-    config = Config.model_validate({
-        "federation": {"clients": 3},
-        "data": {"train": SYNTH, "holdout": 0.2, "partition": {"kind": "iid"}},
-    })
+    config = Config.model_validate(
+        {
+            "federation": {"clients": 3},
+            "data": {"train": SYNTH, "holdout": 0.2, "partition": {"kind": "iid"}},
+        }
+    )
     train, held = client_rows(config, 1)
     assert len(held) == pytest.approx(0.2 * (len(train) + len(held)), abs=1)
     assert not {r["text"] for r in train} & {r["text"] for r in held}

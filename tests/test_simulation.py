@@ -10,8 +10,7 @@ import yaml
 from peft import PeftModel
 
 from client.model import load_base_model
-
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +19,19 @@ pytestmark = pytest.mark.slow
 def finished_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("sim") / "run"
     result = run_cli(
-        "simulate", "simulations/configs/quickstart.yaml", "--out", str(run),
-        "--set", "federation.clients=5", "--set", "federation.rounds=2", "--set", "client.local_steps=3",
-        "--set", "data.eval_max_examples=120", timeout=900,
+        "simulate",
+        "simulations/configs/quickstart.yaml",
+        "--out",
+        str(run),
+        "--set",
+        "federation.clients=5",
+        "--set",
+        "federation.rounds=2",
+        "--set",
+        "client.local_steps=3",
+        "--set",
+        "data.eval_max_examples=120",
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return run, result
@@ -60,14 +69,18 @@ def test_run_directory_is_complete(finished_run):
 def test_checkpoint_loads_with_peft_and_matches_fedtune_evaluate(finished_run, tmp_path):
     run, _ = finished_run
     labels = yaml.safe_load((run / "config.yaml").read_text())["data"]["labels"]
-    model = PeftModel.from_pretrained(load_base_model("minilm-l6", "classification", len(labels),
-                                                      torch.device("cpu")), run / "checkpoints" / "round-2")
+    model = PeftModel.from_pretrained(
+        load_base_model("minilm-l6", "classification", len(labels), torch.device("cpu")),
+        run / "checkpoints" / "round-2",
+    )
     model.eval()
 
     data = tmp_path / "check.jsonl"
-    rows = [{"text": "Thanks, the nurse sorted my appointment perfectly", "label": "praise"},
-            {"text": "How do I reset the router?", "label": "question"},
-            {"text": "My parcel is still missing, unacceptable", "label": "complaint"}]
+    rows = [
+        {"text": "Thanks, the nurse sorted my appointment perfectly", "label": "praise"},
+        {"text": "How do I reset the router?", "label": "question"},
+        {"text": "My parcel is still missing, unacceptable", "label": "complaint"},
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_cli("evaluate", str(run), "--data", str(data), timeout=300)
     assert result.returncode == 0, result.stderr
@@ -75,6 +88,7 @@ def test_checkpoint_loads_with_peft_and_matches_fedtune_evaluate(finished_run, t
     assert reported["round"] == 2 and reported["num_examples"] == 3
 
     from transformers import AutoTokenizer
+
     from client.model import model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir("minilm-l6"))

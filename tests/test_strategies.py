@@ -6,18 +6,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
+from client import client_app
+from client.adapters import build_adapter_model
 from fedtune.config import Config
 from fedtune.plan import role_of
 from fedtune.rundir import RunDir
-
-from client import client_app
-from client.adapters import build_adapter_model
+from flower_helpers import StaticGrid, enter_run, reply
 from strategies import build_strategy
 from strategies.base import payload_bytes
 from strategies.fair import SolverSettings, fair_aggregate, fair_correction
 from strategies.fedit import weighted_mean
-
-from flower_helpers import StaticGrid, enter_run, reply
 
 K, L, R, D_IN, D_OUT = 10, 3, 8, 96, 64
 
@@ -88,6 +86,7 @@ def test_fair_aggregate_batches_modules_and_keeps_fedit_means_elsewhere():
 
 # -- real client handlers, driven by each strategy's messages --------------------------
 
+
 def _config(strategy: str, tmp_path) -> Config:
     from fedtune.resolve import resolve
 
@@ -97,7 +96,11 @@ def _config(strategy: str, tmp_path) -> Config:
         "strategy": {"name": strategy},
         "federation": {"clients": 5, "min_clients": 2},
         "client": {"local_steps": 2, "batch_size": 8},
-        "data": {"train": "synthetic:support/train", "holdout": 0.02, "partition": {"kind": "field", "field": "domain"}},
+        "data": {
+            "train": "synthetic:support/train",
+            "holdout": 0.02,
+            "partition": {"kind": "field", "field": "domain"},
+        },
         "output": {"dir": str(tmp_path), "name": f"{strategy}-run"},
     }
     return resolve(Config.model_validate(raw), name_hint="t", need_train_data=True)
@@ -111,10 +114,16 @@ def _federated_round(strategy_name: str, tmp_path, rounds: int = 2, clients=(0, 
     strategy = build_strategy(config)
     server = build_adapter_model(config, config.data.labels)
     arrays = ArrayRecord(server.state())
-    contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(),
-                              node_config={"partition-id": node, "num-partitions": 5},
-                              run_config={"fedtune-config": config.to_yaml(), "run-dir": str(run.path)})
-                for node in clients}
+    contexts = {
+        node: Context(
+            run_id=1,
+            node_id=node,
+            state=RecordDict(),
+            node_config={"partition-id": node, "num-partitions": 5},
+            run_config={"fedtune-config": config.to_yaml(), "run-dir": str(run.path)},
+        )
+        for node in clients
+    }
     history = []
     for rnd in range(1, rounds + 1):
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), StaticGrid(list(clients))))
@@ -152,8 +161,9 @@ def test_ffa_keeps_a_identical_across_clients_and_rounds_and_halves_uploads(tmp_
             assert {role_of(n) for n in message.content["arrays"].keys()} == {"lora_B", "head"}
     # a client whose A differs is refused
     messages, replies, _ = history[-1]
-    forged = reply(messages[0], replies[0].content["arrays"].to_torch_state_dict(), name="forged",
-                   **{"frozen-checksum": "0" * 64})
+    forged = reply(
+        messages[0], replies[0].content["arrays"].to_torch_state_dict(), name="forged", **{"frozen-checksum": "0" * 64}
+    )
     strategy.configure_train(3, ArrayRecord(strategy.current), ConfigRecord(), StaticGrid([0]))
     strategy.aggregate_train(3, [forged])
     assert any("frozen tensors differ" in reason for reason in strategy.ledger.rejected)

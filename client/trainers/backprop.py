@@ -6,11 +6,10 @@ import random
 
 import torch
 
-from fedtune.config import ClientSection
-
 from client.adapters import AdapterModel
 from client.data import ExampleSet
 from client.trainers.base import TrainResult, to_device
+from fedtune.config import ClientSection
 
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: ClientSection) -> torch.optim.Optimizer:

@@ -9,10 +9,9 @@ from typing import Protocol
 
 import torch
 
-from fedtune.config import ClientSection
-
 from client.adapters import AdapterModel
 from client.data import ExampleSet
+from fedtune.config import ClientSection
 
 
 @dataclass

@@ -1,0 +1,186 @@
+"""``fedtune client``: a client agent on its own machine, with its own private data.
+
+The agent is a Flower SuperNode (``flower-supernode --isolation process``) plus this
+process, which executes the SuperNode's ClientApp tasks in process (client/executor.py)
+so the base model is loaded once. The data file never leaves the machine: only its
+path goes into the SuperNode's node config, and only adapter tensors and metrics are
+sent. TLS and SuperNode authentication are on unless ``--insecure`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.superlink import die_with_parent, free_port, quiet_environment, tool_path
+from fedtune.errors import UserError
+from fedtune.records import read_records
+
+# SuperNode log lines that mean the agent cannot work, and what to tell the user.
+FATAL_PATTERNS = [
+    (
+        re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed", re.I),
+        "TLS: cannot verify the coordinator's certificate; pass --ca-cert with the coordinator's ca.crt",
+    ),
+    (
+        re.compile(r"WRONG_VERSION_NUMBER|wrong version number|record layer failure", re.I),
+        "TLS: the coordinator does not speak TLS; it was started with --insecure, so start the agent with --insecure",
+    ),
+    (
+        re.compile(r"\[code: 2004\]|Failed to activate SuperNode", re.I),
+        "the coordinator refused this agent's key: give {public_key} to the coordinator operator "
+        "(fedtune coordinator --authorized-keys)",
+    ),
+    (
+        re.compile(r"Unable to parse the private key file", re.I),
+        "--key {key}: not an OpenSSH EC private key (make one with fedtune keygen)",
+    ),
+    (
+        re.compile(r"Exit Code: 305", re.I),
+        "cannot connect to the coordinator at {coordinator} (is it running, at that address and port?)",
+    ),
+]
+
+
+@dataclass
+class AgentSettings:
+    coordinator: str
+    data: Path
+    name: str
+    device: str
+    state_dir: Path
+    ca_cert: Path | None
+    key: Path | None
+    insecure: bool
+
+
+def run_agent(settings: AgentSettings, echo=print) -> int:
+    """Join the coordinator and serve ClientApp tasks until stopped (Ctrl-C) or refused."""
+    from client.executor import serve_clientapps
+
+    _check(settings)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    home = settings.state_dir / ".flwr"
+    home.mkdir(exist_ok=True)
+    os.environ["FLWR_HOME"] = str(home)  # the in-process executor installs the app here too
+    port = free_port()
+    node_config = " ".join(
+        f'{key}="{value}"'
+        for key, value in (
+            ("data-path", settings.data.resolve()),
+            ("name", settings.name),
+            ("state-dir", settings.state_dir.resolve()),
+            ("device", settings.device),
+        )
+    )
+    args = [
+        tool_path("flower-supernode"),
+        "--superlink",
+        settings.coordinator,
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--node-config",
+        node_config,
+    ]
+    if settings.insecure:
+        args.append("--insecure")
+        echo("fedtune: WARNING: --insecure: plain-text connection, no TLS")
+    else:
+        args += ["--root-certificates", str(settings.ca_cert)]
+    if settings.key:
+        args += ["--auth-supernode-private-key", str(settings.key)]
+    log_path = settings.state_dir / "agent.log"
+    node = subprocess.Popen(
+        args,
+        env=quiet_environment(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
+    stop = threading.Event()
+    failure: list[str] = []
+    watcher = threading.Thread(target=_watch, args=(node, log_path, settings, failure, stop), daemon=True)
+    watcher.start()
+    echo(f"fedtune: agent {settings.name} joining {settings.coordinator} with {settings.data} (log: {log_path})")
+    try:
+        _wait_for_port(port, node, stop)
+        if not stop.is_set():
+            serve_clientapps(f"127.0.0.1:{port}", stop)
+    finally:
+        stop.set()
+        _terminate(node)
+        watcher.join(timeout=5)
+    if failure:
+        raise UserError(failure[0])
+    return 0
+
+
+def _check(settings: AgentSettings) -> None:
+    if not settings.data.is_file():
+        raise UserError(f"--data {settings.data}: no such file")
+    rows = read_records(str(settings.data))  # a broken file is reported now, not in round 1
+    if not settings.insecure and not (settings.ca_cert and settings.ca_cert.is_file()):
+        raise UserError(
+            "TLS is on by default: pass --ca-cert CA.crt (from the coordinator's fedtune certs), "
+            "or --insecure for a plain-text try-out"
+        )
+    if settings.key and not settings.key.is_file():
+        raise UserError(f"--key {settings.key}: no such file (make one with fedtune keygen {settings.key})")
+    if not re.fullmatch(r"[\w.-]+", settings.name):
+        raise UserError(f"--name {settings.name!r}: use letters, digits, '.', '_' or '-'")
+    if not rows:
+        raise UserError(f"--data {settings.data}: no rows")
+
+
+def _watch(
+    node: subprocess.Popen, log_path: Path, settings: AgentSettings, failure: list[str], stop: threading.Event
+) -> None:
+    """Copy SuperNode output to the agent log; when it exits, say why in the most specific words."""
+    public_key = settings.key.with_name(settings.key.name + ".pub") if settings.key else "the agent's public key"
+    matched: set[int] = set()
+    with open(log_path, "a") as log:
+        for line in node.stdout:
+            log.write(line)
+            log.flush()
+            matched.update(i for i, (pattern, _) in enumerate(FATAL_PATTERNS) if pattern.search(line))
+    if not stop.is_set():  # the SuperNode ended by itself: a fatal problem
+        if matched:
+            message = FATAL_PATTERNS[min(matched)][1]
+            failure.append(message.format(public_key=public_key, key=settings.key, coordinator=settings.coordinator))
+        else:
+            failure.append(f"the SuperNode exited (code {node.wait()}); see {log_path}")
+        stop.set()
+
+
+def _wait_for_port(port: int, node: subprocess.Popen, stop: threading.Event, timeout: float = 60.0) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not stop.is_set():
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    if not stop.is_set():
+        raise UserError(f"the SuperNode did not open its runtime port {port} within {timeout:.0f}s")
+
+
+def _terminate(node: subprocess.Popen) -> None:
+    if node.poll() is None:
+        node.terminate()
+        try:
+            node.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            node.kill()

@@ -1,0 +1,339 @@
+"""``fedtune export``: a run's adapter merged into its base model, as a verified ONNX bundle.
+
+Steps: load the checkpoint (global, or a FedSA client's personalised adapter) on the
+full-precision base, ``merge_and_unload``, ``torch.onnx.export`` (classifier: logits;
+causal LM: logits plus KV-cache inputs/outputs), compare onnxruntime with PyTorch on
+real inputs and refuse a bundle whose largest logit difference exceeds the tolerance,
+optionally quantize (edge/quantize.py) and refuse if held-out accuracy (classifier) or
+next-token agreement (LM) drops beyond the allowed margin, then write the bundle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from client.data import ExampleSet, TaskSpec, encode
+from coordinator.checkpoint import load_run_model
+from edge.quantize import quantize_model
+from edge.runtime import MANIFEST, sha256_file
+from fedtune.config import Config
+from fedtune.errors import UserError
+from fedtune.records import read_records
+from fedtune.rundir import RunDir
+
+OPSET = 17
+EXTERNAL_DATA_ABOVE = 512 * 1024**2  # bytes; larger models keep weights in model.onnx.data
+
+
+def export_bundle(
+    run: RunDir,
+    out: Path,
+    round_number: int | None = None,
+    client: str | None = None,
+    quantize: str = "none",
+    check_data: str | None = None,
+    check_examples: int = 500,
+    tolerance: float = 1e-3,
+    max_drop: float = 1.0,
+    min_agreement: float = 0.9,
+    echo=print,
+) -> dict[str, Any]:
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out")
+    config = run.config()
+    adapter, used_round = load_run_model(run, round_number, client)
+    spec = TaskSpec.from_config(config)
+    checks = encode(_check_rows(config, check_data, check_examples), spec, adapter.tokenizer, "check data")
+    merged = adapter.model.merge_and_unload().eval()
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "fp32").mkdir(parents=True)
+    fp32 = staging / "fp32" / "model.onnx"
+    echo(
+        f"exporting {config.model.name} ({config.model.task}) round {used_round}"
+        + (f", client {client}" if client else "")
+    )
+    _export(merged, config.model.task, fp32)
+    reference = _torch_outputs(merged, checks)
+    parity = _max_abs_diff(reference, _ort_outputs(fp32, checks, merged))
+    echo(f"parity fp32: max |onnxruntime - pytorch| = {parity:.2e} on {len(checks)} examples (tolerance {tolerance:g})")
+    if not parity <= tolerance:
+        shutil.rmtree(staging)
+        raise UserError(f"export refused: fp32 ONNX differs from PyTorch by {parity:.2e} > tolerance {tolerance:g}")
+
+    final, kept, gate = fp32, [], {}
+    if quantize != "none":
+        final = staging / "model.onnx"
+        kept = quantize_model(fp32, final, quantize, config.model.task, _large(fp32))
+        gate = _quality_gate(config.model.task, reference, _ort_outputs(final, checks, merged), checks)
+        gate["quantized_max_abs_diff"] = _max_abs_diff(reference, _ort_outputs(final, checks, merged))
+        echo(f"{quantize} check: {json.dumps(gate)}")
+        failed = (
+            gate["accuracy_drop_points"] > max_drop
+            if config.model.task == "classification"
+            else gate["next_token_agreement"] < min_agreement
+        )
+        if failed:
+            shutil.rmtree(staging)
+            limit = (
+                f"max drop {max_drop} points"
+                if config.model.task == "classification"
+                else f"min agreement {min_agreement}"
+            )
+            raise UserError(f"export refused: {quantize} quality check failed ({json.dumps(gate)}; {limit})")
+    bundle = staging / "bundle"
+    bundle.mkdir()
+    _save_model(final, bundle / "model.onnx")
+    adapter.tokenizer.save_pretrained(bundle)
+    manifest = _manifest(
+        config, adapter, merged, run, used_round, client, quantize, kept, parity, tolerance, gate, len(checks), bundle
+    )
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    bundle.rename(out)
+    shutil.rmtree(staging)
+    echo(f"bundle: {out} ({manifest['sizes']['model_bytes'] / 1e6:.1f} MB model)")
+    return manifest
+
+
+class _DecoderWithCache(torch.nn.Module):
+    """Flat-tensor interface of a causal LM step: (ids, mask, positions, past...) -> (logits, present...)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):  # noqa: ANN001
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *presents)
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):  # noqa: ANN001
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def cache_shape(model: PreTrainedModel) -> dict[str, int]:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads, "head_dim": head_dim}
+
+
+def _export(model: PreTrainedModel, task: str, path: Path) -> None:
+    # The example batch must contain padding: with an all-ones mask, transformers skips the
+    # masking path in Python and the traced graph would ignore attention_mask.
+    ids = torch.ones(2, 5, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    if task == "classification":
+        torch.onnx.export(
+            _Classifier(model).eval(),  # the exporter restores the wrapper's mode on the model
+            (ids, mask),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+                "logits": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        return
+    shape = cache_shape(model)
+    past_names = [f"past.{i}.{kv}" for i in range(shape["layers"]) for kv in ("key", "value")]
+    present_names = [name.replace("past.", "present.") for name in past_names]
+    past = [torch.zeros(2, shape["kv_heads"], 3, shape["head_dim"]) for _ in past_names]
+    axes = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "seq"},
+    }
+    axes |= {"logits": {0: "batch", 1: "seq"}}
+    axes |= {n: {0: "batch", 2: "past"} for n in past_names} | {n: {0: "batch", 2: "total"} for n in present_names}
+    torch.onnx.export(
+        _DecoderWithCache(model).eval(),
+        (ids, torch.cat([torch.ones(2, 3, dtype=torch.long), mask], dim=1), torch.arange(3, 8).expand(2, 5), *past),
+        str(path),
+        input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+        output_names=["logits", *present_names],
+        dynamic_axes=axes,
+        opset_version=OPSET,
+        dynamo=False,
+    )
+
+
+def _inputs(checks: ExampleSet) -> list[dict[str, np.ndarray]]:
+    """Right-padded batches of the check examples (what both runtimes see)."""
+    feeds = []
+    for _, batch in checks.eval_batches(16):
+        feed = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
+        if "labels" in batch:
+            feed["labels"] = batch["labels"].numpy()
+        feeds.append(feed)
+    return feeds
+
+
+@torch.no_grad()
+def _torch_outputs(model: PreTrainedModel, checks: ExampleSet) -> list[np.ndarray]:
+    outputs = []
+    for feed in _inputs(checks):
+        ids, mask = torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"])
+        outputs.append(model(input_ids=ids, attention_mask=mask).logits.float().numpy())
+    return outputs
+
+
+def _ort_outputs(path: Path, checks: ExampleSet, model: PreTrainedModel) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    outputs = []
+    for feed in _inputs(checks):
+        inputs = {"input_ids": feed["input_ids"], "attention_mask": feed["attention_mask"]}
+        if "position_ids" in names:
+            batch, width = feed["input_ids"].shape
+            inputs["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
+            shape = cache_shape(model)
+            empty = np.zeros((batch, shape["kv_heads"], 0, shape["head_dim"]), np.float32)
+            inputs |= {n: empty for n in names if n.startswith("past.")}
+        outputs.append(session.run(["logits"], inputs)[0])
+    return outputs
+
+
+def _max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(max(np.abs(x - y).max() for x, y in zip(a, b)))
+
+
+def _quality_gate(task: str, reference: list[np.ndarray], quantized: list[np.ndarray], checks: ExampleSet) -> dict:
+    feeds = _inputs(checks)
+    if task == "classification":
+        truth = np.concatenate([f["labels"] for f in feeds])
+        before = (np.concatenate([r.argmax(-1) for r in reference]) == truth).mean()
+        after = (np.concatenate([q.argmax(-1) for q in quantized]) == truth).mean()
+        return {
+            "accuracy_fp32": round(float(before), 4),
+            "accuracy_quantized": round(float(after), 4),
+            "accuracy_drop_points": round(float(100 * (before - after)), 2),
+            "examples": int(len(truth)),
+        }
+    agree = total = 0
+    nll_ref = nll_q = 0.0
+    for ref, quant, feed in zip(reference, quantized, feeds):
+        mask = feed["attention_mask"][:, 1:].astype(bool)
+        targets = feed["input_ids"][:, 1:]
+        agree += int(((ref[:, :-1].argmax(-1) == quant[:, :-1].argmax(-1)) & mask).sum())
+        total += int(mask.sum())
+        nll_ref += _nll(ref[:, :-1], targets, mask)
+        nll_q += _nll(quant[:, :-1], targets, mask)
+    return {
+        "next_token_agreement": round(agree / total, 4),
+        "perplexity_fp32": round(float(np.exp(nll_ref / total)), 3),
+        "perplexity_quantized": round(float(np.exp(nll_q / total)), 3),
+        "tokens": total,
+    }
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
+    logits = logits.astype(np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return float(((logz - picked) * mask).sum())
+
+
+def _check_rows(config: Config, check_data: str | None, limit: int) -> list[dict]:
+    """Labeled rows for the parity and quality checks: --check-data, else the run's eval data."""
+    if check_data:
+        rows = list(read_records(check_data))
+    elif config.data.eval:
+        rows = list(read_records(config.data.eval))
+    elif config.data.train:
+        from simulations.partition import train_and_server_rows
+
+        pool, held = train_and_server_rows(config.data.train, config.data.server_holdout, config.seed)
+        rows = list(held or pool)
+    else:
+        raise UserError(
+            "no data to verify the export against; pass --check-data FILE (labeled, like the training data)"
+        )
+    return rows[:limit]
+
+
+def _large(path: Path) -> bool:
+    return sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file()) > EXTERNAL_DATA_ABOVE
+
+
+def _save_model(source: Path, target: Path) -> None:
+    """Copy an ONNX model into the bundle; large ones keep weights in model.onnx.data."""
+    model = onnx.load(str(source))
+    if _large(source):
+        onnx.save(
+            model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data"
+        )
+    else:
+        onnx.save(model, str(target))
+
+
+def _manifest(
+    config, adapter, merged, run, used_round, client, quantize, kept, parity, tolerance, gate, samples, bundle
+) -> dict:
+    model_files = sorted(p.name for p in bundle.iterdir() if p.name.startswith("model.onnx"))
+    tokenizer = adapter.tokenizer
+    manifest = {
+        "format": 1,
+        "task": config.model.task,
+        "labels": list(adapter.labels),
+        "max_length": config.model.max_length,
+        "fields": {"text": config.data.text_field, "label": config.data.label_field},
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "opset": OPSET,
+        "quantization": {"mode": quantize, "kept_full_precision": kept, "method": "onnxruntime weight-only"},
+        "parity": {"fp32_max_abs_diff": parity, "tolerance": tolerance, "examples": samples},
+        "quality_check": gate,
+        "sizes": {
+            "model_bytes": sum((bundle / f).stat().st_size for f in model_files),
+            "files": {p.name: p.stat().st_size for p in sorted(bundle.iterdir())},
+        },
+        "source": {
+            "run": str(run.path.resolve()),
+            "round": used_round,
+            "client": client,
+            "model": config.model.name,
+            "strategy": config.strategy.name,
+        },
+        "sha256": {name: sha256_file(bundle / name) for name in model_files},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if config.model.task == "causal-lm":
+        manifest |= {
+            "prompt": config.data.prompt,
+            "response": config.data.response,
+            "label_words": config.data.label_words or {},
+            "cache": cache_shape(merged),
+        }
+    return manifest

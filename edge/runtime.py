@@ -1,0 +1,204 @@
+"""Running an exported bundle with onnxruntime, numpy and tokenizers only (no torch).
+
+    from edge import Bundle
+    bundle = Bundle.load("bundles/sst2")
+    bundle.classify(["a gripping, well acted film"])   # -> [Prediction(label, probabilities)]
+    bundle.generate("Review: dull plot\\nSentiment:", max_new_tokens=8)   # causal LM, KV cache
+
+A bundle directory holds ``model.onnx`` (+ ``model.onnx.data`` when large), the
+tokenizer files and ``manifest.json``; ``Bundle.load`` checks the manifest's sha256 of
+every model file before creating the session, so a corrupted file is a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from fedtune.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+class EdgeError(UserError):
+    """A bundle that cannot be used as asked (missing, corrupted, wrong task)."""
+
+
+@dataclass
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    session: ort.InferenceSession
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True, threads: int | None = None) -> Bundle:
+        path = Path(path)
+        manifest_file = path / MANIFEST
+        if not manifest_file.is_file():
+            raise EdgeError(f"{path}: not a fedtune bundle (no {MANIFEST}); create one with fedtune export")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError as err:
+            raise EdgeError(f"{manifest_file}: not valid JSON ({err})") from None
+        if verify:
+            for name, expected in manifest["sha256"].items():
+                file = path / name
+                if not file.is_file():
+                    raise EdgeError(f"{file}: missing from the bundle")
+                if sha256_file(file) != expected:
+                    raise EdgeError(f"{file}: checksum mismatch with manifest.json (corrupted or modified file)")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            tokenizer.no_padding()
+            if manifest["task"] == "classification":  # special tokens survive truncation, as in training
+                tokenizer.enable_truncation(manifest["max_length"])
+            else:
+                tokenizer.no_truncation()
+        except Exception as err:  # onnxruntime and tokenizers raise their own types
+            raise EdgeError(f"{path}: cannot load the bundle ({str(err).splitlines()[0][:200]})") from None
+        return cls(path, manifest, session, tokenizer)
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    # -- classification ------------------------------------------------------------
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """Classifier logits for a batch of texts (right-padded, like training)."""
+        ids, mask = self._encode([self._encode_ids(t) for t in texts], left=False)
+        return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        self._require("classification")
+        logits = self.logits(texts)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        labels = self.manifest["labels"]
+        return [Prediction(labels[int(p.argmax())], dict(zip(labels, map(float, p)))) for p in probs]
+
+    # -- causal LM -----------------------------------------------------------------
+    def prompt(self, text: str) -> str:
+        """The bundle's prompt template applied to ``text``."""
+        return self.manifest.get("prompt", "{text}").format(text=text)
+
+    def generate_ids(
+        self, prompt_ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, seed: int = 0
+    ) -> list[int]:
+        """Greedy (temperature 0) or sampled continuation, one token per step with the KV cache."""
+        self._require("causal-lm")
+        layers, heads, head_dim = (self.manifest["cache"][k] for k in ("layers", "kv_heads", "head_dim"))
+        past = {
+            f"past.{i}.{kv}": np.zeros((1, heads, 0, head_dim), np.float32)
+            for i in range(layers)
+            for kv in ("key", "value")
+        }
+        rng = np.random.default_rng(seed)
+        ids = np.array([prompt_ids], np.int64)
+        mask = np.ones_like(ids)
+        positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+        generated: list[int] = []
+        eos = self.manifest.get("eos_token_id")
+        for _ in range(max_new_tokens):
+            logits, *presents = self.session.run(
+                None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
+            )
+            token = _pick(logits[0, -1], temperature, top_k, rng)
+            if token == eos:
+                break
+            generated.append(token)
+            past = dict(zip(past, presents))
+            ids = np.array([[token]], np.int64)
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            positions = np.array([[mask.shape[1] - 1]], np.int64)
+        return generated
+
+    def generate(
+        self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, seed: int = 0
+    ) -> str:
+        ids = self.generate_ids(self._encode_ids(prompt), max_new_tokens, temperature, top_k, seed)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- helpers -------------------------------------------------------------------
+    def _require(self, task: str) -> None:
+        if self.task != task:
+            raise EdgeError(f"{self.path}: a {self.task} bundle cannot do {task}")
+
+    def _encode_ids(self, text: str) -> list[int]:
+        """Token ids as in training: classifier inputs truncated at the end, prompts keep their end."""
+        return self.tokenizer.encode(text).ids[-self.manifest["max_length"] :]
+
+    def _encode(self, rows: list[list[int]], left: bool) -> tuple[np.ndarray, np.ndarray]:
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.manifest["pad_token_id"], np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span], mask[i, span] = row, 1
+        return ids, mask
+
+
+def bench(
+    bundle: Bundle, rows: list[dict[str, Any]], text_field: str, label_field: str, max_new_tokens: int = 8
+) -> dict:
+    """Accuracy (classification) or exact match (causal LM) and batch-1 latency over ``rows``."""
+    latencies, correct = [], 0
+    label_words = bundle.manifest.get("label_words") or {}
+    response = bundle.manifest.get("response", "{label}")
+    for row in rows:
+        text, truth = str(row[text_field]), str(row[label_field])
+        started = time.perf_counter()
+        if bundle.task == "classification":
+            correct += bundle.classify([text])[0].label == truth
+        else:
+            expected = response.format(label=label_words.get(truth, truth)).strip()
+            correct += bundle.generate(bundle.prompt(text), max_new_tokens).strip() == expected
+        latencies.append(time.perf_counter() - started)
+    ms = np.array(latencies) * 1000
+    metric = "accuracy" if bundle.task == "classification" else "exact_match"
+    return {
+        metric: correct / len(rows),
+        "examples": len(rows),
+        "latency_ms_p50": round(float(np.percentile(ms, 50)), 3),
+        "latency_ms_p95": round(float(np.percentile(ms, 95)), 3),
+        "throughput_per_s": round(len(rows) / float(np.sum(latencies)), 2),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    scaled = logits.astype(np.float64) / temperature
+    if top_k:
+        cutoff = np.partition(scaled, -top_k)[-top_k]
+        scaled[scaled < cutoff] = -np.inf
+    probs = np.exp(scaled - scaled.max())
+    return int(rng.choice(len(probs), p=probs / probs.sum()))

@@ -1,0 +1,196 @@
+"""Edge export and runtime: parity with PyTorch, quantization gate, torch-free runtime, bad bundles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from client.adapters import build_adapter_model
+from conftest import REPO, run_cli
+from coordinator.checkpoint import load_run_model, save_checkpoint
+from edge import Bundle, EdgeError
+from edge.export import export_bundle
+from fedtune.config import Config
+from fedtune.resolve import resolve
+from fedtune.rundir import RunDir
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["Hi, how do I reset the router?", "The nurse was wonderful, thanks!", "My parcel never arrived, terrible"]
+
+
+def make_run(tmp_path, raw: dict, scale: float = 0.05) -> RunDir:
+    """A run directory whose round-1 checkpoint holds a non-trivial (random) adapter."""
+    config = resolve(Config.model_validate(raw), name_hint="edge", need_train_data=False)
+    run = RunDir.create(tmp_path / "run", config)
+    model = build_adapter_model(config, list(config.data.labels or []))
+    generator = torch.Generator().manual_seed(1)
+    state = {n: v + scale * torch.randn(v.shape, generator=generator) for n, v in model.state().items()}
+    save_checkpoint(run, 1, model, state, {"strategy": {}})
+    return run
+
+
+@pytest.fixture(scope="module")
+def classifier_bundle(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cls")
+    run = make_run(
+        tmp,
+        {
+            "model": {"name": "minilm-l6", "max_length": 48},
+            "data": {"eval": "synthetic:support/eval", "labels": ["complaint", "praise", "question"]},
+        },
+    )
+    manifest = export_bundle(run, tmp / "bundle", check_examples=64, echo=lambda *_: None)
+    return run, tmp / "bundle", manifest
+
+
+def test_classifier_bundle_matches_pytorch(classifier_bundle):
+    run, path, manifest = classifier_bundle
+    assert manifest["parity"]["fp32_max_abs_diff"] < 1e-4 and manifest["parity"]["examples"] == 64
+    assert set(manifest["sha256"]) == {"model.onnx"} and manifest["labels"] == ["complaint", "praise", "question"]
+    bundle = Bundle.load(path)
+    model, _ = load_run_model(run)
+    inputs = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.model(**inputs).logits.numpy()
+    assert np.abs(bundle.logits(TEXTS) - expected).max() < 1e-4  # tokenizers-only encoding == transformers'
+    predictions = bundle.classify(TEXTS)
+    assert [p.label for p in predictions] == [model.labels[i] for i in expected.argmax(-1)]
+    assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)
+
+
+def test_edge_runtime_runs_with_torch_unimportable(classifier_bundle):
+    _, path, _ = classifier_bundle
+    blocker = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'peft', 'flwr'):\n"
+        "    sys.modules[name] = None  # any import of these now fails\n"
+        "from fedtune.cli import main\n"
+        f"code = main(['edge', 'run', {str(path)!r}, '--text', 'How do I change my seat?'])\n"
+        "assert not any(m in sys.modules and sys.modules[m] is not None for m in ('torch', 'transformers'))\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    assert output["label"] in {"complaint", "praise", "question"} and len(output["probabilities"]) == 3
+
+
+def test_bad_bundles_are_one_clear_line(classifier_bundle, tmp_path):
+    _, path, _ = classifier_bundle
+    result = run_cli("edge", "run", str(tmp_path / "nowhere"), "--text", "x", timeout=120)
+    assert result.returncode == 2 and "not a fedtune bundle" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in path.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    data = bytearray((broken / "model.onnx").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\x00" * 64
+    (broken / "model.onnx").write_bytes(bytes(data))
+    result = run_cli("edge", "run", str(broken), "--text", "x", timeout=120)
+    assert result.returncode == 2 and "checksum mismatch" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    (broken / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(EdgeError, match="cannot load the bundle"):
+        Bundle.load(broken, verify=False)
+
+
+def test_quantized_bundles_are_smaller_and_checked(classifier_bundle, tmp_path):
+    run, path, fp32 = classifier_bundle
+    int8 = export_bundle(run, tmp_path / "int8", quantize="int8", check_examples=64, echo=lambda *_: None)
+    assert int8["sizes"]["model_bytes"] <= 0.3 * fp32["sizes"]["model_bytes"]
+    assert int8["quality_check"]["accuracy_drop_points"] <= 1.0 and int8["quantization"]["mode"] == "int8"
+    assert Bundle.load(tmp_path / "int8").classify(TEXTS)
+    # a gate that nothing can pass refuses to write the bundle
+    from fedtune.errors import UserError
+
+    with pytest.raises(UserError, match="quality check failed"):
+        export_bundle(
+            run, tmp_path / "never", quantize="int4", check_examples=64, max_drop=-100.0, echo=lambda *_: None
+        )
+    assert not (tmp_path / "never").exists()
+
+
+def test_causal_lm_bundle_generates_like_pytorch(tmp_path):
+    run = make_run(
+        tmp_path,
+        {
+            "model": {"name": "smollm2-135m", "task": "causal-lm", "max_length": 48},
+            "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"eval": "synthetic:support/eval", "prompt": "Message: {text}\nIntent:", "response": " {label}"},
+        },
+        scale=0.02,
+    )
+    manifest = export_bundle(run, tmp_path / "lm", check_examples=8, echo=lambda *_: None)
+    assert manifest["parity"]["fp32_max_abs_diff"] < 1e-3
+    assert set(manifest["sha256"]) == {"model.onnx", "model.onnx.data"}  # large: external weights
+    bundle = Bundle.load(tmp_path / "lm")
+    model, _ = load_run_model(run)
+    merged = model.model.merge_and_unload().eval()
+    prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "def add(a, b):",
+        "My favourite food is",
+        "Hello, my name",
+    ]
+    for prompt in prompts:
+        ids = model.tokenizer(prompt)["input_ids"]
+        assert bundle.tokenizer.encode(prompt).ids == ids
+        with torch.no_grad():
+            reference = merged.generate(
+                torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=model.tokenizer.pad_token_id
+            )[0, len(ids) :].tolist()
+        if model.tokenizer.eos_token_id in reference:
+            reference = reference[: reference.index(model.tokenizer.eos_token_id)]
+        assert bundle.generate_ids(ids, max_new_tokens=32) == reference, prompt
+
+
+def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path):
+    from simulations.partition import client_rows
+
+    run = tmp_path / "fedsa"
+    result = run_cli(
+        "simulate",
+        "simulations/configs/quickstart.yaml",
+        "--out",
+        str(run),
+        "--set",
+        "strategy.name=fedsa",
+        "--set",
+        "federation.rounds=2",
+        "--set",
+        "client.local_steps=4",
+        "--set",
+        "data.eval_max_examples=60",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    config = RunDir.open(run).config()
+    held_out = client_rows(config, 1)[1]
+    data = tmp_path / "client-1.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in held_out))
+
+    export = run_cli("export", str(run), "--client", "client-1", "--out", str(tmp_path / "bundle"), timeout=600)
+    assert export.returncode == 0, export.stderr
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["source"]["client"] == "client-1" and manifest["source"]["strategy"] == "fedsa"
+
+    edge = json.loads(run_cli("edge", "bench", str(tmp_path / "bundle"), "--data", str(data), timeout=300).stdout)
+    torch_eval = json.loads(
+        run_cli("evaluate", str(run), "--client", "client-1", "--data", str(data), timeout=300).stdout
+    )
+    global_eval = json.loads(run_cli("evaluate", str(run), "--data", str(data), timeout=300).stdout)
+    assert edge["examples"] == torch_eval["num_examples"] == len(held_out)
+    assert edge["accuracy"] == pytest.approx(torch_eval["eval_accuracy"], abs=1e-9)
+    assert edge["latency_ms_p50"] > 0 and edge["latency_ms_p95"] >= edge["latency_ms_p50"]
+    # the personalised model is not the global one (FedSA's global B is zero)
+    assert torch_eval["eval_loss"] != pytest.approx(global_eval["eval_loss"])
