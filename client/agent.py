@@ -57,6 +57,7 @@ class AgentSettings:
     ca_cert: Path | None
     key: Path | None
     insecure: bool
+    threads: int | None = None
 
 
 def run_agent(settings: AgentSettings, echo=print) -> int:
@@ -116,6 +117,10 @@ def run_agent(settings: AgentSettings, echo=print) -> int:
     echo(f"fedtune: agent {settings.name} joining {settings.coordinator} with {settings.data} (log: {log_path})")
     try:
         _wait_for_port(port, node, stop)
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)
         if not stop.is_set():
             serve_clientapps(f"127.0.0.1:{port}", stop)
     finally:

@@ -16,6 +16,7 @@ from client import model as model_loading
 from client.evaluate import evaluate as evaluate_model
 from client.job import ClientJob, process_tag
 from client.trainers import TRAINERS
+from client.trainers.base import seeded_torch
 from fedtune.plan import ParameterPlan
 
 app = ClientApp()
@@ -30,7 +31,9 @@ def train(msg: Message, context: Context) -> Message:
     job.model.load_state(job.start_state(plan, msg.content["arrays"].to_torch_state_dict()))
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
-    result = TRAINERS["backprop"]().train(job.model, params, job.train, job.config.client, job.rng(round_number))
+    rng = job.rng(round_number)
+    with seeded_torch(rng.getrandbits(63), job.model.device):
+        result = TRAINERS["backprop"]().train(job.model, params, job.train, job.config.client, rng)
     job.save_private(plan)
     metrics = {
         "num-examples": len(job.train),

@@ -31,6 +31,9 @@ CONNECTION = "fedtune"
 def quiet_environment(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process fedtune starts."""
     env = dict(os.environ)
+    # Flower's processes start each other by name (the SuperLink runs flower-superexec): put
+    # this environment's scripts first on PATH even when fedtune was run as .venv/bin/fedtune.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         {
             "FLWR_HOME": str(flwr_home),

@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--key", type=Path, default=None, metavar="FILE", help="this agent's private key (fedtune keygen)"
     )
     agent.add_argument("--insecure", action="store_true", help="plain text, for try-outs")
+    agent.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for training (default: all cores; use cores / agents when several share a machine)",
+    )
     agent.set_defaults(handler=_client)
 
     certs = commands.add_parser("certs", help="make a development CA and server certificate")
@@ -294,8 +301,10 @@ def _client(args: argparse.Namespace) -> int:
             "agent authentication is on by default: pass --key FILE (make one with fedtune keygen FILE "
             "and give FILE.pub to the coordinator), or --insecure"
         )
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
     settings = AgentSettings(
-        args.coordinator, args.data, name, args.device, state_dir, args.ca_cert, args.key, args.insecure
+        args.coordinator, args.data, name, args.device, state_dir, args.ca_cert, args.key, args.insecure, args.threads
     )
     return run_agent(settings)
 

@@ -4,6 +4,8 @@ are interchangeable peers rather than branches inside one loop."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,3 +39,16 @@ class Trainer(Protocol):
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@contextmanager
+def seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
+    """Dropout and other torch randomness from SEED, leaving the process's own RNG untouched.
+
+    A client's round then trains identically whether it runs in the Simulation Engine
+    (one process serving every client) or in its own agent process.
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
