@@ -64,10 +64,13 @@ class Federation:
             round_start = time.time()
             train_metrics, traffic = self._train_round(grid, rnd)
             if train_metrics is None:
-                return self._finish(time.time() - started, stopped=(
-                    f"round {rnd} got fewer than federation.min_clients={fed.min_clients} usable replies "
-                    f"in {fed.round_retries + 1} attempts"
-                ))
+                return self._finish(
+                    time.time() - started,
+                    stopped=(
+                        f"round {rnd} got fewer than federation.min_clients={fed.min_clients} usable replies "
+                        f"in {fed.round_retries + 1} attempts"
+                    ),
+                )
             ledger = self.strategy.ledger
             for update in ledger.updates:
                 self.client_loads[str(update.info.get("process", update.name))] = int(update.info.get("model-loads", 0))
@@ -113,9 +116,11 @@ class Federation:
             if new_arrays is not None:
                 self.arrays = new_arrays
                 return dict(train_metrics), traffic
-            say(f"round {rnd}: {len(self.strategy.ledger.updates)} usable replies < min_clients "
+            say(
+                f"round {rnd}: {len(self.strategy.ledger.updates)} usable replies < min_clients "
                 f"{fed.min_clients} (attempt {attempt + 1}/{fed.round_retries + 1}); "
-                + "; ".join(self.strategy.ledger.rejected[:3]))
+                + "; ".join(self.strategy.ledger.rejected[:3])
+            )
         return None, traffic
 
     def _evaluates(self, rnd: int) -> bool:
