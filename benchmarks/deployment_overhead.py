@@ -79,6 +79,11 @@ def main() -> None:
         "--certs", str(args.out / "certs"), "--authorized-keys", str(args.out / "keys"),
         log=args.out / "coordinator.log",
     )  # fmt: skip
+    log = args.out / "coordinator.log"
+    while "waiting for" not in log.read_text():  # keys registered: agents may join
+        if coordinator.poll() is not None:
+            raise SystemExit(f"coordinator failed: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
     agents = [
         fedtune(
             "client",

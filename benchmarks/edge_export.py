@@ -92,7 +92,7 @@ def classifier(run_dir: Path, out: Path, latency_examples: int) -> dict:
 def language_model(run_dir: Path, out: Path) -> dict:
     model, _ = load_run_model(RunDir.open(run_dir))
     merged = model.model.merge_and_unload().eval()
-    per_token = []
+    per_token, reference = [], []
     with torch.no_grad():
         for prompt in PROMPTS:
             ids = torch.tensor([model.tokenizer(prompt)["input_ids"]])
@@ -101,6 +101,10 @@ def language_model(run_dir: Path, out: Path) -> dict:
                 ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=model.tokenizer.pad_token_id
             )
             per_token.append((time.perf_counter() - started) / (output.shape[1] - ids.shape[1]))
+            greedy = merged.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+            tokens = greedy[0, ids.shape[1] :].tolist()  # the runtime stops at EOS too
+            eos = model.tokenizer.eos_token_id
+            reference.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
     results = {
         "pytorch_eager": {
             "ms_per_token_p50": median_ms(per_token),
@@ -118,16 +122,18 @@ def language_model(run_dir: Path, out: Path) -> dict:
             echo=lambda *_: None,
         )
         bundle = Bundle.load(out / f"lm-{mode}")
-        per_token = []
-        for prompt in PROMPTS:
+        per_token, matching = [], 0
+        for prompt, expected in zip(PROMPTS, reference):
             ids = bundle.tokenizer.encode(prompt).ids
             started = time.perf_counter()
             generated = bundle.generate_ids(ids, max_new_tokens=32)
             per_token.append((time.perf_counter() - started) / max(1, len(generated)))
+            matching += generated == expected
         size = manifest["sizes"]["model_bytes"]
         fp32_size = fp32_size or size
         results[f"ort_{'fp32' if mode == 'none' else mode}"] = {
             "ms_per_token_p50": median_ms(per_token),
+            "greedy_32_tokens_identical_to_pytorch": f"{matching}/{len(PROMPTS)} prompts",
             "model_bytes": size,
             "size_vs_fp32": round(size / fp32_size, 3),
             "kept_full_precision": manifest["quantization"]["kept_full_precision"],

@@ -60,15 +60,44 @@ class AgentSettings:
     threads: int | None = None
 
 
+REFUSED = 2  # index in FATAL_PATTERNS: the coordinator does not know this agent's key
+REFUSAL_RETRIES = 3  # a coordinator registers keys just after it starts listening
+REFUSAL_WAIT_S = 5.0
+
+
 def run_agent(settings: AgentSettings, echo=print) -> int:
     """Join the coordinator and serve ClientApp tasks until stopped (Ctrl-C) or refused."""
-    from client.executor import serve_clientapps
-
     _check(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     home = settings.state_dir / ".flwr"
     home.mkdir(exist_ok=True)
     os.environ["FLWR_HOME"] = str(home)  # the in-process executor installs the app here too
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    echo(
+        f"fedtune: agent {settings.name} joining {settings.coordinator} with {settings.data} "
+        f"(SuperNode log: {settings.state_dir / 'agent.log'})"
+    )
+    if settings.insecure:
+        echo("fedtune: WARNING: --insecure: plain-text connection, no TLS")
+    for attempt in range(REFUSAL_RETRIES + 1):
+        failure = _serve(settings, home)
+        if failure is None:
+            return 0
+        kind, message = failure
+        if kind != REFUSED or attempt == REFUSAL_RETRIES:
+            raise UserError(message)
+        echo(f"fedtune: the coordinator refused this agent's key; trying again in {REFUSAL_WAIT_S:.0f}s")
+        time.sleep(REFUSAL_WAIT_S)
+    return 0
+
+
+def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
+    """One SuperNode life: (pattern index, message) when it ended by itself, None when stopped."""
+    from client.executor import serve_clientapps
+
     port = free_port()
     node_config = " ".join(
         f'{key}="{value}"'
@@ -92,14 +121,9 @@ def run_agent(settings: AgentSettings, echo=print) -> int:
         "--node-config",
         node_config,
     ]
-    if settings.insecure:
-        args.append("--insecure")
-        echo("fedtune: WARNING: --insecure: plain-text connection, no TLS")
-    else:
-        args += ["--root-certificates", str(settings.ca_cert)]
+    args += ["--insecure"] if settings.insecure else ["--root-certificates", str(settings.ca_cert)]
     if settings.key:
         args += ["--auth-supernode-private-key", str(settings.key)]
-    log_path = settings.state_dir / "agent.log"
     node = subprocess.Popen(
         args,
         env=quiet_environment(home),
@@ -111,25 +135,19 @@ def run_agent(settings: AgentSettings, echo=print) -> int:
         preexec_fn=die_with_parent,
     )
     stop = threading.Event()
-    failure: list[str] = []
+    failure: list[tuple[int, str]] = []
+    log_path = settings.state_dir / "agent.log"
     watcher = threading.Thread(target=_watch, args=(node, log_path, settings, failure, stop), daemon=True)
     watcher.start()
-    echo(f"fedtune: agent {settings.name} joining {settings.coordinator} with {settings.data} (log: {log_path})")
     try:
         _wait_for_port(port, node, stop)
-        if settings.threads:
-            import torch
-
-            torch.set_num_threads(settings.threads)
         if not stop.is_set():
             serve_clientapps(f"127.0.0.1:{port}", stop)
     finally:
         stop.set()
         _terminate(node)
         watcher.join(timeout=5)
-    if failure:
-        raise UserError(failure[0])
-    return 0
+    return failure[0] if failure else None
 
 
 def _check(settings: AgentSettings) -> None:
@@ -150,7 +168,11 @@ def _check(settings: AgentSettings) -> None:
 
 
 def _watch(
-    node: subprocess.Popen, log_path: Path, settings: AgentSettings, failure: list[str], stop: threading.Event
+    node: subprocess.Popen,
+    log_path: Path,
+    settings: AgentSettings,
+    failure: list[tuple[int, str]],
+    stop: threading.Event,
 ) -> None:
     """Copy SuperNode output to the agent log; when it exits, say why in the most specific words."""
     public_key = settings.key.with_name(settings.key.name + ".pub") if settings.key else "the agent's public key"
@@ -162,10 +184,13 @@ def _watch(
             matched.update(i for i, (pattern, _) in enumerate(FATAL_PATTERNS) if pattern.search(line))
     if not stop.is_set():  # the SuperNode ended by itself: a fatal problem
         if matched:
-            message = FATAL_PATTERNS[min(matched)][1]
-            failure.append(message.format(public_key=public_key, key=settings.key, coordinator=settings.coordinator))
+            kind = min(matched)
+            message = FATAL_PATTERNS[kind][1].format(
+                public_key=public_key, key=settings.key, coordinator=settings.coordinator
+            )
+            failure.append((kind, message))
         else:
-            failure.append(f"the SuperNode exited (code {node.wait()}); see {log_path}")
+            failure.append((-1, f"the SuperNode exited (code {node.wait()}); see {log_path}"))
         stop.set()
 
 

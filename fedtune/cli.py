@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up live, also in log files
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops what we started, like Ctrl-C does
     try:
         args = parser.parse_args(argv)
         _quiet_libraries()
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedtune: interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
