@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from fedtune.errors import UserError
 
 APP_DIR = Path(__file__).resolve().parent.parent / "fedtune" / "flower_app"
@@ -132,18 +134,33 @@ class SuperLink:
         shutil.rmtree(self.home, ignore_errors=True)
 
     def stop(self) -> None:
-        """Stop the SuperLink and everything it started (its whole process group)."""
-        if self.process and self.process.poll() is None:
-            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.process.wait(timeout=grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        """Stop the SuperLink and everything it started.
+
+        Flower's superexec (and the Ray cluster of a simulation) run in sessions of their
+        own, so the SuperLink's process group is not enough: its descendants are collected
+        first and stopped after it.
+        """
+        if not self.process or self.process.poll() is not None:
+            return
+        try:
+            descendants = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        alive = [p for p in descendants if p.is_running()]
+        for process in alive:
+            process.terminate()
+        for process in psutil.wait_procs(alive, timeout=5)[1]:
+            process.kill()
 
     def submit(
         self,
