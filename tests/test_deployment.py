@@ -168,7 +168,9 @@ def test_deployment_matches_a_simulation_of_the_same_config(secure_run, tmp_path
         return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
     for deployed, local in zip(metrics(run), metrics(simulated), strict=True):
-        assert deployed["bytes_up"] == local["bytes_up"] and deployed["bytes_down"] == local["bytes_down"]
+        assert deployed["bytes_down"] == local["bytes_down"]
+        # replies carry the client's process tag (host:pid), whose length varies by a few bytes
+        assert deployed["bytes_up"] == pytest.approx(local["bytes_up"], abs=30)
         assert deployed["train_loss"] == pytest.approx(local["train_loss"], rel=1e-5)
         assert deployed["eval_accuracy"] == pytest.approx(local["eval_accuracy"], abs=0.01)
     adapters = [load_file(p / "checkpoints" / "round-2" / "adapter_model.safetensors") for p in (run, simulated)]
