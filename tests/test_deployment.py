@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 CONFIG = "simulations/configs/quickstart.yaml"
 SMALL = [
     "--set",
+    "federation.round_timeout=180",  # a hung round fails the test instead of CI
+    "--set",
     "data.partition.kind=iid",
     "--set",
     "client.local_steps=3",
@@ -239,7 +241,10 @@ def test_killed_coordinator_resumes_after_its_last_round(site, tmp_path):
         wait_for(lambda: rounds_done(run) == [1], 300, "round 1")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
+        stop(*agents)  # the agents are restarted too (same state dirs), as an operator would
         resumed = fedtune("coordinator", "--resume", str(run), *common, log=tmp_path / "coordinator-2.log")
+        wait_for(lambda: "waiting for" in (tmp_path / "coordinator-2.log").read_text(), 120, "the coordinator")
+        agents = [agent(site, i, address, tmp_path / "restarted", tls=False) for i in range(3)]
         output = finish(resumed, tmp_path / "coordinator-2.log")
     finally:
         stop(*agents)
