@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.superlink import SuperLink, Tls
+from coordinator.superlink import SuperLink, Tls, log_and_echo
 from fedtune.config import Config
 from fedtune.errors import UserError
 from fedtune.rundir import RunDir
 from fedtune.security import CA_CERT, SERVER_CERT, SERVER_KEY, public_key_files
 
-MARKER = "[fedtune]"
 DEFAULT_PORT = 9092
 
 
@@ -82,16 +81,7 @@ def run_coordinator(config: Config, run: RunDir, settings: CoordinatorSettings, 
             f"fedtune: coordinator on {host}:{port} ({'TLS' if tls else 'plain text'}, "
             f"{len(keys)} authorized agent keys); waiting for {config.federation.min_clients} agents"
         )
-
-        def on_line(line: str) -> None:
-            log.write(line + "\n")
-            log.flush()
-            if MARKER in line:
-                echo(line[line.index(MARKER) + len(MARKER) :].strip())
-            elif "ERROR" in line:
-                echo(line)
-
-        link.submit({"fedtune-config": config.to_yaml(), "run-dir": str(run.path)}, None, on_line)
+        link.submit({"fedtune-config": config.to_yaml(), "run-dir": str(run.path)}, None, log_and_echo(log, echo))
     try:
         return run.summary()
     except UserError:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import psutil
 
@@ -28,6 +29,7 @@ from fedtune.errors import UserError
 
 APP_DIR = Path(__file__).resolve().parent.parent / "fedtune" / "flower_app"
 CONNECTION = "fedtune"
+MARKER = "[fedtune]"  # prefix of the ServerApp's lines meant for the user (coordinator/report.py)
 
 
 def quiet_environment(flwr_home: Path) -> dict[str, str]:
@@ -62,6 +64,21 @@ def die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def log_and_echo(log: TextIO, echo: Callable[[str], None]) -> Callable[[str], None]:
+    """A line handler for ``SuperLink.submit``: every Flower line to LOG, the ServerApp's
+    own lines (without the marker) and errors also to ECHO."""
+
+    def on_line(line: str) -> None:
+        log.write(line + "\n")
+        log.flush()
+        if MARKER in line:
+            echo(line[line.index(MARKER) + len(MARKER) :].strip())
+        elif "ERROR" in line:
+            echo(line)
+
+    return on_line
 
 
 def free_port() -> int:

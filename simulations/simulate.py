@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from coordinator.superlink import APP_DIR, SuperLink
+from coordinator.superlink import APP_DIR, SuperLink, log_and_echo
 from fedtune.config import Config
 from fedtune.errors import UserError
 from fedtune.records import read_records, require_fields
 from fedtune.rundir import RunDir
 from simulations.partition import partition_rows
-
-MARKER = "[fedtune]"
 
 
 def check_data(config: Config) -> None:
@@ -57,17 +55,9 @@ def run_simulation(config: Config, run: RunDir, echo=print, app_dir: Path = APP_
     check_data(config)
     log_path = run.logs / "flower.log"
     with open(log_path, "a") as log, SuperLink(simulation=True, log_file=run.logs / "superlink.log") as link:
-
-        def on_line(line: str) -> None:
-            log.write(line + "\n")
-            log.flush()
-            if MARKER in line:
-                echo(line[line.index(MARKER) + len(MARKER) :].strip())
-            elif "ERROR" in line:
-                echo(line)
-
         federation = {"num-supernodes": config.federation.clients, **backend_resources(config)}
-        link.submit({"fedtune-config": config.to_yaml(), "run-dir": str(run.path)}, federation, on_line, app_dir)
+        run_config = {"fedtune-config": config.to_yaml(), "run-dir": str(run.path)}
+        link.submit(run_config, federation, log_and_echo(log, echo), app_dir)
     try:
         return run.summary()
     except UserError:
