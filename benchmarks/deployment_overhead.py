@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=False)
     overrides: list[str] = []
@@ -59,6 +60,7 @@ def main() -> None:
         f"client.local_steps={args.local_steps}",
         "data.partition.kind=iid",
         "output.plots=false",
+        *args.extra,
     ]:
         overrides += ["--set", item]
 
@@ -114,6 +116,7 @@ def main() -> None:
     simulated, deployed = round_times(args.out / "simulation"), round_times(args.out / "deployment")
     result = {
         "config": args.config,
+        "overrides": args.extra,
         "clients": args.clients,
         "rounds": args.rounds,
         "local_steps": args.local_steps,

@@ -32,6 +32,7 @@ class AdapterModel:
     labels: list[str]
     device: torch.device
     params: dict[str, torch.nn.Parameter]  # peft state-dict name -> live parameter
+    quantization: str = "none"  # how the frozen base is stored (model.quantization)
 
     def names(self, roles: Iterable[str]) -> list[str]:
         wanted = set(roles)
@@ -62,7 +63,7 @@ def build_adapter_model(config: Config, labels: list[str]) -> AdapterModel:
     """Load the base model, wrap it with LoRA (and a head) and set seeded initial values."""
     device = pick_device(config.model.device)
     num_labels = len(labels) if config.model.task == "classification" else 0
-    base = load_base_model(config.model.name, config.model.task, num_labels, device)
+    base = load_base_model(config.model.name, config.model.task, num_labels, device, config.model.quantization)
     heads = head_module_names(base) if config.model.task == "classification" else None
     lora = LoraConfig(
         r=config.adapter.r,
@@ -81,6 +82,7 @@ def build_adapter_model(config: Config, labels: list[str]) -> AdapterModel:
         labels=labels,
         device=device,
         params=_params_by_state_name(model),
+        quantization=config.model.quantization,
     )
     adapter.load_state(initial_state(adapter.model, config.seed, adapter.params))
     return adapter

@@ -1,8 +1,8 @@
 """``fedtune client``: a client agent on its own machine, with its own private data.
 
-The agent is a Flower SuperNode (``flower-supernode --isolation process``) plus this
-process, which executes the SuperNode's ClientApp tasks in process (client/executor.py)
-so the base model is loaded once. The data file never leaves the machine: only its
+The agent is a Flower SuperNode (``flower-supernode --isolation process`` with a short
+idle poll, client/supernode.py) plus this process, which executes the SuperNode's
+ClientApp tasks in process (client/executor.py) so the base model is loaded once. The data file never leaves the machine: only its
 path goes into the SuperNode's node config, and only adapter tensors and metrics are
 sent. TLS and SuperNode authentication are on unless ``--insecure`` is given.
 """
@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.superlink import die_with_parent, free_port, quiet_environment, tool_path
+from coordinator.superlink import die_with_parent, free_port, quiet_environment
 from fedtune.errors import UserError
 from fedtune.records import read_records
 
@@ -109,7 +110,9 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
         )
     )
     args = [
-        tool_path("flower-supernode"),
+        sys.executable,
+        "-m",
+        "client.supernode",
         "--superlink",
         settings.coordinator,
         "--isolation",

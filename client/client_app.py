@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import model as model_loading
@@ -17,6 +17,7 @@ from client.evaluate import evaluate as evaluate_model
 from client.job import ClientJob, process_tag
 from client.trainers import TRAINERS
 from client.trainers.base import seeded_torch
+from fedtune import wire
 from fedtune.plan import ParameterPlan
 
 app = ClientApp()
@@ -28,7 +29,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     plan = ParameterPlan.from_record(dict(config))
     round_number = int(config["round"])
-    job.model.load_state(job.start_state(plan, msg.content["arrays"].to_torch_state_dict()))
+    job.model.load_state(job.start_state(plan, wire.decode(msg.content["arrays"], msg.content["layout"])))
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
     rng = job.rng(round_number)
@@ -50,7 +51,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     content = RecordDict(
         {
-            "arrays": ArrayRecord(job.model.state(plan.sent)),
+            **wire.encode(job.model.state(plan.sent), str(config["compression"])),
             "metrics": MetricRecord(metrics),
             "info": ConfigRecord(info),
         }
@@ -62,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     job = ClientJob.for_context(context)
     plan = ParameterPlan.from_record(dict(msg.content["config"]))
-    job.model.load_state(job.start_state(plan, msg.content["arrays"].to_torch_state_dict()))
+    job.model.load_state(job.start_state(plan, wire.decode(msg.content["arrays"], msg.content["layout"])))
     metrics = evaluate_model(job.model, job.holdout)
     content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"name": job.name})})
     return Message(content=content, reply_to=msg)

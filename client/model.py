@@ -80,24 +80,78 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(name: str, task: str, num_labels: int, device: torch.device) -> PreTrainedModel:
-    """Load the frozen base model in fp32 on ``device``.
+def load_base_model(
+    name: str, task: str, num_labels: int, device: torch.device, quantization: str = "none"
+) -> PreTrainedModel:
+    """Load the frozen base model on ``device``: fp32, or quantized by bitsandbytes.
 
-    The model is moved to its device here, before peft wraps it: Opacus issue #820
-    (LoRA updates silently corrupted when the move happens after ``get_peft_model``).
+    The model is on its device before peft wraps it: Opacus issue #820 (LoRA updates
+    silently corrupted when the move happens after ``get_peft_model``). A quantized base
+    is placed by ``device_map`` (bitsandbytes models cannot be moved afterwards); the
+    task head stays in full precision because it is trained.
     """
     global BASE_MODEL_LOADS
     source = model_dir(name)
+    kwargs = {} if quantization == "none" else _quantized_loading(quantization, device)
     if task == "classification":
-        model = _from_pretrained(AutoModelForSequenceClassification, source, num_labels=num_labels)
+        model = _from_pretrained(AutoModelForSequenceClassification, source, num_labels=num_labels, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = load_tokenizer(name).pad_token_id
     else:
-        model = _from_pretrained(AutoModelForCausalLM, source)
+        model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
     BASE_MODEL_LOADS += 1
     for param in model.parameters():
         param.requires_grad_(False)
-    return model.to(device)
+    if quantization == "none":
+        return model.to(device)
+    from peft import prepare_model_for_kbit_training
+
+    with torch.no_grad():
+        # The unquantized tensors (embeddings, norms, head) are still views of the
+        # memory-mapped fp32 checkpoint, which keeps every page the quantizer read
+        # resident. Owning copies let the mapping go: resident memory is then the
+        # quantized model, not the fp32 file.
+        for param in model.parameters():
+            if type(param) is torch.nn.Parameter:
+                param.data = param.data.clone()
+    for module in model.modules():
+        # bitsandbytes 0.50 repacks 4-bit weights for CPU inference on the first eval
+        # forward; a later training forward then fails in-place ("a view of a leaf
+        # Variable..."). Keep the training layout: evaluation is a little slower.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    # QLoRA setup (peft): unquantized weights in fp32, input-embedding outputs that require
+    # grad. No gradient checkpointing: it trades a second forward for activation memory,
+    # and a client that short of memory is better served by zeroth-order training.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype quantized layers compute in: bf16 on CUDA (as QLoRA), fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _quantized_loading(quantization: str, device: torch.device) -> dict:
+    import logging
+
+    from transformers import BitsAndBytesConfig
+
+    # bitsandbytes warns that an optional hub kernel is missing for a CPU inference path
+    # that load_base_model disables anyway
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+    heads = ["classifier", "score", "lm_head"]  # trained or tied to the embeddings: keep them full precision
+    if quantization == "int8":
+        settings = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=heads)
+    else:
+        settings = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_compute_dtype=_compute_dtype(device),
+            bnb_4bit_use_double_quant=False,
+            llm_int8_skip_modules=heads,
+        )
+    return {"quantization_config": settings, "device_map": {"": device}, "dtype": torch.float32}
 
 
 def head_module_names(model: PreTrainedModel) -> list[str]:

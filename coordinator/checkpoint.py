@@ -45,9 +45,17 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return load_file(str(path / ADAPTER_FILE)), json.loads((path / STATE_FILE).read_text())
 
 
-def load_run_model(run: RunDir, round_number: int | None = None, client: str | None = None) -> tuple[AdapterModel, int]:
-    """A run's adapter model at a checkpoint: global, or personalised with a client's private tensors."""
+def load_run_model(
+    run: RunDir, round_number: int | None = None, client: str | None = None, quantization: str | None = None
+) -> tuple[AdapterModel, int]:
+    """A run's adapter model at a checkpoint: global, or personalised with a client's private tensors.
+
+    ``quantization`` loads the base differently from training (e.g. ``none``: the
+    full-precision base that export merges into); ``None`` keeps the run's setting.
+    """
     config = run.config()
+    if quantization is not None:
+        config.model.quantization = quantization
     path = run.latest_checkpoint(round_number)
     tensors, state = load_checkpoint(path)
     if client is not None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from client.adapters import AdapterModel, build_adapter_model
@@ -25,6 +26,23 @@ from fedtune.config import Config
 from fedtune.records import read_records
 from fedtune.rundir import RunDir
 from strategies import LoraStrategy, build_strategy
+
+REPLY_POLL_SECONDS = 0.2
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | None) -> list[Message]:
+    """``Grid.send_and_receive`` with a short poll: Flower 1.41's waits 3 s between pulls."""
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.time() + timeout
+    replies: list[Message] = []
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            replies.append(reply)
+            pending.discard(reply.metadata.reply_to_message_id)
+        if not pending or (deadline is not None and time.time() >= deadline):
+            break
+        time.sleep(REPLY_POLL_SECONDS)
+    return replies
 
 
 @dataclass
@@ -109,7 +127,7 @@ class Federation:
         for attempt in range(fed.round_retries + 1):
             self._wait_for_clients(grid)
             messages = self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+            replies = send_and_receive(grid, messages, fed.round_timeout)
             new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
             traffic["bytes_up"] += self.strategy.ledger.bytes_up
             traffic["bytes_down"] += self.strategy.ledger.bytes_down
@@ -129,9 +147,10 @@ class Federation:
 
     def _evaluate(self, grid: Grid, rnd: int) -> dict[str, float]:
         result: dict[str, float] = {}
-        replies = grid.send_and_receive(
+        replies = send_and_receive(
+            grid,
             self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(), grid),
-            timeout=self.config.federation.round_timeout,
+            self.config.federation.round_timeout,
         )
         client_metrics = self.strategy.aggregate_evaluate(rnd, replies)
         if client_metrics:

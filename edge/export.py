@@ -51,7 +51,12 @@ def export_bundle(
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     config = run.config()
-    adapter, used_round = load_run_model(run, round_number, client)
+    if config.model.quantization != "none":  # bitsandbytes layers have no ONNX export
+        echo(
+            f"the adapter was trained on a {config.model.quantization} base; merging it into the "
+            "full-precision base (fedtune evaluate --quantization none measures what that changes)"
+        )
+    adapter, used_round = load_run_model(run, round_number, client, quantization="none")
     spec = TaskSpec.from_config(config)
     checks = encode(_check_rows(config, check_data, check_examples), spec, adapter.tokenizer, "check data")
     merged = adapter.model.merge_and_unload().eval()
@@ -325,6 +330,7 @@ def _manifest(
             "client": client,
             "model": config.model.name,
             "strategy": config.strategy.name,
+            "trained_base_quantization": config.model.quantization,
         },
         "sha256": {name: sha256_file(bundle / name) for name in model_files},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

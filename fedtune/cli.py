@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, metavar="FILE", help="labeled .jsonl/.csv/.tsv file")
     evaluate.add_argument("--round", type=int, default=None, metavar="K", help="checkpoint round (default: last)")
     evaluate.add_argument("--client", default=None, metavar="NAME", help="personalised model of this client (FedSA)")
+    evaluate.add_argument(
+        "--quantization",
+        choices=["none", "int8", "nf4", "fp4"],
+        default=None,
+        help="load the base this way instead of as trained (none: the full-precision base export merges into)",
+    )
     evaluate.set_defaults(handler=_evaluate)
     coordinator = commands.add_parser("coordinator", help="run the federation's server for agents on other machines")
     coordinator.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config (optional with --resume)")
@@ -264,7 +270,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from fedtune.records import read_records
 
     run = RunDir.open(args.run_dir)
-    model, round_number = load_run_model(run, args.round, args.client)
+    model, round_number = load_run_model(run, args.round, args.client, args.quantization)
     data = encode(read_records(args.data), TaskSpec.from_config(run.config()), model.tokenizer, args.data)
     metrics = evaluate(model, data)
     print(
@@ -272,6 +278,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             {
                 "round": round_number,
                 "client": args.client,
+                "base_quantization": model.quantization,
                 "data": args.data,
                 "eval_accuracy": metrics["accuracy"],
                 "eval_loss": metrics["loss"],

@@ -48,6 +48,7 @@ class ModelSection(Section):
     task: Literal["classification", "causal-lm"] = "classification"
     max_length: int | None = Field(None, ge=8, le=32768)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantization: Literal["none", "int8", "nf4", "fp4"] = "none"
 
     @field_validator("name")
     @classmethod
@@ -81,6 +82,7 @@ class FederationSection(Section):
     round_timeout: float = Field(3600.0, gt=0)
     round_retries: int = Field(3, ge=0)
     eval_every: int = Field(1, ge=0)
+    compression: Literal["none", "fp16", "int8"] = "none"
 
 
 class ClientSection(Section):

@@ -17,6 +17,7 @@ def build_strategy(config: Config) -> LoraStrategy:
         "fraction": config.federation.fraction,
         "min_clients": config.federation.min_clients,
         "sample_seed": config.seed,
+        "compression": config.federation.compression,
     }
     name = config.strategy.name
     if name == "fedsa":

@@ -5,10 +5,11 @@ frozen) and implements ``combine``: pure tensor math from the clients' sent tens
 to the new global values of those tensors. Everything Flower-specific lives here, in
 the four Message-API hooks, so the math modules stay testable without Flower.
 
-Message format. Train/evaluate messages carry ``arrays`` (the global tensors of the
-sent roles, peft-named) and ``config`` (round, the plan). Train replies carry
-``arrays`` (exactly the sent tensors), ``metrics`` (``num-examples`` and training
-metrics) and ``info`` (client name, frozen-tensor checksum).
+Message format. Train/evaluate messages carry ``arrays`` + ``layout`` (the global
+tensors of the sent roles, peft-named, packed by fedtune/wire.py with the run's codec)
+and ``config`` (round, codec, the plan). Train replies carry ``arrays`` + ``layout``
+(exactly the sent tensors), ``metrics`` (``num-examples`` and training metrics) and
+``info`` (client name, frozen-tensor checksum).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fedtune import wire
 from fedtune.plan import ParameterPlan, checksum, role_of
 
 Tensors = dict[str, torch.Tensor]
@@ -66,8 +68,11 @@ class LoraStrategy(Strategy):
     plan: ParameterPlan
     weighted_by_key = "num-examples"
 
-    def __init__(self, fraction: float = 1.0, min_clients: int = 2, sample_seed: int = 0) -> None:
+    def __init__(
+        self, fraction: float = 1.0, min_clients: int = 2, sample_seed: int = 0, compression: str = "none"
+    ) -> None:
         self.fraction = fraction
+        self.compression = compression  # wire codec for broadcasts and uploads
         self.min_clients = min_clients
         self.rng = random.Random(sample_seed)  # client sampling, checkpointed for resume
         self.current: Tensors = {}
@@ -140,11 +145,13 @@ class LoraStrategy(Strategy):
         nodes = sorted(grid.get_node_ids())
         wanted = max(self.min_clients, math.ceil(self.fraction * len(nodes)))
         chosen = self.rng.sample(nodes, min(wanted, len(nodes)))
-        config = ConfigRecord({**dict(config), "round": server_round, **self.plan.to_record()})
-        arrays = ArrayRecord({name: self.current[name] for name in self.sent_names()})
+        config = ConfigRecord(
+            {**dict(config), "round": server_round, "compression": self.compression, **self.plan.to_record()}
+        )
+        payload = wire.encode({name: self.current[name] for name in self.sent_names()}, self.compression)
         messages = []
         for node_id in chosen:
-            content = RecordDict({"arrays": arrays, "config": config})
+            content = RecordDict({**payload, "config": config})
             messages.append(Message(content=content, message_type=kind, dst_node_id=node_id))
             if count_bytes:
                 self.ledger.bytes_down += payload_bytes(content)
@@ -172,18 +179,25 @@ class LoraStrategy(Strategy):
 
     def decode(self, content: RecordDict, node: int, name: str) -> tuple[str | None, ClientUpdate | None]:
         """Check a reply against the plan: keys, shapes, finite values, a sample count."""
-        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return "missing 'arrays' or 'metrics' record", None
+        if (
+            "arrays" not in content.array_records
+            or "layout" not in content.config_records
+            or "metrics" not in content.metric_records
+        ):
+            return "missing 'arrays', 'layout' or 'metrics' record", None
         metrics = dict(content["metrics"])
         num_examples = metrics.pop(self.weighted_by_key, None)
         if not isinstance(num_examples, (int, float)) or num_examples <= 0:
             return f"'{self.weighted_by_key}' must be a positive number (got {num_examples!r})", None
+        try:
+            tensors = wire.decode(content["arrays"], content["layout"])
+        except wire.WireError as err:
+            return str(err), None
         expected = set(self.sent_names())
-        received = set(content["arrays"].keys())
+        received = set(tensors)
         if received != expected:
             extra, missing = sorted(received - expected), sorted(expected - received)
             return f"wrong tensors (unexpected {extra[:3]}, missing {missing[:3]})", None
-        tensors = content["arrays"].to_torch_state_dict()
         for key, value in tensors.items():
             if tuple(value.shape) != tuple(self.current[key].shape):
                 return f"{key}: shape {tuple(value.shape)}, expected {tuple(self.current[key].shape)}", None

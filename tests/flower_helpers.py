@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune import wire
 
 
 class StaticGrid:
@@ -27,9 +29,14 @@ def reply(
 ) -> Message:
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: v.contiguous() for k, v in tensors.items()}),
+            **wire.encode(tensors),
             "metrics": MetricRecord({"num-examples": num_examples, "train_loss": 0.5}),
             "info": ConfigRecord({"name": name, **info}),
         }
     )
     return Message(content=content, reply_to=to)
+
+
+def tensors_of(message: Message) -> dict[str, torch.Tensor]:
+    """The adapter tensors a message carries, decoded as a receiver would."""
+    return wire.decode(message.content["arrays"], message.content["layout"])

@@ -11,7 +11,7 @@ from client.adapters import build_adapter_model
 from fedtune.config import Config
 from fedtune.plan import role_of
 from fedtune.rundir import RunDir
-from flower_helpers import StaticGrid, enter_run, reply
+from flower_helpers import StaticGrid, enter_run, reply, tensors_of
 from strategies import build_strategy
 from strategies.base import payload_bytes
 from strategies.fair import SolverSettings, fair_aggregate, fair_correction
@@ -139,7 +139,7 @@ def test_fedsa_never_sends_or_receives_b_and_keeps_it_private(tmp_path):
     config, run, strategy, history = _federated_round("fedsa", tmp_path)
     for messages, replies, _ in history:
         for message in [*messages, *replies]:
-            names = list(message.content["arrays"].keys())
+            names = list(tensors_of(message))
             assert names and not [n for n in names if role_of(n) == "lora_B"]
             assert {role_of(n) for n in names} == {"lora_A", "head"}
     from safetensors.torch import load_file
@@ -158,11 +158,11 @@ def test_ffa_keeps_a_identical_across_clients_and_rounds_and_halves_uploads(tmp_
     assert checksums == {strategy.frozen_checksum}
     for messages, replies, _ in history:
         for message in [*messages, *replies]:
-            assert {role_of(n) for n in message.content["arrays"].keys()} == {"lora_B", "head"}
+            assert {role_of(n) for n in tensors_of(message)} == {"lora_B", "head"}
     # a client whose A differs is refused
     messages, replies, _ = history[-1]
     forged = reply(
-        messages[0], replies[0].content["arrays"].to_torch_state_dict(), name="forged", **{"frozen-checksum": "0" * 64}
+        messages[0], tensors_of(replies[0]), name="forged", **{"frozen-checksum": "0" * 64}
     )
     strategy.configure_train(3, ArrayRecord(strategy.current), ConfigRecord(), StaticGrid([0]))
     strategy.aggregate_train(3, [forged])
