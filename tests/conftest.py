@@ -23,6 +23,21 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+SUPPORT_CHECK_ROWS = [
+    {"text": "Thanks, the nurse sorted my appointment perfectly", "label": "praise"},
+    {"text": "How do I reset the router?", "label": "question"},
+    {"text": "My parcel is still missing, unacceptable", "label": "complaint"},
+]
+
+
+def write_support_check(path: Path) -> list[dict]:
+    """Three hand-written rows of the quickstart's support task, as a .jsonl file."""
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in SUPPORT_CHECK_ROWS))
+    return SUPPORT_CHECK_ROWS
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600):
     """Run the installed ``fedtune`` command as a user would."""
     import subprocess

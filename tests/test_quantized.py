@@ -9,7 +9,7 @@ import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
 from client.adapters import build_adapter_model
-from conftest import run_cli
+from conftest import run_cli, write_support_check
 from fedtune.config import load_config
 from fedtune.resolve import resolve
 
@@ -79,12 +79,7 @@ def test_nf4_run_with_int8_traffic_completes_and_counts_compressed_bytes(quantiz
 
 def test_quantized_run_evaluates_on_either_base_and_exports_onto_full_precision(quantized_run, tmp_path):
     data = tmp_path / "check.jsonl"
-    rows = [
-        {"text": "Thanks, the nurse sorted my appointment perfectly", "label": "praise"},
-        {"text": "How do I reset the router?", "label": "question"},
-        {"text": "My parcel is still missing, unacceptable", "label": "complaint"},
-    ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_support_check(data)
     as_trained = run_cli("evaluate", str(quantized_run), "--data", str(data), timeout=300)
     full = run_cli("evaluate", str(quantized_run), "--data", str(data), "--quantization", "none", timeout=300)
     assert as_trained.returncode == 0 and full.returncode == 0, as_trained.stderr + full.stderr

@@ -10,7 +10,7 @@ import yaml
 from peft import PeftModel
 
 from client.model import load_base_model
-from conftest import run_cli
+from conftest import run_cli, write_support_check
 
 pytestmark = pytest.mark.slow
 
@@ -76,12 +76,7 @@ def test_checkpoint_loads_with_peft_and_matches_fedtune_evaluate(finished_run, t
     model.eval()
 
     data = tmp_path / "check.jsonl"
-    rows = [
-        {"text": "Thanks, the nurse sorted my appointment perfectly", "label": "praise"},
-        {"text": "How do I reset the router?", "label": "question"},
-        {"text": "My parcel is still missing, unacceptable", "label": "complaint"},
-    ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = write_support_check(data)
     result = run_cli("evaluate", str(run), "--data", str(data), timeout=300)
     assert result.returncode == 0, result.stderr
     reported = json.loads(result.stdout)
