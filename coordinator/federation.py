@@ -77,6 +77,7 @@ class Federation:
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
         fed = self.config.federation
         self._wait_for_clients(grid)
+        self._wait_for_latecomers(grid)
         started = time.time() - self.elapsed_before
         for rnd in range(self.first_round, fed.rounds + 1):
             round_start = time.time()
@@ -171,6 +172,17 @@ class Federation:
                 say(f"waiting for clients: {connected}/{needed} connected")
                 announced = connected
             time.sleep(1.0)
+
+    def _wait_for_latecomers(self, grid: Grid) -> None:
+        """Give agents launched a moment later the chance to be in the first round."""
+        fed = self.config.federation
+        deadline = time.time() + fed.join_timeout
+        connected = len(list(grid.get_node_ids()))
+        if connected < fed.clients and fed.join_timeout > 0:
+            say(f"{connected}/{fed.clients} clients connected; waiting up to {fed.join_timeout:g} s for the rest")
+        while connected < fed.clients and time.time() < deadline:
+            time.sleep(0.5)
+            connected = len(list(grid.get_node_ids()))
 
     def _finish(self, wall_s: float, stopped: str | None = None) -> dict[str, Any]:
         extra = {

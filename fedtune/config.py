@@ -81,6 +81,7 @@ class FederationSection(Section):
     min_clients: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0)
     round_retries: int = Field(3, ge=0)
+    join_timeout: float = Field(30.0, ge=0)
     eval_every: int = Field(1, ge=0)
     compression: Literal["none", "fp16", "int8"] = "none"
 

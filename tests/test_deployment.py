@@ -212,6 +212,7 @@ def test_run_finishes_when_an_agent_dies_in_round_two(site, tmp_path):
     run = tmp_path / "run"
     coordinator = fedtune(
         "coordinator", CONFIG, *SMALL, "--set", "federation.rounds=3", "--set", "federation.min_clients=2",
+        "--set", "federation.join_timeout=120",  # all three agents are in round 1
         "--address", address, "--out", str(run), "--insecure", log=tmp_path / "coordinator.log",
     )  # fmt: skip
     agents = [agent(site, i, address, tmp_path, tls=False) for i in range(3)]
