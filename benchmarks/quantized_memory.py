@@ -73,7 +73,7 @@ def measure(model_name: str, quantization: str, batch: int, length: int, data: s
     release_freed_memory()
     loaded = rss_mb()
     params = model.trainable(["lora_A", "lora_B", "head"])
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
     model.model.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -51,12 +51,12 @@ class AdapterModel:
                 raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(param.shape)}")
             param.copy_(torch.as_tensor(value, dtype=param.dtype))
 
-    def trainable(self, roles: Iterable[str]) -> list[torch.nn.Parameter]:
-        """Make exactly ``roles`` trainable and return those parameters."""
-        chosen = set(self.names(roles))
+    def trainable(self, roles: Iterable[str]) -> dict[str, torch.nn.Parameter]:
+        """Make exactly ``roles`` trainable and return those parameters by name."""
+        chosen = self.names(roles)
         for name, param in self.params.items():
             param.requires_grad_(name in chosen)
-        return [self.params[name] for name in chosen]
+        return {name: self.params[name] for name in chosen}
 
 
 def build_adapter_model(config: Config, labels: list[str]) -> AdapterModel:

@@ -59,6 +59,8 @@ class AgentSettings:
     key: Path | None
     insecure: bool
     threads: int | None = None
+    mode: str = ""  # backprop, zo or auto; empty: the run's client.mode
+    memory_budget_mb: float = 0.0  # for auto; 0: what the machine has available
 
 
 REFUSED = 2  # index in FATAL_PATTERNS: the coordinator does not know this agent's key
@@ -107,6 +109,8 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
             ("name", settings.name),
             ("state-dir", settings.state_dir.resolve()),
             ("device", settings.device),
+            ("mode", settings.mode),
+            ("memory-budget-mb", settings.memory_budget_mb),
         )
     )
     args = [

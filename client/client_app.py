@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from client import model as model_loading
 from client.evaluate import evaluate as evaluate_model
 from client.job import ClientJob, process_tag
-from client.trainers import TRAINERS
+from client.trainers import make_trainer
 from client.trainers.base import seeded_torch
 from fedtune import wire
 from fedtune.plan import ParameterPlan
@@ -33,8 +33,9 @@ def train(msg: Message, context: Context) -> Message:
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
     rng = job.rng(round_number)
+    trainer = make_trainer(job.mode, round_number, job.config.federation.rounds)
     with seeded_torch(rng.getrandbits(63), job.model.device):
-        result = TRAINERS["backprop"]().train(job.model, params, job.train, job.config.client, rng)
+        result = trainer.train(job.model, params, job.train, job.config.client, rng)
     job.save_private(plan)
     metrics = {
         "num-examples": len(job.train),
@@ -48,14 +49,13 @@ def train(msg: Message, context: Context) -> Message:
         "process": process_tag(),
         "model-loads": model_loading.BASE_MODEL_LOADS,
         "frozen-checksum": job.frozen_checksum(plan),
+        "mode": job.mode,
     }
-    content = RecordDict(
-        {
-            **wire.encode(job.model.state(plan.sent), str(config["compression"])),
-            "metrics": MetricRecord(metrics),
-            "info": ConfigRecord(info),
-        }
-    )
+    if result.zo_steps and job.config.client.zo_upload == "seeds":
+        update = wire.encode_seeds(result.zo_steps, job.config.client.weight_decay)
+    else:
+        update = wire.encode(job.model.state(plan.sent), str(config["compression"]))
+    content = RecordDict({**update, "metrics": MetricRecord(metrics), "info": ConfigRecord(info)})
     return Message(content=content, reply_to=msg)
 
 

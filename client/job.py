@@ -59,6 +59,7 @@ class ClientJob:
     train: ExampleSet
     holdout: ExampleSet
     initial: dict[str, torch.Tensor]
+    mode: str = "backprop"  # the trainer this client uses: backprop or zo
 
     @classmethod
     def for_context(cls, context: Context) -> ClientJob:
@@ -72,9 +73,11 @@ class ClientJob:
                 str(node.get("name", "")),
                 str(node.get("state-dir", "")),
                 str(node.get("device", "")),
+                str(node.get("mode", "")),
+                float(node.get("memory-budget-mb", 0.0)),
             )
         else:
-            key = (text, f"partition-{int(node['partition-id'])}", "", str(context.run_config["run-dir"]), "")
+            key = (text, f"partition-{int(node['partition-id'])}", "", str(context.run_config["run-dir"]), "", "", 0.0)
         return _job(*key)
 
     def start_state(self, plan: ParameterPlan, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,8 +105,34 @@ class ClientJob:
         return random.Random(f"{self.config.seed}:{self.name}:{round_number}")
 
 
+def simulated_mode(config: Config, partition_id: int) -> str:
+    """A simulated client's mode: ZO when ``client.zo_clients`` names it, else ``client.mode``.
+
+    A fraction picks that share of the clients at random, seeded by the run's seed.
+    """
+    chosen = config.client.zo_clients
+    if isinstance(chosen, float):
+        count = round(chosen * config.federation.clients)
+        chosen = random.Random(f"{config.seed}:zo-clients").sample(range(config.federation.clients), count)
+    return "zo" if chosen is not None and partition_id in chosen else config.client.mode
+
+
+def resolve_mode(mode: str, model: AdapterModel, train: ExampleSet, config: Config, budget_mb: float, name: str) -> str:
+    """``auto`` becomes backprop or zo by the estimated step memory against the budget, said aloud."""
+    if mode != "auto":
+        return mode
+    from client.memory import MB, choose_mode, default_budget, estimate
+
+    budget = int(budget_mb * MB) if budget_mb else default_budget(model.device)
+    chosen, reason = choose_mode(estimate(model, train, config.client), budget)
+    print(f"fedtune: {name}: auto mode: {reason}", flush=True)
+    return chosen
+
+
 @functools.lru_cache(maxsize=64)
-def _job(config_text: str, data: str, name: str, location: str, device: str) -> ClientJob:
+def _job(
+    config_text: str, data: str, name: str, location: str, device: str, mode: str, budget_mb: float
+) -> ClientJob:
     config = parse_config(config_text)
     if device:  # an agent's --device overrides the coordinator's model.device
         config = config.model_copy(update={"model": config.model.model_copy(update={"device": device})})
@@ -114,6 +143,7 @@ def _job(config_text: str, data: str, name: str, location: str, device: str) -> 
 
         partition_id = int(data.removeprefix("partition-"))
         name = f"client-{partition_id}"
+        mode = simulated_mode(config, partition_id)
         train_rows, held_rows = client_rows(config, partition_id)
         state_dir = RunDir(Path(location)).client_dir(name)
         source = f"{config.data.train} (partition {partition_id})"
@@ -125,12 +155,15 @@ def _job(config_text: str, data: str, name: str, location: str, device: str) -> 
             raise UserError("client state dir: not set (fedtune client --state-dir DIR)")
         state_dir = Path(location) / str(config.output.name) / name
         source = data
+        mode = mode or config.client.mode  # an agent's --mode overrides client.mode
+    train = encode(train_rows, spec, model.tokenizer, source)
     return ClientJob(
         config=config,
         name=name,
         state_dir=state_dir,
         model=model,
-        train=encode(train_rows, spec, model.tokenizer, source),
+        train=train,
         holdout=encode(held_rows, spec, model.tokenizer, source),
         initial=initial_state(model.model, config.seed, model.params),
+        mode=resolve_mode(mode, model, train, config, budget_mb, name),
     )

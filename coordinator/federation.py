@@ -100,6 +100,9 @@ class Federation:
                 "sampled": ledger.sent_to,
                 **traffic,
             }
+            zo_clients = sum(update.info.get("mode") == "zo" for update in ledger.updates)
+            if zo_clients:
+                record["zo_clients"] = zo_clients
             if ledger.rejected:
                 record["rejected"] = ledger.rejected
             if self._evaluates(rnd):

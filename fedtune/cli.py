@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -108,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--data", required=True, type=Path, metavar="FILE", help="this machine's private data")
     agent.add_argument("--name", default=None, help="client name (default: the data file's stem)")
     agent.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    agent.add_argument(
+        "--mode",
+        choices=["backprop", "zo", "auto"],
+        default=None,
+        help="local training: backprop, zeroth-order (forward only), or auto by --memory-budget "
+        "(default: the run's client.mode)",
+    )
+    agent.add_argument(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="memory this agent may use, e.g. 4G or 800M, for --mode auto (default: what is available)",
+    )
     agent.add_argument(
         "--state-dir",
         type=Path,
@@ -215,6 +229,8 @@ def _prepare_run(args: argparse.Namespace, need_train_data: bool) -> tuple[Confi
     if path.exists() and any(path.iterdir()):
         raise UserError(f"{path} already exists and is not empty; choose another --out or output.name")
     if args.out:
+        if not re.fullmatch(r"[\w.-]+", path.name):
+            raise UserError(f"--out {args.out}: name the run directory with letters, digits, '.', '_' or '-'")
         config.output.dir, config.output.name = str(path.resolve().parent), path.name
     return config, RunDir.create(path, config)
 
@@ -317,9 +333,34 @@ def _client(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
     settings = AgentSettings(
-        args.coordinator, args.data, name, args.device, state_dir, args.ca_cert, args.key, args.insecure, args.threads
+        args.coordinator,
+        args.data,
+        name,
+        args.device,
+        state_dir,
+        args.ca_cert,
+        args.key,
+        args.insecure,
+        args.threads,
+        mode=args.mode or "",
+        memory_budget_mb=_megabytes(args.memory_budget) if args.memory_budget else 0.0,
     )
     return run_agent(settings)
+
+
+def _megabytes(size: str) -> float:
+    """``4G``, ``800M``, ``800`` (MB) -> megabytes."""
+    units = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0**2}
+    text = size.strip().upper().removesuffix("B") or "?"
+    factor = units.get(text[-1], None)
+    number = text[:-1] if factor else text
+    try:
+        value = float(number) * (factor or 1.0)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise UserError(f"--memory-budget {size}: use a positive size such as 4G, 800M or 800 (MB)")
+    return value
 
 
 def _certs(args: argparse.Namespace) -> int:

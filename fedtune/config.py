@@ -93,6 +93,23 @@ class ClientSection(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)
     grad_accum: int = Field(1, ge=1)
+    mode: Literal["backprop", "zo", "auto"] = "backprop"
+    zo_clients: list[int] | float | None = None
+    zo_steps: int | None = Field(None, ge=1)
+    zo_lr: float = Field(1e-4, gt=0.0, le=10.0)
+    zo_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    zo_eps: float = Field(1e-3, gt=0.0)
+    zo_samples: int = Field(1, ge=1, le=64)
+    zo_upload: Literal["delta", "seeds"] = "delta"
+
+    @field_validator("zo_clients")
+    @classmethod
+    def _zo_clients(cls, value: list[int] | float | None) -> list[int] | float | None:
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError("a fraction of clients must be between 0 and 1")
+        if isinstance(value, list) and any(i < 0 for i in value):
+            raise ValueError("client indices start at 0")
+        return value
 
 
 class PartitionSection(Section):

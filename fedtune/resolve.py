@@ -23,6 +23,9 @@ def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
     fed = config.federation
     if fed.min_clients > fed.clients:
         raise UserError(f"federation.min_clients: {fed.min_clients} exceeds federation.clients ({fed.clients})")
+    zo_clients = config.client.zo_clients
+    if isinstance(zo_clients, list) and any(i >= fed.clients for i in zo_clients):
+        raise UserError(f"client.zo_clients: {zo_clients} names clients beyond 0..{fed.clients - 1}")
     if need_train_data and not config.data.train:
         raise UserError("data.train: required for this command (a data file, synthetic:NAME/SPLIT or hf:NAME)")
     if config.data.server_holdout and config.data.eval:

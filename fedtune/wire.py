@@ -13,6 +13,10 @@ Codecs (``federation.compression``), applied to uploads and broadcasts alike:
 - ``fp16``: half precision; relative error <= 2^-11 within fp16's range.
 - ``int8``: blockwise absmax quantization, ``BLOCK`` values per block share one float32
   scale (absmax / 127); absolute error <= scale / 2 per value. 1.03 bytes per value.
+
+A zeroth-order client with ``client.zo_upload: seeds`` sends no tensors at all: its
+steps' seeds, projected gradients and learning rates (``zo`` + ``zo-config``), exact,
+which the coordinator replays (fedtune/zo.py): 12 bytes per perturbation, 4 per step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import math
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fedtune.zo import ZOStep, pack, unpack
 
 Tensors = dict[str, torch.Tensor]
 CODECS = ("none", "fp16", "int8")
@@ -82,6 +88,21 @@ def decode(arrays: ArrayRecord, layout: ConfigRecord) -> Tensors:
     if sum(sizes) != flat.numel():
         raise WireError(f"layout describes {sum(sizes)} values, payload has {flat.numel()}")
     return {name: part.reshape(shape) for name, part, shape in zip(names, flat.split(sizes), shapes)}
+
+
+def encode_seeds(steps: list[ZOStep], weight_decay: float) -> dict[str, ArrayRecord | ConfigRecord]:
+    """A ZO client's round: ``zo`` (seeds, grads, lrs packed) and ``zo-config`` (counts, weight decay)."""
+    config = {"steps": len(steps), "samples": len(steps[0].seeds) if steps else 0, "weight-decay": float(weight_decay)}
+    return {"zo": ArrayRecord({"packed": Array(pack(steps))}), "zo-config": ConfigRecord(config)}
+
+
+def decode_seeds(arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[ZOStep], float]:
+    """``(steps, weight decay)`` from ``encode_seeds``' records."""
+    try:
+        steps = unpack(arrays["packed"].numpy(), int(config["steps"]), int(config["samples"]))
+        return steps, float(config["weight-decay"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise WireError(f"not a ZO seed payload ({err})") from err
 
 
 def quantize_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

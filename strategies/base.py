@@ -8,8 +8,9 @@ the four Message-API hooks, so the math modules stay testable without Flower.
 Message format. Train/evaluate messages carry ``arrays`` + ``layout`` (the global
 tensors of the sent roles, peft-named, packed by fedtune/wire.py with the run's codec)
 and ``config`` (round, codec, the plan). Train replies carry ``arrays`` + ``layout``
-(exactly the sent tensors), ``metrics`` (``num-examples`` and training metrics) and
-``info`` (client name, frozen-tensor checksum).
+(exactly the sent tensors) or, from a ZO client uploading seeds, ``zo`` + ``zo-config``
+(replayed here into the same tensors), plus ``metrics`` (``num-examples`` and training
+metrics) and ``info`` (client name, frozen-tensor checksum, mode).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedtune import wire
+from fedtune import wire, zo
 from fedtune.plan import ParameterPlan, checksum, role_of
 
 Tensors = dict[str, torch.Tensor]
@@ -79,6 +80,7 @@ class LoraStrategy(Strategy):
         self.frozen_checksum: str | None = None
         self.ledger = RoundLedger()
         self.node_names: dict[int, str] = {}  # for readable rejection reasons
+        self._broadcast: Tensors | None = None  # this round's sent tensors as clients decoded them
 
     # -- method-specific math ------------------------------------------------------
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
@@ -95,6 +97,7 @@ class LoraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()
+        self._broadcast = None
         self.ledger = RoundLedger()
         if self.plan.frozen:  # frozen tensors never change: the global copy is the reference
             self.frozen_checksum = checksum({k: v for k, v in self.current.items() if role_of(k) in self.plan.frozen})
@@ -179,18 +182,19 @@ class LoraStrategy(Strategy):
 
     def decode(self, content: RecordDict, node: int, name: str) -> tuple[str | None, ClientUpdate | None]:
         """Check a reply against the plan: keys, shapes, finite values, a sample count."""
-        if (
-            "arrays" not in content.array_records
-            or "layout" not in content.config_records
-            or "metrics" not in content.metric_records
-        ):
-            return "missing 'arrays', 'layout' or 'metrics' record", None
+        seeds = "zo" in content.array_records and "zo-config" in content.config_records
+        tensors_sent = "arrays" in content.array_records and "layout" in content.config_records
+        if not (seeds or tensors_sent) or "metrics" not in content.metric_records:
+            return "missing 'arrays' and 'layout' (or ZO 'zo' and 'zo-config'), or 'metrics' record", None
         metrics = dict(content["metrics"])
         num_examples = metrics.pop(self.weighted_by_key, None)
         if not isinstance(num_examples, (int, float)) or num_examples <= 0:
             return f"'{self.weighted_by_key}' must be a positive number (got {num_examples!r})", None
         try:
-            tensors = wire.decode(content["arrays"], content["layout"])
+            if seeds:
+                tensors = self.replay_seeds(content["zo"], content["zo-config"])
+            else:
+                tensors = wire.decode(content["arrays"], content["layout"])
         except wire.WireError as err:
             return str(err), None
         expected = set(self.sent_names())
@@ -212,6 +216,15 @@ class LoraStrategy(Strategy):
         return None, ClientUpdate(
             node, name, {k: v.float() for k, v in tensors.items()}, int(num_examples), metrics, info
         )
+
+    def replay_seeds(self, arrays: ArrayRecord, config: ConfigRecord) -> Tensors:
+        """A ZO client's sent tensors, rebuilt from its seeds and the broadcast it started from."""
+        steps, weight_decay = wire.decode_seeds(arrays, config)
+        if self._broadcast is None:  # what clients decoded: the codec's rounding included
+            sent = {name: self.current[name] for name in self.sent_names()}
+            self._broadcast = wire.decode(**wire.encode(sent, self.compression))
+        shapes = {n: tuple(v.shape) for n, v in self.current.items() if role_of(n) in self.plan.trained}
+        return zo.replay(self._broadcast, shapes, steps, weight_decay)
 
     # -- state that must survive a coordinator restart ----------------------------
     def state_dict(self) -> dict:

@@ -57,7 +57,7 @@ def test_trainable_follows_the_plan(adapter):
         trained=frozenset({"lora_B", "head"}), sent=frozenset({"lora_B", "head"}), frozen=frozenset({"lora_A"})
     )
     params = adapter.trainable(plan.trained)
-    assert {id(p) for p in params} == {id(adapter.params[n]) for n in adapter.names(["lora_B", "head"])}
+    assert {id(p) for p in params.values()} == {id(adapter.params[n]) for n in adapter.names(["lora_B", "head"])}
     assert not any(adapter.params[n].requires_grad for n in adapter.names(["lora_A"]))
     base_trainable = [
         n

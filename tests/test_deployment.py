@@ -100,11 +100,14 @@ def site(tmp_path_factory):
     return root
 
 
-def agent(site: Path, index: int, address: str, log_dir: Path, tls: bool = True, **overrides: Path) -> subprocess.Popen:
+def agent(
+    site: Path, index: int, address: str, log_dir: Path, tls: bool = True, mode: str | None = None, **overrides: Path
+) -> subprocess.Popen:
     """Agent client-INDEX on its partition; its output goes to LOG_DIR/client-INDEX.log."""
     name = f"client-{index}"
     log_dir.mkdir(parents=True, exist_ok=True)
     args = ["client", "--coordinator", address, "--data", str(site / "data" / f"{name}.jsonl"), "--name", name]
+    args += ["--mode", mode] if mode else []
     args += ["--state-dir", str(log_dir / "agents" / name)]
     if tls:
         args += ["--ca-cert", str(overrides.get("ca", site / "certs" / "ca.crt"))]
@@ -114,19 +117,22 @@ def agent(site: Path, index: int, address: str, log_dir: Path, tls: bool = True,
     return fedtune(*args, log=log_dir / f"{name}.log")
 
 
+ZO_SEEDS = ["--set", "client.zo_upload=seeds"]  # agent client-2 trains zeroth-order and uploads seeds
+
+
 @pytest.fixture(scope="module")
 def secure_run(site, tmp_path_factory):
-    """Coordinator with TLS and authentication + 3 agents, 2 rounds; two refused agents try to join."""
+    """Coordinator with TLS and authentication + 3 agents (one ZO), 2 rounds; two refused agents try to join."""
     work = tmp_path_factory.mktemp("secure")
     address = f"127.0.0.1:{free_port()}"
     run = work / "run"
     coordinator = fedtune(
-        "coordinator", CONFIG, *SMALL, "--set", "federation.rounds=2", "--set", "federation.min_clients=3",
+        "coordinator", CONFIG, *SMALL, *ZO_SEEDS, "--set", "federation.rounds=2", "--set", "federation.min_clients=3",
         "--address", address, "--out", str(run), "--certs", str(site / "certs"),
         "--authorized-keys", str(site / "keys"), log=work / "coordinator.log",
     )  # fmt: skip
     wait_for(lambda: "waiting for" in (work / "coordinator.log").read_text(), 120, "the coordinator to listen")
-    agents = [agent(site, i, address, work) for i in range(3)]
+    agents = [agent(site, i, address, work, mode="zo" if i == 2 else None) for i in range(3)]
     strangers = {
         "unregistered": (agent(site, 0, address, work / "unregistered", key=site / "stranger"), "client-0"),
         "wrong-ca": (agent(site, 1, address, work / "wrong-ca", ca=site / "other-ca" / "ca.crt"), "client-1"),
@@ -154,7 +160,7 @@ def test_secure_deployment_writes_a_complete_run_directory(secure_run):
         assert (run / path).is_file(), path
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-1", "round-2"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["clients"]) for r in records] == [(1, 3), (2, 3)]
+    assert [(r["round"], r["clients"], r["zo_clients"]) for r in records] == [(1, 3, 1), (2, 3, 1)]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 
@@ -162,8 +168,9 @@ def test_deployment_matches_a_simulation_of_the_same_config(secure_run, tmp_path
     run, code, output, _ = secure_run
     assert code == 0, output
     simulated = tmp_path / "sim"
-    result = run_cli("simulate", CONFIG, *SMALL, "--set", "federation.rounds=2", "--set",
-                     "federation.min_clients=3", "--out", str(simulated), timeout=900)  # fmt: skip
+    result = run_cli("simulate", CONFIG, *SMALL, *ZO_SEEDS, "--set", "client.zo_clients=[2]", "--set",
+                     "federation.rounds=2", "--set", "federation.min_clients=3", "--out", str(simulated),
+                     timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
 
     def metrics(path: Path) -> list[dict]:

@@ -30,12 +30,12 @@ def test_quantized_base_trains_the_adapter_in_full_precision(quantization, layer
     batch = model.tokenizer(["where is my parcel", "thanks a lot"], return_tensors="pt", padding=True)
     labels = torch.tensor([0, 1])
     params = model.trainable(["lora_A", "lora_B", "head"])
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
     before = {n: p.detach().clone() for n, p in model.params.items()}
     for _ in range(2):  # train, evaluate, train: bitsandbytes' CPU inference repacking must not break training
         model.model.train()
         model.model(**batch, labels=labels).loss.backward()
-        assert all(p.grad is not None for p in params)
+        assert all(p.grad is not None for p in params.values())
         assert all(p.grad.abs().sum() > 0 for n, p in model.params.items() if ".lora_A." not in n)  # B = 0 at first
         optimizer.step()
         optimizer.zero_grad()

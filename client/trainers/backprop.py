@@ -12,17 +12,17 @@ from client.trainers.base import TrainResult, to_device
 from fedtune.config import ClientSection
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: ClientSection) -> torch.optim.Optimizer:
+def make_optimizer(params: dict[str, torch.nn.Parameter], settings: ClientSection) -> torch.optim.Optimizer:
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 class BackpropTrainer:
     def train(
         self,
         model: AdapterModel,
-        params: list[torch.nn.Parameter],
+        params: dict[str, torch.nn.Parameter],
         data: ExampleSet,
         settings: ClientSection,
         rng: random.Random,

@@ -14,6 +14,7 @@ import torch
 from client.adapters import AdapterModel
 from client.data import ExampleSet
 from fedtune.config import ClientSection
+from fedtune.zo import ZOStep
 
 
 @dataclass
@@ -22,13 +23,14 @@ class TrainResult:
     examples: int  # examples consumed, counting repeats
     loss: float  # mean training loss over the local steps
     metrics: dict[str, float] = field(default_factory=dict)  # trainer-specific extras
+    zo_steps: list[ZOStep] = field(default_factory=list)  # a ZO trainer's seeds, for seed uploads
 
 
 class Trainer(Protocol):
     def train(
         self,
         model: AdapterModel,
-        params: list[torch.nn.Parameter],
+        params: dict[str, torch.nn.Parameter],
         data: ExampleSet,
         settings: ClientSection,
         rng: random.Random,
