@@ -4,7 +4,8 @@ The agent is a Flower SuperNode (``flower-supernode --isolation process`` with a
 idle poll, client/supernode.py) plus this process, which executes the SuperNode's
 ClientApp tasks in process (client/executor.py) so the base model is loaded once. The
 data file never leaves the machine: only its path goes into the SuperNode's node
-config, and only adapter tensors and metrics are sent. TLS and SuperNode authentication are on unless ``--insecure`` is given.
+config, and only adapter tensors (or ZO seeds) and metrics are sent. TLS and SuperNode
+authentication are on unless ``--insecure`` is given.
 """
 
 from __future__ import annotations

@@ -130,9 +130,7 @@ def resolve_mode(mode: str, model: AdapterModel, train: ExampleSet, config: Conf
 
 
 @functools.lru_cache(maxsize=64)
-def _job(
-    config_text: str, data: str, name: str, location: str, device: str, mode: str, budget_mb: float
-) -> ClientJob:
+def _job(config_text: str, data: str, name: str, location: str, device: str, mode: str, budget_mb: float) -> ClientJob:
     config = parse_config(config_text)
     if device:  # an agent's --device overrides the coordinator's model.device
         config = config.model_copy(update={"model": config.model.model_copy(update={"device": device})})

@@ -17,7 +17,8 @@ def progress_line(record: dict[str, Any], rounds: int) -> str:
         if key in record:
             parts.append(f"{key} {record[key]:.4f}")
     if "sampled" in record:
-        parts.append(f"clients {record['clients']}/{record['sampled']}")
+        zo = f" ({record['zo_clients']} zo)" if record.get("zo_clients") else ""
+        parts.append(f"clients {record['clients']}/{record['sampled']}{zo}")
         parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB down {record['bytes_down'] / 1e6:.2f} MB")
     parts.append(f"{record['wall_s']:.1f}s")
     if record.get("rejected"):

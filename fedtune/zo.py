@@ -34,9 +34,7 @@ def exact(value: float) -> float:
     return float(np.float32(value))
 
 
-def perturb(
-    tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], seed: int, scale: float
-) -> None:
+def perturb(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], seed: int, scale: float) -> None:
     """``tensors += scale · z(seed)`` in place; ``shapes`` fixes the stream (all trained tensors).
 
     Tensors missing from ``tensors`` still consume their part of the stream, so a party

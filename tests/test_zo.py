@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -118,9 +119,7 @@ def test_a_fraction_of_zo_clients_is_a_seeded_choice():
 def test_bad_zo_settings_are_one_line_errors(tmp_path):
     result = run_cli("simulate", QUICKSTART, "--set", "client.zo_clients=[0,7]", "--out", str(tmp_path / "r"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "fedtune: error: client.zo_clients: [0, 7] names clients beyond 0..4"
-    ]
+    assert result.stderr.strip().splitlines() == ["fedtune: error: client.zo_clients: [0, 7] names clients beyond 0..4"]
     result = run_cli("client", "--coordinator", "x:1", "--data", QUICKSTART, "--insecure", "--memory-budget", "lots")
     assert result.returncode == 2
     assert "--memory-budget lots: use a positive size such as 4G" in result.stderr
@@ -152,3 +151,18 @@ def test_seed_uploads_give_the_same_federation_at_a_kilobyte_per_client(tmp_path
         # in delta mode all three replies are the same size; in seeds mode one of them is the ZO client's
         zo_client_bytes = with_seeds["bytes_up"] - with_tensors["bytes_up"] * 2 / 3
         assert 0 < zo_client_bytes <= 2048
+
+
+def test_zo_trains_over_an_nf4_base_and_replays_exactly():
+    config = resolve(load_config(QUICKSTART, ["model.quantization=nf4"]), name_hint="zo", need_train_data=True)
+    model = build_adapter_model(config, list(config.data.labels))
+    data = encode(list(read_records(config.data.train))[:64], TaskSpec.from_config(config), model.tokenizer, "train")
+    params = model.trainable({"lora_B", "head"})
+    start = {name: p.detach().clone() for name, p in params.items()}
+    settings = config.client.model_copy(update={"local_steps": 5, "zo_lr": 0.01})
+    result = ZOTrainer().train(model, params, data, settings, random.Random(3))
+    assert np.isfinite(result.loss)
+    rebuilt = replay(start, {n: tuple(v.shape) for n, v in start.items()}, result.zo_steps, 0.0)
+    for name, param in params.items():
+        assert not torch.equal(param.detach(), start[name])
+        torch.testing.assert_close(rebuilt[name], param.detach(), rtol=0, atol=0)

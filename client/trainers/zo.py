@@ -80,6 +80,6 @@ class ZOTrainer:
             steps=steps,
             examples=examples,
             loss=total_loss / steps,
-            metrics={"zo": 1.0, "zo_grad_abs": sum(abs(g) for s in record for g in s.grads) / (steps * settings.zo_samples)},
+            metrics={"zo_grad_abs": sum(abs(g) for step in record for g in step.grads) / (steps * settings.zo_samples)},
             zo_steps=record,
         )
