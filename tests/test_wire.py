@@ -121,4 +121,4 @@ def test_a_reply_without_a_layout_is_rejected_with_a_reason():
     answer.content["arrays"] = ArrayRecord(_adapter(1))  # one array per tensor: not our format
     arrays, _ = strategy.aggregate_train(1, [answer])
     assert arrays is None
-    assert "missing 'arrays', 'layout' or 'metrics' record" in strategy.ledger.rejected[0]
+    assert "missing 'arrays' and 'layout' (or ZO 'zo' and 'zo-config')" in strategy.ledger.rejected[0]
