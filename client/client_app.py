@@ -15,8 +15,10 @@ from flwr.clientapp import ClientApp
 from client import model as model_loading
 from client.evaluate import evaluate as evaluate_model
 from client.job import ClientJob, process_tag
+from client.privacy import PrivacyLedger
 from client.trainers import make_trainer
 from client.trainers.base import seeded_torch
+from client.trainers.dpsgd import DPSGDTrainer
 from fedtune import wire
 from fedtune.plan import ParameterPlan
 
@@ -33,7 +35,17 @@ def train(msg: Message, context: Context) -> Message:
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
     rng = job.rng(round_number)
-    trainer = make_trainer(job.mode, round_number, job.config.federation.rounds)
+    if job.config.privacy.mode == "sample":
+        ledger = PrivacyLedger.load(job.state_dir, job.config.privacy.delta)
+        trainer = DPSGDTrainer.for_client(job.config, ledger, len(job.train), job.name, round_number)
+        refusal = trainer.refusal(job.config.privacy.target_epsilon, job.config.client.local_steps)
+        if refusal:
+            print(f"fedtune: {job.name}: {refusal}", flush=True)
+            metrics = {"num-examples": len(job.train), "epsilon": ledger.epsilon()}
+            info = {"name": job.name, "privacy-spent": refusal}
+            return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)}), reply_to=msg)
+    else:
+        ledger, trainer = None, make_trainer(job.mode, round_number, job.config.federation.rounds)
     with seeded_torch(rng.getrandbits(63), job.model.device):
         result = trainer.train(job.model, params, job.train, job.config.client, rng)
     job.save_private(plan)
@@ -44,6 +56,9 @@ def train(msg: Message, context: Context) -> Message:
         "steps": result.steps,
         **result.metrics,
     }
+    if ledger is not None:  # saved before the reply leaves: a lost reply still counts as spent
+        ledger.save()
+        metrics["epsilon"] = ledger.epsilon()
     info = {
         "name": job.name,
         "process": process_tag(),

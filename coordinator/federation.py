@@ -9,6 +9,7 @@ A run directory that already has checkpoints resumes after its last completed ro
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from client.evaluate import evaluate
 from coordinator.checkpoint import load_checkpoint, save_checkpoint
 from coordinator.report import finish_run, progress_line, say
 from fedtune.config import Config
+from fedtune.privacy import json_epsilon
 from fedtune.records import read_records
 from fedtune.rundir import RunDir
 from strategies import LoraStrategy, build_strategy
@@ -56,6 +58,8 @@ class Federation:
     first_round: int = 1
     elapsed_before: float = 0.0
     client_loads: dict[str, int] = field(default_factory=dict)  # process -> base-model loads
+    client_epsilon: dict[str, float] = field(default_factory=dict)  # sample-level DP: name -> ε spent
+    budget_spent: set[str] = field(default_factory=set)  # sample-level DP: clients that stopped training
 
     @classmethod
     def prepare(cls, config: Config, run: RunDir) -> Federation:
@@ -71,6 +75,8 @@ class Federation:
             federation.first_round = rounds[-1] + 1
             federation.elapsed_before = state.get("elapsed_s", 0.0)
             federation.client_loads = state.get("client_loads", {})
+            federation.client_epsilon = state.get("client_epsilon", {})
+            federation.budget_spent = set(state.get("budget_spent", []))
             say(f"resuming {run.path.name} after round {rounds[-1]}")
         return federation
 
@@ -81,15 +87,12 @@ class Federation:
         started = time.time() - self.elapsed_before
         for rnd in range(self.first_round, fed.rounds + 1):
             round_start = time.time()
+            if self.strategy.privacy and (reason := self.strategy.privacy.refusal()):
+                return self._finish(time.time() - started, stopped=f"before round {rnd}: {reason}", budget=True)
             train_metrics, traffic = self._train_round(grid, rnd)
             if train_metrics is None:
-                return self._finish(
-                    time.time() - started,
-                    stopped=(
-                        f"round {rnd} got fewer than federation.min_clients={fed.min_clients} usable replies "
-                        f"in {fed.round_retries + 1} attempts"
-                    ),
-                )
+                budget = self._clients_with_budget() < fed.min_clients
+                return self._finish(time.time() - started, stopped=self._why_no_round(rnd), budget=budget)
             ledger = self.strategy.ledger
             for update in ledger.updates:
                 self.client_loads[str(update.info.get("process", update.name))] = int(update.info.get("model-loads", 0))
@@ -105,6 +108,7 @@ class Federation:
                 record["zo_clients"] = zo_clients
             if ledger.rejected:
                 record["rejected"] = ledger.rejected
+            record.update(self._privacy_metrics())
             if self._evaluates(rnd):
                 record.update(self._evaluate(grid, rnd))
             record["wall_s"] = round(time.time() - round_start, 3)
@@ -119,6 +123,8 @@ class Federation:
                     "strategy": self.strategy.state_dict(),
                     "elapsed_s": record["elapsed_s"],
                     "client_loads": self.client_loads,
+                    "client_epsilon": self.client_epsilon,
+                    "budget_spent": sorted(self.budget_spent),
                 },
             )
             say(progress_line(record, fed.rounds))
@@ -135,15 +141,66 @@ class Federation:
             new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
             traffic["bytes_up"] += self.strategy.ledger.bytes_up
             traffic["bytes_down"] += self.strategy.ledger.bytes_down
+            self._note_epsilons()
             if new_arrays is not None:
                 self.arrays = new_arrays
                 return dict(train_metrics), traffic
+            if self._clients_with_budget() < fed.min_clients:
+                return None, traffic
             say(
                 f"round {rnd}: {len(self.strategy.ledger.updates)} usable replies < min_clients "
                 f"{fed.min_clients} (attempt {attempt + 1}/{fed.round_retries + 1}); "
                 + "; ".join(self.strategy.ledger.rejected[:3])
             )
         return None, traffic
+
+    def _note_epsilons(self) -> None:
+        """Sample-level DP: remember every client's latest ε and who has stopped for budget."""
+        ledger = self.strategy.ledger
+        for update in ledger.updates:
+            if "epsilon" in update.metrics:
+                self.client_epsilon[update.name] = update.metrics["epsilon"]
+        for name, epsilon in ledger.budget_spent.items():
+            self.client_epsilon[name] = epsilon
+            self.budget_spent.add(name)
+
+    def _clients_with_budget(self) -> int:
+        return self.config.federation.clients - len(self.budget_spent)
+
+    def _why_no_round(self, rnd: int) -> str:
+        fed = self.config.federation
+        if self._clients_with_budget() < fed.min_clients:
+            said = [reason for reason in self.strategy.ledger.rejected if "privacy budget" in reason]
+            return (
+                f"round {rnd}: {len(self.budget_spent)} of {fed.clients} clients have spent their privacy budget, "
+                f"fewer than federation.min_clients={fed.min_clients} can still train ({said[0] if said else ''})"
+            )
+        return (
+            f"round {rnd} got fewer than federation.min_clients={fed.min_clients} usable replies "
+            f"in {fed.round_retries + 1} attempts"
+        )
+
+    def _privacy_metrics(self) -> dict[str, Any]:
+        """ε so far (the max over clients in sample-level mode) and the mechanism's settings."""
+        privacy = self.config.privacy
+        if privacy.mode == "client":
+            ledger = self.strategy.ledger
+            return {
+                "epsilon": json_epsilon(self.strategy.privacy.epsilon()),
+                "delta": privacy.delta,
+                "noise_multiplier": self.strategy.privacy.noise_multiplier,
+                "clip_norm": ledger.clip_norm,
+                "clipped": sum(norm > ledger.clip_norm for norm in ledger.update_norms),
+                "update_norm_median": round(statistics.median(ledger.update_norms), 6),
+            }
+        if privacy.mode == "sample":
+            epsilons = self.client_epsilon.values()
+            return {
+                "epsilon": json_epsilon(max(epsilons)) if epsilons else 0.0,
+                "delta": privacy.delta,
+                "client_epsilon": {name: json_epsilon(e) for name, e in sorted(self.client_epsilon.items())},
+            }
+        return {}
 
     def _evaluates(self, rnd: int) -> bool:
         every = self.config.federation.eval_every
@@ -187,13 +244,14 @@ class Federation:
             time.sleep(0.5)
             connected = len(list(grid.get_node_ids()))
 
-    def _finish(self, wall_s: float, stopped: str | None = None) -> dict[str, Any]:
+    def _finish(self, wall_s: float, stopped: str | None = None, budget: bool = False) -> dict[str, Any]:
+        """Summary and final line; a run that hit its privacy budget ended as planned, not stopped."""
         extra = {
             "client_processes": len(self.client_loads),
             "client_base_model_loads": sum(self.client_loads.values()),
         }
         if stopped:
-            extra |= {"status": "stopped", "reason": stopped}
+            extra |= {"status": "budget-reached" if budget else "stopped", "reason": stopped}
         summary = finish_run(self.run, self.config, self.config.strategy.name, wall_s, extra)
         say(f"stopped: {stopped}" if stopped else f"done: {self.run.path}")
         return summary

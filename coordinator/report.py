@@ -20,6 +20,9 @@ def progress_line(record: dict[str, Any], rounds: int) -> str:
         zo = f" ({record['zo_clients']} zo)" if record.get("zo_clients") else ""
         parts.append(f"clients {record['clients']}/{record['sampled']}{zo}")
         parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB down {record['bytes_down'] / 1e6:.2f} MB")
+    if "epsilon" in record:
+        epsilon = "∞" if record["epsilon"] is None else f"{record['epsilon']:.3f}"
+        parts.append(f"ε {epsilon} (δ {record['delta']:g})")
     parts.append(f"{record['wall_s']:.1f}s")
     if record.get("rejected"):
         parts.append(f"rejected {len(record['rejected'])}")
@@ -50,6 +53,9 @@ def finish_run(run: RunDir, config: Config, strategy: str, wall_s: float, extra:
                 "bytes_down_per_client_round": _per_client(records, "bytes_down", "sampled"),
             }
         )
+    if records and "epsilon" in records[-1]:
+        privacy = config.privacy
+        summary["privacy"] = {"mode": privacy.mode, "epsilon": records[-1]["epsilon"], "delta": privacy.delta}
     summary.update(extra)
     run.write_summary(summary)
     if config.output.plots:

@@ -256,8 +256,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(summary: dict, run: RunDir) -> int:
-    """Final line of a run command; a run that stopped before its last round exits 1."""
+    """Final line of a run command; a run that stopped before its last round exits 1
+    (one that reached its privacy budget ended as configured: 0)."""
     print(json.dumps({k: summary[k] for k in ("final", "best", "wall_s") if k in summary}))
+    if summary.get("status") == "budget-reached":
+        print(f"fedtune: run ended at its privacy budget: {summary['reason']}")
     if summary.get("status") == "stopped":
         print(f"fedtune: run stopped: {summary.get('reason')} (continue with --resume {run.path})", file=sys.stderr)
         return 1

@@ -174,7 +174,17 @@ class DataSection(Section):
 
 
 class PrivacySection(Section):
-    mode: Literal["none"] = "none"
+    mode: Literal["none", "sample", "client"] = "none"
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    clip_norm: float = Field(1.0, gt=0.0)
+    adaptive_clipping: bool = False
+    target_quantile: float = Field(0.5, ge=0.0, le=1.0)
+    clip_lr: float = Field(0.2, gt=0.0)
+    clipped_count_stddev: float | None = Field(None, gt=0.0)
+    seed: int | None = Field(None, ge=0)
 
 
 class SimulationSection(Section):

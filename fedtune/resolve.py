@@ -26,6 +26,7 @@ def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
     zo_clients = config.client.zo_clients
     if isinstance(zo_clients, list) and any(i >= fed.clients for i in zo_clients):
         raise UserError(f"client.zo_clients: {zo_clients} names clients beyond 0..{fed.clients - 1}")
+    check_privacy(config)
     if need_train_data and not config.data.train:
         raise UserError("data.train: required for this command (a data file, synthetic:NAME/SPLIT or hf:NAME)")
     if config.data.server_holdout and config.data.eval:
@@ -55,3 +56,26 @@ def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
         config.output.name = f"{name_hint}-{time.strftime('%Y%m%d-%H%M%S')}"
     config.output.dir = str(Path(config.output.dir).resolve())
     return config
+
+
+def check_privacy(config: Config) -> None:
+    """Combinations a DP run cannot honour, refused before anything trains."""
+    privacy, client = config.privacy, config.client
+    if privacy.mode == "none":
+        return
+    if privacy.noise_multiplier is None and privacy.target_epsilon is None:
+        raise UserError(f"privacy.mode {privacy.mode}: set privacy.noise_multiplier, privacy.target_epsilon or both")
+    if privacy.mode == "sample":
+        if client.mode != "backprop" or client.zo_clients:
+            raise UserError(
+                "privacy.mode sample: DP-SGD needs backprop clients (client.mode backprop, no client.zo_clients); "
+                "zeroth-order clients can use privacy.mode client"
+            )
+        if client.grad_accum != 1:
+            raise UserError("privacy.mode sample: client.grad_accum must be 1 (the Poisson batch is client.batch_size)")
+    if privacy.mode == "client" and config.strategy.name == "fair":
+        raise UserError(
+            "privacy.mode client with strategy.name fair: LoRA-FAIR's correction reads every client's B_k·A_k, which "
+            "the client-level mechanism does not release, so ε would not cover it; use privacy.mode sample with fair, "
+            "or strategy.name fedit, ffa or fedsa"
+        )

@@ -8,6 +8,7 @@ from strategies.fair import LoraFair, SolverSettings
 from strategies.fedit import FedIT
 from strategies.fedsa import FedSaLora
 from strategies.ffa import FfaLora
+from strategies.privacy import ClientLevelDP
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {"fedit": FedIT, "ffa": FfaLora, "fedsa": FedSaLora, "fair": LoraFair}
 
@@ -21,9 +22,12 @@ def build_strategy(config: Config) -> LoraStrategy:
     }
     name = config.strategy.name
     if name == "fedsa":
-        return FedSaLora(**common, private_head=config.strategy.head == "private")
-    if name == "fair":
-        return LoraFair(
-            **common, settings=SolverSettings(lam=config.strategy.fair_lambda, max_steps=config.strategy.fair_steps)
-        )
-    return STRATEGIES[name](**common)
+        strategy = FedSaLora(**common, private_head=config.strategy.head == "private")
+    elif name == "fair":
+        settings = SolverSettings(lam=config.strategy.fair_lambda, max_steps=config.strategy.fair_steps)
+        strategy = LoraFair(**common, settings=settings)
+    else:
+        strategy = STRATEGIES[name](**common)
+    if config.privacy.mode == "client":
+        strategy.privacy = ClientLevelDP.from_config(config)
+    return strategy

@@ -20,6 +20,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -30,6 +31,9 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedtune import wire, zo
 from fedtune.plan import ParameterPlan, checksum, role_of
+
+if TYPE_CHECKING:
+    from strategies.privacy import ClientLevelDP
 
 Tensors = dict[str, torch.Tensor]
 
@@ -61,6 +65,9 @@ class RoundLedger:
     replies: int = 0
     rejected: list[str] = field(default_factory=list)  # "name: reason"
     updates: list[ClientUpdate] = field(default_factory=list)
+    budget_spent: dict[str, float] = field(default_factory=dict)  # sample-level DP: name -> ε it stopped at
+    update_norms: list[float] = field(default_factory=list)  # client-level DP: before clipping
+    clip_norm: float | None = None  # client-level DP: the C this round's updates were clipped to
 
 
 class LoraStrategy(Strategy):
@@ -80,7 +87,8 @@ class LoraStrategy(Strategy):
         self.frozen_checksum: str | None = None
         self.ledger = RoundLedger()
         self.node_names: dict[int, str] = {}  # for readable rejection reasons
-        self._broadcast: Tensors | None = None  # this round's sent tensors as clients decoded them
+        self.privacy: ClientLevelDP | None = None  # client-level DP, set by build_strategy
+        self._broadcast: Tensors = {}  # this round's sent tensors as clients decoded them
 
     # -- method-specific math ------------------------------------------------------
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
@@ -97,11 +105,10 @@ class LoraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()
-        self._broadcast = None
         self.ledger = RoundLedger()
         if self.plan.frozen:  # frozen tensors never change: the global copy is the reference
             self.frozen_checksum = checksum({k: v for k, v in self.current.items() if role_of(k) in self.plan.frozen})
-        return self._messages(server_round, config, grid, MessageType.TRAIN, count_bytes=True)
+        return self._messages(server_round, config, grid, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -118,15 +125,23 @@ class LoraStrategy(Strategy):
                 self.min_clients,
             )
             return None, None
+        metrics = MetricRecord(weighted_metrics([(u.num_examples, u.metrics) for u in updates]))
         new = dict(self.current)
-        new.update(self.combine(self.current, updates))
-        return ArrayRecord(new), MetricRecord(weighted_metrics([(u.num_examples, u.metrics) for u in updates]))
+        if self.privacy is None:
+            new.update(self.combine(self.current, updates))
+            return ArrayRecord(new), metrics
+        # client-level DP: clip what each client changed, average with equal weights, add noise
+        self.ledger.clip_norm = self.privacy.clip_norm
+        clipped, self.ledger.update_norms = self.privacy.clip(self._broadcast, updates)
+        new.update(self.privacy.noise(self.combine(self._broadcast, clipped), len(clipped), server_round))
+        self.privacy.adapt(self.ledger.update_norms, server_round)
+        return ArrayRecord(new), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = arrays.to_torch_state_dict()
-        return self._messages(server_round, config, grid, MessageType.EVALUATE, count_bytes=False)
+        return self._messages(server_round, config, grid, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         results = []
@@ -142,9 +157,7 @@ class LoraStrategy(Strategy):
     def sent_names(self) -> list[str]:
         return [name for name in self.current if role_of(name) in self.plan.sent]
 
-    def _messages(
-        self, server_round: int, config: ConfigRecord, grid: Grid, kind: str, count_bytes: bool
-    ) -> list[Message]:
+    def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, kind: str) -> list[Message]:
         nodes = sorted(grid.get_node_ids())
         wanted = max(self.min_clients, math.ceil(self.fraction * len(nodes)))
         chosen = self.rng.sample(nodes, min(wanted, len(nodes)))
@@ -156,10 +169,11 @@ class LoraStrategy(Strategy):
         for node_id in chosen:
             content = RecordDict({**payload, "config": config})
             messages.append(Message(content=content, message_type=kind, dst_node_id=node_id))
-            if count_bytes:
+            if kind == MessageType.TRAIN:
                 self.ledger.bytes_down += payload_bytes(content)
-        if count_bytes:
+        if kind == MessageType.TRAIN:
             self.ledger.sent_to = len(messages)
+            self._broadcast = wire.decode(**payload)  # the codec's rounding included: clients start here
         return messages
 
     def _accept(self, reply: Message) -> None:
@@ -171,7 +185,13 @@ class LoraStrategy(Strategy):
             return
         self.ledger.replies += 1
         self.ledger.bytes_up += payload_bytes(reply.content)
-        name = str(reply.content["info"]["name"]) if "info" in reply.content.config_records else f"node {node}"
+        info = reply.content["info"] if "info" in reply.content.config_records else ConfigRecord()
+        name = str(info.get("name", f"node {node}"))
+        if "privacy-spent" in info:  # a DP-SGD client whose budget would be exceeded: not an error
+            metrics = reply.content["metrics"] if "metrics" in reply.content.metric_records else {}
+            self.ledger.budget_spent[name] = float(metrics.get("epsilon", math.nan))
+            self.ledger.rejected.append(f"{name}: {info['privacy-spent']}")
+            return
         problem, update = self.decode(reply.content, node, name)
         if problem:
             self.ledger.rejected.append(f"{name}: {problem}")
@@ -220,19 +240,21 @@ class LoraStrategy(Strategy):
     def replay_seeds(self, arrays: ArrayRecord, config: ConfigRecord) -> Tensors:
         """A ZO client's sent tensors, rebuilt from its seeds and the broadcast it started from."""
         steps, weight_decay = wire.decode_seeds(arrays, config)
-        if self._broadcast is None:  # what clients decoded: the codec's rounding included
-            sent = {name: self.current[name] for name in self.sent_names()}
-            self._broadcast = wire.decode(**wire.encode(sent, self.compression))
         shapes = {n: tuple(v.shape) for n, v in self.current.items() if role_of(n) in self.plan.trained}
         return zo.replay(self._broadcast, shapes, steps, weight_decay)
 
     # -- state that must survive a coordinator restart ----------------------------
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate()}
+        state = {"rng": self.rng.getstate()}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
 
 
 def weighted_metrics(results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
+from client.data import holdout_split
 from conftest import REPO, run_cli
 from coordinator.superlink import free_port
+from fedtune.records import read_records
 
 pytestmark = pytest.mark.slow
 
@@ -101,14 +104,21 @@ def site(tmp_path_factory):
 
 
 def agent(
-    site: Path, index: int, address: str, log_dir: Path, tls: bool = True, mode: str | None = None, **overrides: Path
+    site: Path,
+    index: int,
+    address: str,
+    log_dir: Path,
+    tls: bool = True,
+    mode: str | None = None,
+    state_dir: Path | None = None,
+    **overrides: Path,
 ) -> subprocess.Popen:
     """Agent client-INDEX on its partition; its output goes to LOG_DIR/client-INDEX.log."""
     name = f"client-{index}"
     log_dir.mkdir(parents=True, exist_ok=True)
     args = ["client", "--coordinator", address, "--data", str(site / "data" / f"{name}.jsonl"), "--name", name]
     args += ["--mode", mode] if mode else []
-    args += ["--state-dir", str(log_dir / "agents" / name)]
+    args += ["--state-dir", str((state_dir or log_dir / "agents") / name)]
     if tls:
         args += ["--ca-cert", str(overrides.get("ca", site / "certs" / "ca.crt"))]
         args += ["--key", str(overrides.get("key", site / "keys" / name))]
@@ -214,12 +224,20 @@ def test_agent_without_a_ca_certificate_is_told_how_to_get_one(site):
     ]
 
 
+def opacus_epsilon(history: list[tuple[float, float, int]], delta: float = 1e-5) -> float:
+    accountant = RDPAccountant()
+    accountant.history = history
+    return accountant.get_epsilon(delta)
+
+
 def test_run_finishes_when_an_agent_dies_in_round_two(site, tmp_path):
+    """With client-level DP: the round that lost a client is kept and accounted at its smaller rate."""
     address = f"127.0.0.1:{free_port()}"
     run = tmp_path / "run"
     coordinator = fedtune(
         "coordinator", CONFIG, *SMALL, "--set", "federation.rounds=3", "--set", "federation.min_clients=2",
         "--set", "federation.join_timeout=120",  # all three agents are in round 1
+        "--set", "privacy.mode=client", "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.clip_norm=10",
         "--address", address, "--out", str(run), "--insecure", log=tmp_path / "coordinator.log",
     )  # fmt: skip
     agents = [agent(site, i, address, tmp_path, tls=False) for i in range(3)]
@@ -234,14 +252,19 @@ def test_run_finishes_when_an_agent_dies_in_round_two(site, tmp_path):
     assert [r["round"] for r in records] == [1, 2, 3]
     assert records[0]["clients"] == 3 and records[2]["clients"] == 2
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    for done, record in enumerate(records, start=1):
+        history = [(1.0, r["clients"] / 3, 1) for r in records[:done]]
+        assert record["epsilon"] == pytest.approx(opacus_epsilon(history), rel=0.01)
 
 
 def test_killed_coordinator_resumes_after_its_last_round(site, tmp_path):
+    """With DP-SGD on the agents: their privacy ledgers outlive both restarts."""
     address = f"127.0.0.1:{free_port()}"
     run = tmp_path / "run"
     common = ["--address", address, "--insecure"]
     first = fedtune(
         "coordinator", CONFIG, *SMALL, "--set", "federation.rounds=3", "--set", "federation.min_clients=3",
+        "--set", "privacy.mode=sample", "--set", "privacy.noise_multiplier=1.0",
         "--out", str(run), *common, log=tmp_path / "coordinator-1.log",
     )  # fmt: skip
     agents = [agent(site, i, address, tmp_path, tls=False) for i in range(3)]
@@ -252,7 +275,9 @@ def test_killed_coordinator_resumes_after_its_last_round(site, tmp_path):
         stop(*agents)  # the agents are restarted too (same state dirs), as an operator would
         resumed = fedtune("coordinator", "--resume", str(run), *common, log=tmp_path / "coordinator-2.log")
         wait_for(lambda: "waiting for" in (tmp_path / "coordinator-2.log").read_text(), 120, "the coordinator")
-        agents = [agent(site, i, address, tmp_path / "restarted", tls=False) for i in range(3)]
+        agents = [
+            agent(site, i, address, tmp_path / "restarted", tls=False, state_dir=tmp_path / "agents") for i in range(3)
+        ]
         output = finish(resumed, tmp_path / "coordinator-2.log")
     finally:
         stop(*agents)
@@ -261,3 +286,9 @@ def test_killed_coordinator_resumes_after_its_last_round(site, tmp_path):
     assert rounds_done(run) == [1, 2, 3]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-1", "round-2", "round-3"]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for name, epsilon in final["client_epsilon"].items():
+        rows = list(read_records(str(site / "data" / f"{name}.jsonl")))
+        rate = 16 / len(holdout_split(rows, 0.1, seed=f"0:{name}")[0])
+        # three rounds of 3 steps; a fourth if round 2 was trained before the kill and then again
+        assert opacus_epsilon([(1.0, rate, 9)]) * 0.99 <= epsilon <= opacus_epsilon([(1.0, rate, 12)]) * 1.01

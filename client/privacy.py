@@ -1,0 +1,53 @@
+"""A client's sample-level privacy ledger: Opacus' RDP accountant, kept across rounds.
+
+The accountant's history is the whole privacy state; it is saved in the client's state
+dir after every round, so the budget survives agent restarts and coordinator resumes.
+Before a round the client asks what ε its steps would bring and refuses to train past
+``privacy.target_epsilon``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opacus.accountants import RDPAccountant
+
+from fedtune.privacy import history_epsilon
+
+LEDGER_FILE = "privacy.json"
+
+
+@dataclass
+class PrivacyLedger:
+    path: Path
+    delta: float
+    accountant: RDPAccountant = field(default_factory=RDPAccountant)
+
+    @classmethod
+    def load(cls, state_dir: Path, delta: float) -> PrivacyLedger:
+        ledger = cls(state_dir / LEDGER_FILE, delta)
+        if ledger.path.is_file():
+            ledger.accountant.history = [tuple(entry) for entry in json.loads(ledger.path.read_text())["history"]]
+        return ledger
+
+    def step(self, noise_multiplier: float, sample_rate: float) -> None:
+        self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+
+    def epsilon(self) -> float:
+        return history_epsilon(self.accountant.history, self.delta)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        return history_epsilon([*self.accountant.history, (noise_multiplier, sample_rate, steps)], self.delta)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_name(f".{LEDGER_FILE}.tmp")
+        staging.write_text(json.dumps({"accountant": "rdp", "delta": self.delta, "history": self.accountant.history}))
+        staging.replace(self.path)
+
+
+def sample_rate(batch_size: int, examples: int) -> float:
+    """Poisson sampling rate that gives ``batch_size`` examples per step on average."""
+    return min(1.0, batch_size / examples)

@@ -1,0 +1,112 @@
+"""DP-SGD with Opacus: Poisson-sampled batches, per-sample clipping, Gaussian noise.
+
+Opacus' ``GradSampleModule`` computes per-sample gradients of the trained adapter
+tensors and its ``DPOptimizer`` clips each to ``privacy.max_grad_norm``, sums, adds
+N(0, (σ·max_grad_norm)²) and divides by the expected batch size. Batches are Poisson
+samples (each example independently with rate q = batch_size / examples), the sampling
+that Opacus' RDP accountant assumes; the client's ledger (``client/privacy.py``) is
+advanced once per optimizer step. The wrapper is removed after the round, because one
+model object serves every simulated client of a process.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from client.adapters import AdapterModel
+from client.data import ExampleSet, collate
+from client.privacy import PrivacyLedger, sample_rate
+from client.trainers.backprop import make_optimizer
+from client.trainers.base import TrainResult, to_device
+from fedtune.config import ClientSection, Config
+from fedtune.privacy import calibrated_noise, dp_random, torch_generator
+
+
+class DPSGDTrainer:
+    def __init__(
+        self,
+        ledger: PrivacyLedger,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        secret: random.Random,
+    ) -> None:
+        self.ledger = ledger
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.sample_rate = sample_rate
+        self.secret = secret  # Poisson draws and noise; unpredictable unless privacy.seed is set
+
+    @classmethod
+    def for_client(cls, config: Config, ledger: PrivacyLedger, examples: int, name: str, round_number: int):
+        """σ from ``privacy.noise_multiplier``, or calibrated so the planned rounds reach target ε."""
+        privacy, settings = config.privacy, config.client
+        rate = sample_rate(settings.batch_size, examples)
+        noise = privacy.noise_multiplier
+        if noise is None:
+            planned = config.federation.rounds * settings.local_steps
+            noise = calibrated_noise(privacy.target_epsilon, privacy.delta, rate, planned)
+        return cls(ledger, noise, privacy.max_grad_norm, rate, dp_random(privacy.seed, name, round_number))
+
+    def refusal(self, target_epsilon: float | None, steps: int) -> str | None:
+        """Why this client must not train this round (its budget would be exceeded), else None."""
+        if target_epsilon is None:
+            return None
+        after = self.ledger.epsilon_after(self.noise_multiplier, self.sample_rate, steps)
+        if after <= target_epsilon:
+            return None
+        return (
+            f"privacy budget spent: this round would raise ε from {self.ledger.epsilon():.3f} to {after:.3f}, "
+            f"over privacy.target_epsilon {target_epsilon:g}"
+        )
+
+    def train(
+        self,
+        model: AdapterModel,
+        params: dict[str, torch.nn.Parameter],
+        data: ExampleSet,
+        settings: ClientSection,
+        rng: random.Random,
+    ) -> TrainResult:
+        rate = self.sample_rate
+        model.model.train()  # Opacus records activations only in training mode
+        module = GradSampleModule(model.model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(
+            make_optimizer(params, settings),
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=settings.batch_size,
+            generator=torch_generator(self.secret, model.device),
+        )
+        total_loss, examples = 0.0, 0
+        try:
+            with warnings.catch_warnings():  # LoRA inputs are frozen activations: expected, not a problem
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for _ in range(settings.local_steps):
+                    chosen = [i for i in range(len(data)) if self.secret.random() < rate]
+                    if chosen:
+                        batch = to_device(collate([data.examples[i] for i in chosen], data.pad_id), model.device)
+                        loss = module(**batch).loss
+                        loss.backward()
+                        total_loss += loss.item()
+                        examples += len(chosen)
+                    else:  # an empty Poisson draw is still a step: noise only
+                        for param in params.values():
+                            param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    self.ledger.step(self.noise_multiplier, rate)
+        finally:
+            module._close()  # remove the hooks and per-sample buffers from the shared model
+            model.model.eval()
+        return TrainResult(
+            steps=settings.local_steps,
+            examples=examples,
+            loss=total_loss / settings.local_steps,
+            metrics={"noise_multiplier": self.noise_multiplier, "sample_rate": rate},
+        )

@@ -1,0 +1,59 @@
+"""Differential-privacy pieces both sides share: Opacus accounting, noise calibration, secret randomness.
+
+An accountant's history is a list of (noise multiplier, sample rate, steps); Opacus'
+RDP accountant turns it into ε at a given δ. fedtune keeps histories (the client's
+for DP-SGD, the coordinator's for client-level DP) and asks Opacus, never its own
+formulas.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+History = list[tuple[float, float, int]]
+
+
+def history_epsilon(history: History, delta: float) -> float:
+    """ε of a history at δ; ``math.inf`` once any step had no noise."""
+    if not history:
+        return 0.0
+    if any(noise == 0 for noise, _, _ in history):
+        return math.inf
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest σ (to Opacus' search tolerance) whose ``steps`` at ``sample_rate`` stay within ε."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
+        )
+    )
+
+
+def dp_random(seed: int | None, *parts: object) -> random.Random:
+    """Randomness for DP sampling and noise: secret unless ``privacy.seed`` makes it repeatable.
+
+    Amplification by sampling and the noise itself assume nobody else can predict
+    them; the run seed travels in the run config to every party, so it is not used.
+    """
+    if seed is None:
+        return random.Random(secrets.randbits(128))
+    return random.Random(":".join(str(p) for p in (seed, *parts)))
+
+
+def torch_generator(source: random.Random, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(source.getrandbits(63))
+
+
+def json_epsilon(epsilon: float) -> float | None:
+    """ε for metrics.jsonl: ``null`` stands for infinite (no noise)."""
+    return None if math.isinf(epsilon) else round(epsilon, 6)

@@ -1,0 +1,225 @@
+"""Differential privacy: DP-SGD on clients (Opacus) and client-level DP-FedAvg, with accounting.
+
+ε is recomputed here from (sampling rate, noise multiplier, steps, δ) with a fresh Opacus
+accountant, independently of how fedtune keeps its histories.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from opacus.accountants import RDPAccountant
+
+from client.adapters import build_adapter_model
+from client.data import TaskSpec, encode
+from client.evaluate import evaluate
+from client.privacy import PrivacyLedger
+from client.trainers import BackpropTrainer
+from client.trainers.dpsgd import DPSGDTrainer
+from conftest import run_cli
+from fedtune.config import load_config
+from fedtune.records import read_records
+from fedtune.resolve import resolve
+from flower_helpers import StaticGrid, enter_run, reply
+from simulations.partition import client_rows
+from strategies import build_strategy
+from strategies.fedit import weighted_mean
+
+QUICKSTART = "simulations/configs/quickstart.yaml"
+SMALL = ["federation.clients=3", "federation.min_clients=3", "data.partition.kind=iid", "data.eval_max_examples=60"]
+
+
+def opacus_epsilon(history: list[tuple[float, float, int]], delta: float = 1e-5) -> float:
+    accountant = RDPAccountant()
+    accountant.history = history
+    return accountant.get_epsilon(delta)
+
+
+def _records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _target_between(epsilons: list[float], rounds_allowed: int) -> float:
+    """A budget that fits ``rounds_allowed`` rounds but not one more."""
+    return (epsilons[rounds_allowed - 1] + epsilons[rounds_allowed]) / 2
+
+
+# -- sample level: DP-SGD on every client ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def job():
+    config = resolve(
+        load_config(QUICKSTART, ["client.optimizer=sgd", "client.lr=1.0", "client.local_steps=1", "privacy.seed=3"]),
+        name_hint="dp",
+        need_train_data=True,
+    )
+    model = build_adapter_model(config, list(config.data.labels))
+    spec = TaskSpec.from_config(config)
+    train = encode(list(read_records(config.data.train))[:400], spec, model.tokenizer, "train")
+    held = encode(list(read_records(config.data.eval)), spec, model.tokenizer, "eval")
+    return config, model, train, held
+
+
+def _update_norm(model, trainer, data, config) -> tuple[float, int]:
+    """Norm of one training call's change to the adapter, and the examples it used."""
+    params = model.trainable({"lora_A", "lora_B", "head"})
+    model.load_state({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in model.state().items()})
+    before = model.state()
+    result = trainer.train(model, params, data, config.client, random.Random(0))
+    after = model.state()
+    return math.sqrt(sum(float((after[k] - before[k]).square().sum()) for k in before)), result.examples
+
+
+def test_dp_sgd_clips_every_per_sample_gradient(job, tmp_path):
+    """One SGD step (lr 1, no noise): the update is the sum of clipped per-sample gradients over the
+    expected batch, so its norm is at most C x (examples drawn / batch size); unclipped it is far larger."""
+    config, model, train, _ = job
+    clip = 1e-3
+    ledger = PrivacyLedger.load(tmp_path, 1e-5)
+    trainer = DPSGDTrainer(ledger, 0.0, clip, 16 / len(train), random.Random(5))
+    dp_norm, drawn = _update_norm(model, trainer, train, config)
+    plain_norm, _ = _update_norm(model, BackpropTrainer(), train, config)
+    assert drawn > 0 and 0 < dp_norm <= clip * drawn / 16 * (1 + 1e-4)
+    assert plain_norm > 20 * dp_norm
+    assert ledger.accountant.history == [(0.0, 16 / len(train), 1)]
+    assert not any(hasattr(p, "grad_sample") for p in model.params.values())  # the shared model is unwrapped
+    assert not any(m._forward_hooks for m in model.model.modules())
+
+
+def test_dp_sgd_without_noise_or_clipping_trains_like_backprop(job, tmp_path):
+    """Noise 0 and a clip no gradient reaches: DP-SGD is minibatch AdamW on Poisson batches."""
+    config, model, train, held = job
+    settings = config.client.model_copy(update={"optimizer": "adamw", "lr": 0.002, "local_steps": 40})
+    accuracies = []
+    unclipped = DPSGDTrainer(PrivacyLedger.load(tmp_path, 1e-5), 0.0, 1e6, 16 / len(train), random.Random(1))
+    for trainer in (BackpropTrainer(), unclipped):
+        model.load_state(model.state() | {k: torch.zeros_like(v) for k, v in model.state(["lora_B"]).items()})
+        params = model.trainable({"lora_A", "lora_B", "head"})
+        trainer.train(model, params, train, settings, random.Random(0))
+        accuracies.append(evaluate(model, held)["accuracy"])
+    assert accuracies[0] > 0.6  # it learned something to compare
+    assert abs(accuracies[0] - accuracies[1]) <= 0.01, accuracies
+
+
+@pytest.mark.slow
+def test_sample_level_run_accounts_each_client_like_opacus_and_stops_at_its_budget(tmp_path):
+    config = resolve(load_config(QUICKSTART, SMALL), name_hint="dp", need_train_data=True)
+    steps, sigma = config.client.local_steps, 1.0
+    rates = {f"client-{k}": 16 / len(client_rows(config, k)[0]) for k in range(3)}
+    per_round = [max(opacus_epsilon([(sigma, q, steps * r)]) for q in rates.values()) for r in (1, 2, 3)]
+    target = _target_between(per_round, 2)
+    result = run_cli(
+        "simulate", QUICKSTART, *[f"--set={s}" for s in SMALL], "--set", "federation.rounds=5",
+        "--set", "privacy.mode=sample", "--set", f"privacy.noise_multiplier={sigma}",
+        "--set", f"privacy.target_epsilon={target}", "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = _records(tmp_path / "run")
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        for name, epsilon in record["client_epsilon"].items():
+            expected = opacus_epsilon([(sigma, rates[name], steps * record["round"])])
+            assert epsilon == pytest.approx(expected, rel=0.01)
+        assert record["epsilon"] == max(record["client_epsilon"].values()) <= target
+    assert "privacy budget spent" in result.stdout
+    assert "fewer than federation.min_clients=3 can still train" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "budget-reached" and summary["privacy"]["epsilon"] <= target
+    for name in rates:  # the ledger a restarted agent would continue from
+        history = json.loads((tmp_path / "run" / "clients" / name / "privacy.json").read_text())["history"]
+        assert history == [[sigma, rates[name], 2 * steps]]
+
+
+# -- client level: DP-FedAvg in the strategy ----------------------------------------
+
+
+def _client_level_round(strategy_name: str, clip_norm: float, noise: float, deltas: list[float]):
+    """One round of the real strategy on three clients whose updates have the given norms."""
+    enter_run()
+    overrides = [
+        *SMALL, f"strategy.name={strategy_name}", "privacy.mode=client", f"privacy.noise_multiplier={noise}",
+        f"privacy.clip_norm={clip_norm}", "privacy.seed=0",
+    ]  # fmt: skip
+    config = resolve(load_config(QUICKSTART, overrides), name_hint="dp", need_train_data=True)
+    strategy = build_strategy(config)
+    start = {"classifier.weight": torch.randn(3, 8)}
+    for i in range(3):
+        start |= {f"layer{i}.lora_A.weight": torch.randn(4, 8), f"layer{i}.lora_B.weight": torch.randn(8, 4)}
+    messages = list(strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), StaticGrid([1, 2, 3])))
+    sent = strategy.sent_names()
+    replies, tensors = [], []
+    for k, (message, norm) in enumerate(zip(messages, deltas)):
+        direction = {n: torch.randn_like(start[n]) for n in sent}
+        length = math.sqrt(sum(float(d.square().sum()) for d in direction.values()))
+        tensors.append({n: start[n] + norm / length * direction[n] for n in sent})
+        proof = {"frozen-checksum": strategy.frozen_checksum or ""}
+        replies.append(reply(message, tensors[-1], num_examples=10 * (k + 1), name=f"client-{k}", **proof))
+    new, _ = strategy.aggregate_train(1, replies)
+    return strategy, start, tensors, new.to_torch_state_dict()
+
+
+@pytest.mark.parametrize("strategy_name", ["fedit", "ffa", "fedsa"])
+def test_client_updates_entering_the_aggregate_are_clipped_to_clip_norm(strategy_name):
+    strategy, start, _, new = _client_level_round(strategy_name, clip_norm=0.5, noise=0.0, deltas=[5.0, 0.2, 2.0])
+    assert strategy.ledger.update_norms == pytest.approx([5.0, 0.2, 2.0], rel=1e-4)
+    assert strategy.ledger.clip_norm == 0.5
+    mean_update = math.sqrt(sum(float((new[n] - start[n]).square().sum()) for n in strategy.sent_names()))
+    assert mean_update <= 0.5 * (1 + 1e-5)  # every contribution <= C, so their mean is too
+    assert not strategy.ledger.rejected
+
+
+def test_client_level_dp_without_noise_or_clipping_is_the_plain_mean():
+    strategy, _, tensors, new = _client_level_round("fedit", clip_norm=1e6, noise=0.0, deltas=[5.0, 0.2, 2.0])
+    expected = weighted_mean(tensors, [1, 1, 1])  # DP-FedAvg weighs clients equally
+    for name, value in expected.items():
+        torch.testing.assert_close(new[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_client_level_noise_has_the_mechanism_s_scale():
+    """Noise std on each coordinate of the mean = z·C/m."""
+    strategy, start, _, new = _client_level_round("ffa", clip_norm=1e-6, noise=2.0, deltas=[1.0, 1.0, 1.0])
+    noise = torch.cat([(new[n] - start[n]).flatten() for n in strategy.sent_names()])
+    assert noise.std().item() == pytest.approx(2.0 * 1e-6 / 3, rel=0.15)
+    assert strategy.privacy.history == [(2.0, 1.0, 1)]
+
+
+@pytest.mark.slow
+def test_client_level_run_accounts_like_opacus_and_stops_at_its_budget(tmp_path):
+    sigma = 2.0
+    per_round = [opacus_epsilon([(sigma, 1.0, r)]) for r in (1, 2, 3)]
+    target = _target_between(per_round, 2)
+    result = run_cli(
+        "simulate", QUICKSTART, *[f"--set={s}" for s in SMALL], "--set", "federation.rounds=5",
+        "--set", "privacy.mode=client", "--set", f"privacy.noise_multiplier={sigma}",
+        "--set", f"privacy.target_epsilon={target}", "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = _records(tmp_path / "run")
+    assert [r["round"] for r in records] == [1, 2]
+    for record, expected in zip(records, per_round):
+        assert record["epsilon"] == pytest.approx(expected, rel=0.01)
+        assert record["epsilon"] <= target and record["clients"] == 3
+    assert "before round 3: privacy budget reached" in result.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "budget-reached"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["privacy.mode=client"], "privacy.mode client: set privacy.noise_multiplier, privacy.target_epsilon or both"),
+        (["privacy.mode=sample", "privacy.target_epsilon=3", "client.zo_clients=[1]"], "DP-SGD needs backprop clients"),
+        (["privacy.mode=client", "privacy.target_epsilon=3", "strategy.name=fair"], "ε would not cover it"),
+        (["privacy.mode=laplace"], "privacy.mode: Input should be 'none', 'sample' or 'client'"),
+    ],
+)
+def test_dp_settings_that_cannot_be_honoured_are_one_line_errors(overrides, message, tmp_path):
+    result = run_cli("simulate", QUICKSTART, *[f"--set={s}" for s in overrides], "--out", str(tmp_path / "r"))
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
