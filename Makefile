@@ -25,7 +25,7 @@ quickstart: install
 	$(BIN)/fedtune simulate simulations/configs/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

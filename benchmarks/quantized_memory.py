@@ -100,6 +100,16 @@ def measure(model_name: str, quantization: str, batch: int, length: int, data: s
     return result
 
 
+def run_case(command: list[str], env: dict[str, str] | None = None) -> dict:
+    """One measurement in a fresh process (its last stdout line is the JSON result), echoed."""
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[2:])}: {done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sst2" / "train.tsv"))
@@ -116,11 +126,7 @@ def main() -> None:
         batch, length = setting.split("x")
         for model_name, quantization in CASES:
             command = [sys.executable, __file__, "--data", args.data, "--case", model_name, quantization, batch, length]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-            if done.returncode != 0:
-                raise SystemExit(f"{model_name} {quantization}: {done.stderr[-2000:]}")
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
+            results.append(run_case(command))
     print("\n| model | batch x length | base | resident weights | step peak | vs fp32 (weights / peak) |")
     print("|---|---|---|---|---|---|")
     for row in results:

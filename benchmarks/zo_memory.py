@@ -26,13 +26,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from quantized_memory import release_freed_memory, rss_mb  # noqa: E402
+from quantized_memory import release_freed_memory, rss_mb, run_case  # noqa: E402
 
 # Large buffers straight from mmap, returned on free: the high-water mark then tracks live
 # tensors, not chunks glibc's heap keeps after a free (which made repeated runs differ by GBs).
@@ -135,11 +134,7 @@ def main() -> None:
     for case in CASES:
         command = [sys.executable, __file__, "--data", args.data, "--batch", str(args.batch)]
         command += ["--length", str(args.length), "--case", *case]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, **ALLOCATOR})
-        if done.returncode != 0:
-            raise SystemExit(f"{case}: {done.stderr[-2000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]), flush=True)
+        results.append(run_case(command, env={**os.environ, **ALLOCATOR}))
     key = "cuda_peak_mb" if "cuda_peak_mb" in results[0] else "peak_mb"
     print(f"\n{args.batch} x {args.length} tokens, {key} (weights included); extra = above the loaded model")
     columns = ["model", "base", "inference peak", "zo peak", "backprop peak", "zo / inference", "backprop / zo"]

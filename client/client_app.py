@@ -20,6 +20,7 @@ from client.trainers import make_trainer
 from client.trainers.base import seeded_torch
 from client.trainers.dpsgd import DPSGDTrainer
 from fedtune import wire
+from fedtune.errors import UserError
 from fedtune.plan import ParameterPlan
 
 app = ClientApp()
@@ -36,6 +37,8 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     rng = job.rng(round_number)
     if job.config.privacy.mode == "sample":
+        if job.mode != "backprop":
+            raise UserError(f"{job.name} trains with --mode {job.mode}; privacy.mode sample (DP-SGD) needs backprop")
         ledger = PrivacyLedger.load(job.state_dir, job.config.privacy.delta)
         trainer = DPSGDTrainer.for_client(job.config, ledger, len(job.train), job.name, round_number)
         refusal = trainer.refusal(job.config.privacy.target_epsilon, job.config.client.local_steps)

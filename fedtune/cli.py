@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from fedtune.config import Config, load_config
@@ -219,12 +220,17 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="run directory (default: output.dir/output.name)")
 
 
-def _prepare_run(args: argparse.Namespace, need_train_data: bool) -> tuple[Config, RunDir]:
+def _prepare_run(
+    args: argparse.Namespace, need_train_data: bool, check: Callable[[Config], None] | None = None
+) -> tuple[Config, RunDir]:
+    """The resolved config and a new run directory, created only once every check passed."""
     from fedtune.resolve import resolve
 
     config = resolve(
         load_config(args.config, args.overrides), name_hint=Path(args.config).stem, need_train_data=need_train_data
     )
+    if check:
+        check(config)
     path = Path(args.out) if args.out else Path(config.output.dir) / str(config.output.name)
     if path.exists() and any(path.iterdir()):
         raise UserError(f"{path} already exists and is not empty; choose another --out or output.name")
@@ -248,9 +254,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from simulations.central import run_central, steps_per_round
+    from simulations.central import check_central, run_central, steps_per_round
 
-    config, run = _prepare_run(args, need_train_data=True)
+    config, run = _prepare_run(args, need_train_data=True, check=check_central)
     print(f"fedtune: centralized training, {config.federation.rounds} x {steps_per_round(config)} steps -> {run.path}")
     return _report(run_central(config, run), run)
 

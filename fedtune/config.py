@@ -7,6 +7,7 @@ problem into a ``UserError`` with one line per bad field.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,10 @@ class FederationSection(Section):
     join_timeout: float = Field(30.0, ge=0)
     eval_every: int = Field(1, ge=0)
     compression: Literal["none", "fp16", "int8"] = "none"
+
+    def clients_per_round(self) -> int:
+        """Clients sampled per round when all are connected: ⌈fraction·clients⌉, at least min_clients."""
+        return min(self.clients, max(self.min_clients, math.ceil(self.fraction * self.clients)))
 
 
 class ClientSection(Section):

@@ -61,7 +61,7 @@ class ClientLevelDP:
     @classmethod
     def from_config(cls, config: Config) -> ClientLevelDP:
         privacy, fed = config.privacy, config.federation
-        planned = min(fed.clients, max(fed.min_clients, math.ceil(fed.fraction * fed.clients)))
+        planned = fed.clients_per_round()
         noise = privacy.noise_multiplier
         if noise is None:
             noise = calibrated_noise(privacy.target_epsilon, privacy.delta, planned / fed.clients, fed.rounds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -23,12 +24,14 @@ from client.trainers import BackpropTrainer
 from client.trainers.dpsgd import DPSGDTrainer
 from conftest import run_cli
 from fedtune.config import load_config
+from fedtune.errors import UserError
 from fedtune.records import read_records
 from fedtune.resolve import resolve
 from flower_helpers import StaticGrid, enter_run, reply
 from simulations.partition import client_rows
 from strategies import build_strategy
 from strategies.fedit import weighted_mean
+from strategies.privacy import ClientLevelDP
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 SMALL = ["federation.clients=3", "federation.min_clients=3", "data.partition.kind=iid", "data.eval_max_examples=60"]
@@ -90,6 +93,18 @@ def test_dp_sgd_clips_every_per_sample_gradient(job, tmp_path):
     assert ledger.accountant.history == [(0.0, 16 / len(train), 1)]
     assert not any(hasattr(p, "grad_sample") for p in model.params.values())  # the shared model is unwrapped
     assert not any(m._forward_hooks for m in model.model.modules())
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_dp_sgd_clips_per_sample_gradients_over_a_quantized_base(quantization, tmp_path):
+    """Opacus hooks only the LoRA and head layers (full precision); the frozen bitsandbytes base is left alone."""
+    overrides = [f"model.quantization={quantization}", "client.optimizer=sgd", "client.lr=1.0", "client.local_steps=1"]
+    config = resolve(load_config(QUICKSTART, overrides), name_hint="dp", need_train_data=True)
+    model = build_adapter_model(config, list(config.data.labels))
+    data = encode(list(read_records(config.data.train))[:200], TaskSpec.from_config(config), model.tokenizer, "t")
+    trainer = DPSGDTrainer(PrivacyLedger.load(tmp_path, 1e-5), 0.0, 1e-3, 16 / len(data), random.Random(2))
+    norm, drawn = _update_norm(model, trainer, data, config)
+    assert drawn > 0 and 0 < norm <= 1e-3 * drawn / 16 * (1 + 1e-4)
 
 
 def test_dp_sgd_without_noise_or_clipping_trains_like_backprop(job, tmp_path):
@@ -214,12 +229,53 @@ def test_client_level_run_accounts_like_opacus_and_stops_at_its_budget(tmp_path)
     [
         (["privacy.mode=client"], "privacy.mode client: set privacy.noise_multiplier, privacy.target_epsilon or both"),
         (["privacy.mode=sample", "privacy.target_epsilon=3", "client.zo_clients=[1]"], "DP-SGD needs backprop clients"),
-        (["privacy.mode=client", "privacy.target_epsilon=3", "strategy.name=fair"], "ε would not cover it"),
+        (["privacy.mode=sample", "privacy.target_epsilon=3", "client.grad_accum=2"], "client.grad_accum must be 1"),
         (["privacy.mode=laplace"], "privacy.mode: Input should be 'none', 'sample' or 'client'"),
     ],
 )
-def test_dp_settings_that_cannot_be_honoured_are_one_line_errors(overrides, message, tmp_path):
+def test_dp_settings_that_cannot_be_honoured_are_refused_at_config_load(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        resolve(load_config(QUICKSTART, overrides), name_hint="dp", need_train_data=True)
+
+
+def test_fair_with_client_level_dp_is_one_line_from_the_cli(tmp_path):
+    overrides = ["privacy.mode=client", "privacy.target_epsilon=3", "strategy.name=fair"]
     result = run_cli("simulate", QUICKSTART, *[f"--set={s}" for s in overrides], "--out", str(tmp_path / "r"))
-    assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "ε would not cover it" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_adaptive_clipping_moves_the_clip_norm_towards_the_target_quantile():
+    """No noise on the count: all updates clipped -> C grows; none clipped -> C shrinks (Andrew et al.)."""
+    config = resolve(
+        load_config(
+            QUICKSTART, [*SMALL, "privacy.mode=client", "privacy.noise_multiplier=0", "privacy.adaptive_clipping=true"]
+        ),
+        name_hint="dp",
+        need_train_data=True,
+    )
+    dp = ClientLevelDP.from_config(config)
+    dp.adapt([5.0, 5.0, 5.0], round_number=1)
+    assert dp.clip_norm == pytest.approx(math.exp(0.2 * 0.5))
+    dp.clip_norm = 1.0
+    dp.adapt([0.1, 0.1, 0.1], round_number=2)
+    assert dp.clip_norm == pytest.approx(math.exp(-0.2 * 0.5))
+
+
+@pytest.mark.slow
+def test_centralized_reference_trains_with_dp_sgd_and_reports_epsilon(tmp_path):
+    common = ["--set", "federation.rounds=2", "--set", "client.local_steps=1", "--set", "data.eval_max_examples=60"]
+    result = run_cli(
+        "train", QUICKSTART, *common, "--set", "privacy.mode=sample", "--set", "privacy.target_epsilon=2",
+        "--out", str(tmp_path / "central"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = _records(tmp_path / "central")
+    assert 0 < records[0]["epsilon"] < records[1]["epsilon"] <= 2.0
+    refused = run_cli(
+        "train", QUICKSTART, "--set", "privacy.mode=client", "--set", "privacy.noise_multiplier=1",
+        "--out", str(tmp_path / "refused"),
+    )  # fmt: skip
+    assert refused.returncode != 0 and "fedtune train has none" in refused.stderr
+    assert not (tmp_path / "refused").exists()
