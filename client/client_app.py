@@ -54,12 +54,13 @@ def train(msg: Message, context: Context) -> Message:
     job.save_private(plan)
     metrics = {
         "num-examples": len(job.train),
-        "train_loss": result.loss,
         "train_s": time.perf_counter() - started,
         "steps": result.steps,
         **result.metrics,
     }
-    if ledger is not None:  # saved before the reply leaves: a lost reply still counts as spent
+    if ledger is None:
+        metrics["train_loss"] = result.loss
+    else:  # the loss is not privatised, so it stays here; the ledger is saved before the reply leaves
         ledger.save()
         metrics["epsilon"] = ledger.epsilon()
     info = {

@@ -77,6 +77,7 @@ class Federation:
             federation.client_loads = state.get("client_loads", {})
             federation.client_epsilon = state.get("client_epsilon", {})
             federation.budget_spent = set(state.get("budget_spent", []))
+            strategy.retired = set(federation.budget_spent)
             say(f"resuming {run.path.name} after round {rounds[-1]}")
         return federation
 
@@ -98,7 +99,7 @@ class Federation:
                 self.client_loads[str(update.info.get("process", update.name))] = int(update.info.get("model-loads", 0))
             record: dict[str, Any] = {
                 "round": rnd,
-                "train_loss": train_metrics["train_loss"],
+                "train_loss": train_metrics.get("train_loss"),  # DP-SGD clients do not report it
                 "clients": len(ledger.updates),
                 "sampled": ledger.sent_to,
                 **traffic,
@@ -163,6 +164,7 @@ class Federation:
         for name, epsilon in ledger.budget_spent.items():
             self.client_epsilon[name] = epsilon
             self.budget_spent.add(name)
+        self.strategy.retired = set(self.budget_spent)
 
     def _clients_with_budget(self) -> int:
         return self.config.federation.clients - len(self.budget_spent)

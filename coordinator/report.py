@@ -56,6 +56,8 @@ def finish_run(run: RunDir, config: Config, strategy: str, wall_s: float, extra:
     if records and "epsilon" in records[-1]:
         privacy = config.privacy
         summary["privacy"] = {"mode": privacy.mode, "epsilon": records[-1]["epsilon"], "delta": privacy.delta}
+        if privacy.seed is not None:  # repeatable noise: an experiment, not a guarantee
+            summary["privacy"]["warning"] = "privacy.seed was set: anyone who knows it can remove the noise"
     summary.update(extra)
     run.write_summary(summary)
     if config.output.plots:

@@ -55,11 +55,15 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
     params = model.trainable(ROLES)
     ledger = PrivacyLedger.load(run.path, config.privacy.delta) if config.privacy.mode == "sample" else None
     started = time.time()
+    extra: dict[str, Any] = {"total_steps": settings.local_steps * config.federation.rounds}
     for rnd in range(1, config.federation.rounds + 1):
         round_start = time.time()
         trainer: Trainer = make_trainer(mode, rnd, config.federation.rounds)
         if ledger is not None:
             trainer = DPSGDTrainer.for_client(central, ledger, len(train), "central", rnd)
+            if refusal := trainer.refusal(config.privacy.target_epsilon, settings.local_steps):
+                extra |= {"status": "budget-reached", "reason": f"before round {rnd}: {refusal}"}
+                break
         result = trainer.train(model, params, train, settings, random.Random(f"{config.seed}:central:{rnd}"))
         record: dict[str, Any] = {"round": rnd, "train_loss": result.loss, "steps": result.steps}
         if ledger is not None:
@@ -76,6 +80,4 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
         run.append_metrics(record)
         save_checkpoint(run, rnd, model, model.state(), {"strategy": {}, "elapsed_s": record["elapsed_s"]})
         echo(progress_line(record, config.federation.rounds))
-    return finish_run(
-        run, config, "central", time.time() - started, {"total_steps": settings.local_steps * config.federation.rounds}
-    )
+    return finish_run(run, config, "central", time.time() - started, extra)

@@ -30,4 +30,5 @@ def build_strategy(config: Config) -> LoraStrategy:
         strategy = STRATEGIES[name](**common)
     if config.privacy.mode == "client":
         strategy.privacy = ClientLevelDP.from_config(config)
+    strategy.budget_replies = config.privacy.mode == "sample"
     return strategy

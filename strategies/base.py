@@ -88,6 +88,8 @@ class LoraStrategy(Strategy):
         self.ledger = RoundLedger()
         self.node_names: dict[int, str] = {}  # for readable rejection reasons
         self.privacy: ClientLevelDP | None = None  # client-level DP, set by build_strategy
+        self.budget_replies = False  # sample-level DP: clients may reply "privacy budget spent"
+        self.retired: set[str] = set()  # clients whose privacy budget is spent: not sampled to train
         self._broadcast: Tensors = {}  # this round's sent tensors as clients decoded them
 
     # -- method-specific math ------------------------------------------------------
@@ -130,10 +132,10 @@ class LoraStrategy(Strategy):
         if self.privacy is None:
             new.update(self.combine(self.current, updates))
             return ArrayRecord(new), metrics
-        # client-level DP: clip what each client changed, average with equal weights, add noise
+        # client-level DP replaces combine: clip what each client changed, sum, add noise, average
         self.ledger.clip_norm = self.privacy.clip_norm
-        clipped, self.ledger.update_norms = self.privacy.clip(self._broadcast, updates)
-        new.update(self.privacy.noise(self.combine(self._broadcast, clipped), len(clipped), server_round))
+        aggregated, self.ledger.update_norms = self.privacy.aggregate(self._broadcast, updates, server_round)
+        new.update(aggregated)
         self.privacy.adapt(self.ledger.update_norms, server_round)
         return ArrayRecord(new), metrics
 
@@ -159,8 +161,13 @@ class LoraStrategy(Strategy):
 
     def _messages(self, server_round: int, config: ConfigRecord, grid: Grid, kind: str) -> list[Message]:
         nodes = sorted(grid.get_node_ids())
-        wanted = max(self.min_clients, math.ceil(self.fraction * len(nodes)))
-        chosen = self.rng.sample(nodes, min(wanted, len(nodes)))
+        if kind == MessageType.TRAIN:
+            nodes = [node for node in nodes if self.node_names.get(node) not in self.retired]
+        if kind == MessageType.TRAIN and self.privacy is not None:
+            chosen = self.privacy.sample(nodes, server_round)  # Poisson, secret: what the accountant assumes
+        else:
+            wanted = max(self.min_clients, math.ceil(self.fraction * len(nodes)))
+            chosen = self.rng.sample(nodes, min(wanted, len(nodes)))
         config = ConfigRecord(
             {**dict(config), "round": server_round, "compression": self.compression, **self.plan.to_record()}
         )
@@ -187,10 +194,11 @@ class LoraStrategy(Strategy):
         self.ledger.bytes_up += payload_bytes(reply.content)
         info = reply.content["info"] if "info" in reply.content.config_records else ConfigRecord()
         name = str(info.get("name", f"node {node}"))
-        if "privacy-spent" in info:  # a DP-SGD client whose budget would be exceeded: not an error
+        if "privacy-spent" in info and self.budget_replies:  # a DP-SGD client at its budget: not an error
             metrics = reply.content["metrics"] if "metrics" in reply.content.metric_records else {}
             self.ledger.budget_spent[name] = float(metrics.get("epsilon", math.nan))
             self.ledger.rejected.append(f"{name}: {info['privacy-spent']}")
+            self.node_names[node] = name
             return
         problem, update = self.decode(reply.content, node, name)
         if problem:

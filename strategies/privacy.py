@@ -1,27 +1,29 @@
 """Client-level DP (DP-FedAvg, McMahan et al. 2018), inside fedtune's strategy layer.
 
-Each client's update Δ_k (its sent tensors minus the broadcast it started from) is
-clipped as one vector to norm C; the server averages the clipped updates with equal
-weights and adds N(0, (z·C/m)²) to every coordinate of the mean, m = clients
-aggregated. Opacus' RDP accountant charges one step of the sampled Gaussian mechanism
-per round at sampling rate m / ``federation.clients``, so a round in which a client
-failed is accounted with the clients actually aggregated.
+Each round's clients are a Poisson sample of the connected clients at rate
+q = ``federation.fraction``, drawn with secret randomness. Each client's update Δ_k (its
+sent tensors minus the broadcast it decoded) is clipped as one vector to norm C; the
+server adds N(0, (z·C)²) to the sum of the clipped updates and divides by the expected
+number of clients q·N (a fixed denominator, so the number of participants is not part
+of what is released). Opacus' RDP accountant charges one step of the sampled Gaussian
+mechanism per round at rate q: a client that fails mid-round does not lower the rate
+(it could have been sampled), and the round is kept with the replies that came.
 
-Adaptive clipping (Andrew et al. 2021): clients' "unclipped" bits are summed with
-Gaussian noise and C moves geometrically toward the ``target_quantile`` of update
+Adaptive clipping (Andrew et al. 2021): the centred "unclipped" bits b_k − ½ are summed
+with Gaussian noise and C moves geometrically toward the ``target_quantile`` of update
 norms. The bit count costs privacy too; Flower's ``compute_adaptive_noise_params``
 splits z between the update and the count so the total is still charged as z.
 
 Why not Flower's ``DifferentialPrivacyServerSide*Clipping`` wrappers: they skip a
 whole round when any reply fails, expect every reply to carry the whole model as a
-plain ``ArrayRecord`` (ours carry codec-packed sent tensors or ZO seeds), and do not
-account.
+plain ``ArrayRecord`` (ours carry codec-packed sent tensors or ZO seeds), sample clients
+with the strategy's own (seeded) sampler, and do not account.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
@@ -36,51 +38,47 @@ def update_norm(start: Tensors, tensors: Tensors) -> float:
     return math.sqrt(sum(float((tensors[k].float() - start[k].float()).square().sum()) for k in tensors))
 
 
-def clip_update(start: Tensors, tensors: Tensors, clip_norm: float) -> Tensors:
-    """start + (tensors − start)·min(1, C/‖tensors − start‖): the update as one vector."""
-    scale = min(1.0, clip_norm / max(update_norm(start, tensors), 1e-12))
-    return {k: start[k] + scale * (tensors[k].float() - start[k].float()) for k in tensors}
-
-
 @dataclass
 class ClientLevelDP:
     noise_multiplier: float  # z charged by the accountant (update and bit count together)
     clip_norm: float  # C; moves each round with adaptive clipping
     delta: float
-    population: int  # federation.clients: the sampling rate's denominator
-    planned_clients: int  # clients sampled per round, for the budget check before a round
+    sample_rate: float  # q: each connected client's chance to be in a round
+    expected_clients: float  # q·federation.clients: the fixed denominator of the mean
     target_epsilon: float | None = None
     adaptive: bool = False
     target_quantile: float = 0.5
     clip_lr: float = 0.2
-    count_stddev: float = 0.0  # noise on the unclipped-bit count (adaptive only)
+    count_stddev: float = 0.0  # noise on the centred unclipped-bit count (adaptive only)
     update_noise: float = 0.0  # z of the update itself (= z without adaptive clipping)
     seed: int | None = None
     history: History = field(default_factory=list)
+    draws: int = 0  # client samples drawn so far (retries draw again)
 
     @classmethod
     def from_config(cls, config: Config) -> ClientLevelDP:
         privacy, fed = config.privacy, config.federation
-        planned = fed.clients_per_round()
+        rate, expected = fed.fraction, fed.fraction * fed.clients
         noise = privacy.noise_multiplier
         if noise is None:
-            noise = calibrated_noise(privacy.target_epsilon, privacy.delta, planned / fed.clients, fed.rounds)
+            noise = calibrated_noise(privacy.target_epsilon, privacy.delta, rate, fed.rounds)
         count_stddev, update_noise = 0.0, noise
         if privacy.adaptive_clipping:
+            stddev = privacy.clipped_count_stddev
             try:
-                count_stddev, update_noise = compute_adaptive_noise_params(noise, planned, privacy.clipped_count_stddev)
+                count_stddev, update_noise = compute_adaptive_noise_params(noise, expected, stddev)
             except ValueError:
                 raise UserError(
                     f"privacy.clipped_count_stddev: must exceed noise_multiplier/2 = {noise / 2:g} for adaptive "
-                    f"clipping (default clients per round / 20 = {planned / 20:g}); raise it or turn "
+                    f"clipping (default expected clients per round / 20 = {expected / 20:g}); raise it or turn "
                     "adaptive_clipping off"
                 ) from None
         return cls(
             noise_multiplier=noise,
             clip_norm=privacy.clip_norm,
             delta=privacy.delta,
-            population=fed.clients,
-            planned_clients=planned,
+            sample_rate=rate,
+            expected_clients=expected,
             target_epsilon=privacy.target_epsilon,
             adaptive=privacy.adaptive_clipping,
             target_quantile=privacy.target_quantile,
@@ -97,8 +95,7 @@ class ClientLevelDP:
         """Why the next round must not run (it would exceed the target ε), else None."""
         if self.target_epsilon is None:
             return None
-        rate = self.planned_clients / self.population
-        after = history_epsilon([*self.history, (self.noise_multiplier, rate, 1)], self.delta)
+        after = history_epsilon([*self.history, (self.noise_multiplier, self.sample_rate, 1)], self.delta)
         if after <= self.target_epsilon:
             return None
         return (
@@ -106,28 +103,40 @@ class ClientLevelDP:
             f"over privacy.target_epsilon {self.target_epsilon:g}"
         )
 
-    def clip(self, start: Tensors, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], list[float]]:
-        """Clipped updates with equal weights, and each client's update norm before clipping."""
-        norms = [update_norm(start, u.tensors) for u in updates]
-        clipped = [replace(u, tensors=clip_update(start, u.tensors, self.clip_norm), num_examples=1) for u in updates]
-        return clipped, norms
+    def sample(self, nodes: list[int], round_number: int) -> list[int]:
+        """This round's clients: each connected node independently with probability q, secretly."""
+        self.draws += 1
+        source = dp_random(self.seed, "clients", round_number, self.draws)
+        return [node for node in nodes if source.random() < self.sample_rate]
 
-    def noise(self, mean: Tensors, clients: int, round_number: int) -> Tensors:
-        """The mean of ``clients`` clipped updates plus the Gaussian mechanism's noise; accounts the round."""
+    def aggregate(self, start: Tensors, updates: list[ClientUpdate], round_number: int) -> tuple[Tensors, list[float]]:
+        """start + (Σ_k clip(Δ_k) + N(0, (z·C)²)) / (q·N), and each update's norm before clipping.
+
+        Charges the round to the accountant.
+        """
+        norms = [update_norm(start, u.tensors) for u in updates]
+        total = {k: torch.zeros_like(start[k], dtype=torch.float32) for k in updates[0].tensors}
+        for update, norm in zip(updates, norms):
+            scale = min(1.0, self.clip_norm / max(norm, 1e-12))
+            for k in total:
+                total[k] += scale * (update.tensors[k].float() - start[k].float())
         generator = torch_generator(dp_random(self.seed, "client-dp", round_number))
-        stddev = self.update_noise * self.clip_norm / clients
-        noised = {k: v + stddev * torch.randn(v.shape, generator=generator) for k, v in mean.items()}
-        self.history.append((self.noise_multiplier, clients / self.population, 1))
-        return noised
+        stddev = self.update_noise * self.clip_norm
+        new = {
+            k: start[k].float() + (v + stddev * torch.randn(v.shape, generator=generator)) / self.expected_clients
+            for k, v in total.items()
+        }
+        self.history.append((self.noise_multiplier, self.sample_rate, 1))
+        return new, norms
 
     def adapt(self, norms: list[float], round_number: int) -> None:
-        """C ← C·exp(−η(b̄ − γ)), b̄ the noisy fraction of updates that were not clipped."""
+        """C ← C·exp(−η(b̄ − γ)); b̄ = (Σ(b_k − ½) + noise)/(q·N) + ½ estimates the unclipped share."""
         if not self.adaptive:
             return
-        unclipped = sum(norm <= self.clip_norm for norm in norms)
+        centred = sum((norm <= self.clip_norm) - 0.5 for norm in norms)
         noise = dp_random(self.seed, "clip-count", round_number).gauss(0.0, self.count_stddev)
-        fraction = (unclipped + noise) / len(norms)
-        self.clip_norm *= math.exp(-self.clip_lr * (fraction - self.target_quantile))
+        unclipped = (centred + noise) / self.expected_clients + 0.5
+        self.clip_norm *= math.exp(-self.clip_lr * (unclipped - self.target_quantile))
 
     def state_dict(self) -> dict:
         return {"history": [list(entry) for entry in self.history], "clip_norm": self.clip_norm}

@@ -17,17 +17,17 @@ from flwr.app import ArrayRecord, ConfigRecord
 from opacus.accountants import RDPAccountant
 
 from client.adapters import build_adapter_model
-from client.data import TaskSpec, encode
+from client.data import IGNORE_INDEX, TaskSpec, collate, encode
 from client.evaluate import evaluate
 from client.privacy import PrivacyLedger
 from client.trainers import BackpropTrainer
-from client.trainers.dpsgd import DPSGDTrainer
+from client.trainers.dpsgd import DPSGDTrainer, example_mean_loss
 from conftest import run_cli
 from fedtune.config import load_config
 from fedtune.errors import UserError
 from fedtune.records import read_records
 from fedtune.resolve import resolve
-from flower_helpers import StaticGrid, enter_run, reply
+from flower_helpers import StaticGrid, enter_run, reply, tensors_of
 from simulations.partition import client_rows
 from strategies import build_strategy
 from strategies.fedit import weighted_mean
@@ -79,20 +79,54 @@ def _update_norm(model, trainer, data, config) -> tuple[float, int]:
     return math.sqrt(sum(float((after[k] - before[k]).square().sum()) for k in before)), result.examples
 
 
-def test_dp_sgd_clips_every_per_sample_gradient(job, tmp_path):
-    """One SGD step (lr 1, no noise): the update is the sum of clipped per-sample gradients over the
-    expected batch, so its norm is at most C x (examples drawn / batch size); unclipped it is far larger."""
+def test_dp_sgd_leaves_the_shared_model_as_it_found_it(job, tmp_path):
     config, model, train, _ = job
-    clip = 1e-3
     ledger = PrivacyLedger.load(tmp_path, 1e-5)
-    trainer = DPSGDTrainer(ledger, 0.0, clip, 16 / len(train), random.Random(5))
-    dp_norm, drawn = _update_norm(model, trainer, train, config)
-    plain_norm, _ = _update_norm(model, BackpropTrainer(), train, config)
-    assert drawn > 0 and 0 < dp_norm <= clip * drawn / 16 * (1 + 1e-4)
-    assert plain_norm > 20 * dp_norm
-    assert ledger.accountant.history == [(0.0, 16 / len(train), 1)]
-    assert not any(hasattr(p, "grad_sample") for p in model.params.values())  # the shared model is unwrapped
-    assert not any(m._forward_hooks for m in model.model.modules())
+    _update_norm(model, DPSGDTrainer(ledger, 1.0, 1.0, 16 / len(train), random.Random(5)), train, config)
+    assert ledger.accountant.history == [(1.0, 16 / len(train), 1)]
+    assert not any(hasattr(p, "grad_sample") for p in model.params.values())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.model.modules())
+    assert not model.model.training
+
+
+LM_UNEVEN = [  # responses of different lengths: a token-mean loss would weigh examples unequally
+    "simulations/configs/smollm2-quickstart.yaml",
+    ["data.label_words={complaint: a complaint about the service, question: question, praise: praise}"],
+]
+
+
+@pytest.mark.parametrize("config_path,extra", [(QUICKSTART, []), LM_UNEVEN])
+def test_dp_sgd_update_is_the_mean_of_clipped_per_example_gradients(config_path, extra, tmp_path):
+    """Sample rate 1 (every example in the batch), no noise, SGD with lr 1: the update must be
+    minus the mean of each example's own gradient clipped to C, computed here one example at a time."""
+    overrides = ["client.optimizer=sgd", "client.lr=1.0", "client.local_steps=1", "adapter.dropout=0", *extra]
+    config = resolve(load_config(config_path, overrides), name_hint="dp", need_train_data=True)
+    model = build_adapter_model(config, list(config.data.labels or []))
+    for module in model.model.modules():  # per-example gradients below must see the same network
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    data = encode(list(read_records(config.data.train))[:6], TaskSpec.from_config(config), model.tokenizer, "t")
+    if model.task == "causal-lm":  # target lengths differ, so a token-mean batch loss would show
+        assert len({sum(t != IGNORE_INDEX for t in e["labels"]) for e in data.examples}) > 1
+    params = model.trainable({"lora_A", "lora_B", "head"})
+    generator = torch.Generator().manual_seed(0)
+    model.load_state({k: 0.01 * torch.randn(v.shape, generator=generator) for k, v in model.state(["lora_B"]).items()})
+    start = model.state()
+    model.model.train()
+    grads = []
+    for example in data.examples:
+        loss = example_mean_loss(model.model, collate([example], data.pad_id), model.task)
+        grads.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+    norms = [math.sqrt(sum(float(g.square().sum()) for g in grad.values())) for grad in grads]
+    clip = sorted(norms)[len(norms) // 2]  # some examples are clipped, the others pass unscaled
+    expected = {name: torch.zeros_like(value) for name, value in start.items()}
+    for grad, norm in zip(grads, norms):
+        for name, value in grad.items():
+            expected[name] -= value * min(1.0, clip / (norm + 1e-6)) / len(data)
+    trainer = DPSGDTrainer(PrivacyLedger.load(tmp_path, 1e-5), 0.0, clip, 1.0, random.Random(0))
+    assert trainer.train(model, params, data, config.client, random.Random(0)).examples == len(data)
+    for name, value in model.state().items():
+        torch.testing.assert_close(value - start[name], expected[name], rtol=2e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
@@ -154,12 +188,15 @@ def test_sample_level_run_accounts_each_client_like_opacus_and_stops_at_its_budg
 # -- client level: DP-FedAvg in the strategy ----------------------------------------
 
 
-def _client_level_round(strategy_name: str, clip_norm: float, noise: float, deltas: list[float]):
-    """One round of the real strategy on three clients whose updates have the given norms."""
+def _client_level_round(
+    strategy_name: str, clip_norm: float, noise: float, deltas: list[float], extra: list[str] = ()
+) -> tuple:
+    """One round of the real strategy on three clients whose updates (from the broadcast they
+    decoded) have the given norms: (strategy, broadcast, client tensors, new global tensors)."""
     enter_run()
     overrides = [
         *SMALL, f"strategy.name={strategy_name}", "privacy.mode=client", f"privacy.noise_multiplier={noise}",
-        f"privacy.clip_norm={clip_norm}", "privacy.seed=0",
+        f"privacy.clip_norm={clip_norm}", "privacy.seed=0", *extra,
     ]  # fmt: skip
     config = resolve(load_config(QUICKSTART, overrides), name_hint="dp", need_train_data=True)
     strategy = build_strategy(config)
@@ -167,26 +204,28 @@ def _client_level_round(strategy_name: str, clip_norm: float, noise: float, delt
     for i in range(3):
         start |= {f"layer{i}.lora_A.weight": torch.randn(4, 8), f"layer{i}.lora_B.weight": torch.randn(8, 4)}
     messages = list(strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), StaticGrid([1, 2, 3])))
-    sent = strategy.sent_names()
+    broadcast = tensors_of(messages[0])  # with a lossy codec this differs from `start`
     replies, tensors = [], []
     for k, (message, norm) in enumerate(zip(messages, deltas)):
-        direction = {n: torch.randn_like(start[n]) for n in sent}
+        direction = {n: torch.randn_like(value) for n, value in broadcast.items()}
         length = math.sqrt(sum(float(d.square().sum()) for d in direction.values()))
-        tensors.append({n: start[n] + norm / length * direction[n] for n in sent})
+        tensors.append({n: broadcast[n] + norm / length * direction[n] for n in broadcast})
         proof = {"frozen-checksum": strategy.frozen_checksum or ""}
         replies.append(reply(message, tensors[-1], num_examples=10 * (k + 1), name=f"client-{k}", **proof))
     new, _ = strategy.aggregate_train(1, replies)
-    return strategy, start, tensors, new.to_torch_state_dict()
+    return strategy, broadcast, tensors, new.to_torch_state_dict()
 
 
-@pytest.mark.parametrize("strategy_name", ["fedit", "ffa", "fedsa"])
-def test_client_updates_entering_the_aggregate_are_clipped_to_clip_norm(strategy_name):
-    strategy, start, _, new = _client_level_round(strategy_name, clip_norm=0.5, noise=0.0, deltas=[5.0, 0.2, 2.0])
+@pytest.mark.parametrize(
+    "strategy_name,extra", [("fedit", []), ("ffa", []), ("fedsa", []), ("ffa", ["federation.compression=int8"])]
+)
+def test_client_updates_entering_the_aggregate_are_clipped_to_clip_norm(strategy_name, extra):
+    """Norms are measured from the broadcast each client decoded (int8: not the server's exact copy)."""
+    strategy, broadcast, _, new = _client_level_round(strategy_name, 0.5, 0.0, [5.0, 0.2, 2.0], extra)
     assert strategy.ledger.update_norms == pytest.approx([5.0, 0.2, 2.0], rel=1e-4)
-    assert strategy.ledger.clip_norm == 0.5
-    mean_update = math.sqrt(sum(float((new[n] - start[n]).square().sum()) for n in strategy.sent_names()))
+    assert strategy.ledger.clip_norm == 0.5 and not strategy.ledger.rejected
+    mean_update = math.sqrt(sum(float((new[n] - broadcast[n]).square().sum()) for n in broadcast))
     assert mean_update <= 0.5 * (1 + 1e-5)  # every contribution <= C, so their mean is too
-    assert not strategy.ledger.rejected
 
 
 def test_client_level_dp_without_noise_or_clipping_is_the_plain_mean():
@@ -197,11 +236,49 @@ def test_client_level_dp_without_noise_or_clipping_is_the_plain_mean():
 
 
 def test_client_level_noise_has_the_mechanism_s_scale():
-    """Noise std on each coordinate of the mean = z·C/m."""
+    """Noise std on each coordinate of the mean = z·C/(q·N)."""
     strategy, start, _, new = _client_level_round("ffa", clip_norm=1e-6, noise=2.0, deltas=[1.0, 1.0, 1.0])
     noise = torch.cat([(new[n] - start[n]).flatten() for n in strategy.sent_names()])
     assert noise.std().item() == pytest.approx(2.0 * 1e-6 / 3, rel=0.15)
     assert strategy.privacy.history == [(2.0, 1.0, 1)]
+
+
+def test_client_level_sampling_is_poisson_at_the_fraction_and_accounted_at_it():
+    config = resolve(
+        load_config(QUICKSTART, ["privacy.mode=client", "privacy.noise_multiplier=1", "federation.fraction=0.3"]),
+        name_hint="dp",
+        need_train_data=True,
+    )
+    dp = ClientLevelDP.from_config(config)
+    sizes = [len(dp.sample(list(range(100)), round_number=1)) for _ in range(200)]
+    assert 27 <= sum(sizes) / len(sizes) <= 33 and len(set(sizes)) > 5  # Binomial(100, 0.3), not a fixed 30
+    assert dp.sample_rate == 0.3 and dp.expected_clients == pytest.approx(0.3 * config.federation.clients)
+
+
+def test_clients_out_of_budget_are_not_sampled_to_train():
+    enter_run()
+    config = resolve(load_config(QUICKSTART, SMALL), name_hint="dp", need_train_data=True)
+    strategy = build_strategy(config)
+    strategy.node_names, strategy.retired = {2: "client-1"}, {"client-1"}
+    arrays = ArrayRecord({"classifier.weight": torch.zeros(3, 8)})
+    trained = strategy.configure_train(1, arrays, ConfigRecord(), StaticGrid([1, 2, 3]))
+    evaluated = strategy.configure_evaluate(1, arrays, ConfigRecord(), StaticGrid([1, 2, 3]))
+    assert sorted(m.metadata.dst_node_id for m in trained) == [1, 3]
+    assert sorted(m.metadata.dst_node_id for m in evaluated) == [1, 2, 3]
+
+
+def test_client_level_state_survives_a_resume_and_adaptive_noise_is_split():
+    overrides = ["privacy.mode=client", "privacy.noise_multiplier=1", "privacy.adaptive_clipping=true"]
+    config = resolve(
+        load_config(QUICKSTART, [*overrides, "privacy.clipped_count_stddev=5"]), name_hint="dp", need_train_data=True
+    )
+    dp = ClientLevelDP.from_config(config)
+    assert dp.count_stddev == 5 and dp.update_noise == pytest.approx((1 - (2 * 5) ** -2) ** -0.5)
+    dp.history, dp.clip_norm = [(1.0, 1.0, 1), (1.0, 1.0, 1)], 0.37
+    resumed = ClientLevelDP.from_config(config)
+    resumed.load_state_dict(json.loads(json.dumps(dp.state_dict())))  # as the checkpoint stores it
+    assert resumed.history == dp.history and resumed.clip_norm == 0.37
+    assert resumed.epsilon() == pytest.approx(opacus_epsilon([(1.0, 1.0, 2)]), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -238,7 +315,7 @@ def test_dp_settings_that_cannot_be_honoured_are_refused_at_config_load(override
         resolve(load_config(QUICKSTART, overrides), name_hint="dp", need_train_data=True)
 
 
-def test_fair_with_client_level_dp_is_one_line_from_the_cli(tmp_path):
+def test_fair_with_client_level_dp_is_refused_in_one_line(tmp_path):
     overrides = ["privacy.mode=client", "privacy.target_epsilon=3", "strategy.name=fair"]
     result = run_cli("simulate", QUICKSTART, *[f"--set={s}" for s in overrides], "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -19,7 +19,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.adapters import AdapterModel
-from client.data import ExampleSet, collate
+from client.data import IGNORE_INDEX, ExampleSet, collate
 from client.privacy import PrivacyLedger, sample_rate
 from client.trainers.backprop import make_optimizer
 from client.trainers.base import TrainResult, to_device
@@ -75,23 +75,24 @@ class DPSGDTrainer:
     ) -> TrainResult:
         rate = self.sample_rate
         model.model.train()  # Opacus records activations only in training mode
-        module = GradSampleModule(model.model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(
-            make_optimizer(params, settings),
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            expected_batch_size=settings.batch_size,
-            generator=torch_generator(self.secret, model.device),
-        )
         total_loss, examples = 0.0, 0
+        module = None
         try:
+            module = GradSampleModule(model.model, batch_first=True, loss_reduction="mean")
+            optimizer = DPOptimizer(
+                make_optimizer(params, settings),
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=max(1, round(rate * len(data))),  # = batch_size unless data is smaller
+                generator=torch_generator(self.secret, model.device),
+            )
             with warnings.catch_warnings():  # LoRA inputs are frozen activations: expected, not a problem
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 for _ in range(settings.local_steps):
                     chosen = [i for i in range(len(data)) if self.secret.random() < rate]
                     if chosen:
                         batch = to_device(collate([data.examples[i] for i in chosen], data.pad_id), model.device)
-                        loss = module(**batch).loss
+                        loss = example_mean_loss(module, batch, model.task)
                         loss.backward()
                         total_loss += loss.item()
                         examples += len(chosen)
@@ -102,7 +103,8 @@ class DPSGDTrainer:
                     optimizer.zero_grad(set_to_none=True)
                     self.ledger.step(self.noise_multiplier, rate)
         finally:
-            module._close()  # remove the hooks and per-sample buffers from the shared model
+            if module is not None:
+                module._close()  # remove the hooks and per-sample buffers from the shared model
             model.model.eval()
         return TrainResult(
             steps=settings.local_steps,
@@ -110,3 +112,21 @@ class DPSGDTrainer:
             loss=total_loss / settings.local_steps,
             metrics={"noise_multiplier": self.noise_multiplier, "sample_rate": rate},
         )
+
+
+def example_mean_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The batch loss as a mean of per-example losses, the form per-sample clipping needs.
+
+    A causal LM's own loss averages over every token in the batch, which would make one
+    example's gradient depend on the other examples' lengths; here each example's token
+    losses are averaged first. Classification losses are per-example means already.
+    """
+    if task != "causal-lm":
+        return module(**batch).loss
+    logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return (token_loss.sum(dim=1) / counted).mean()
