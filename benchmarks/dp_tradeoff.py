@@ -64,13 +64,15 @@ def table(results: dict[str, dict], strategies: list[str]) -> str:
     for strategy in strategies:
         baseline = results[f"{strategy}-none-inf"]["accuracy"]
         for level in LEVELS:
-            cells = [f"{results[f'{strategy}-{level}-{e:g}']['accuracy']:.2%}" for e in EPSILONS]
+            points = [results.get(f"{strategy}-{level}-{e:g}") for e in EPSILONS]
+            cells = [f"{point['accuracy']:.2%}" if point else "not run" for point in points]
             lines.append(f"| {strategy} | {level} | {' | '.join(cells)} | {baseline:.2%} |")
     return "\n".join(lines)
 
 
 def plot(results: dict[str, dict], strategies: list[str], target: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -78,11 +80,13 @@ def plot(results: dict[str, dict], strategies: list[str], target: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for axis, level in zip(axes, LEVELS):
         for strategy in strategies:
-            accuracy = [results[f"{strategy}-{level}-{e:g}"]["accuracy"] for e in EPSILONS]
-            (line,) = axis.plot(EPSILONS, accuracy, marker="o", label=f"{strategy}")
+            points = [(e, results.get(f"{strategy}-{level}-{e:g}")) for e in EPSILONS]
+            epsilons, accuracy = zip(*[(e, point["accuracy"]) for e, point in points if point]) or ((), ())
+            (line,) = axis.plot(epsilons, accuracy, marker="o", label=f"{strategy}")
             axis.axhline(results[f"{strategy}-none-inf"]["accuracy"], color=line.get_color(), ls="--", lw=1)
         axis.set(xscale="log", xlabel="ε (δ = 1e-5)", title=f"{level}-level DP", xticks=EPSILONS)
         axis.set_xticklabels([f"{e:g}" for e in EPSILONS])
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.grid(alpha=0.3)
         axis.legend(title="dashed: no DP")
     axes[0].set_ylabel("SST-2 dev accuracy")
@@ -99,6 +103,7 @@ def main() -> None:
     parser.add_argument("--strategies", default="fedit,ffa")
     parser.add_argument("--eval-examples", type=int, default=2000)
     parser.add_argument("--wiring", action="store_true", help="add fedit runs with noise 0 and no clipping")
+    parser.add_argument("--report", action="store_true", help="only write the table and plot from results.json")
     args = parser.parse_args()
     strategies = args.strategies.split(",")
     common = [
@@ -110,7 +115,7 @@ def main() -> None:
     store = args.out / "results.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     for name, overrides in runs(strategies, args.wiring):
-        if name in results:  # finished in an earlier invocation
+        if name in results or args.report:  # finished in an earlier invocation
             continue
         results[name] = simulate(name, overrides, common, args.out)
         store.write_text(json.dumps(results, indent=1))
