@@ -133,6 +133,7 @@ class SuperLink:
                 "--ssl-keyfile",
                 str(self.tls.server_key),
             ]
+        self._wait_until_free()
         self._write_cli_config()
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(
@@ -230,6 +231,18 @@ class SuperLink:
             lines.append(f'root-certificates = "{self.tls.ca_cert}"\n')
         (self.home / "config.toml").write_text("".join(lines))
 
+    def _accepting(self) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex((self.host if self.host != "0.0.0.0" else "127.0.0.1", self.port)) == 0
+
+    def _wait_until_free(self, timeout: float = 30.0) -> None:
+        """A killed coordinator's SuperLink takes a moment to let go of the port: never mistake it for ours."""
+        deadline = time.time() + timeout
+        while self._accepting():
+            if time.time() >= deadline:
+                raise UserError(f"{self.host}:{self.port} is in use by another process; stop it or use another address")
+            time.sleep(0.2)
+
     def _wait_until_listening(self, timeout: float = 60.0) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -238,9 +251,8 @@ class SuperLink:
                     f"the SuperLink exited at start (code {self.process.returncode}); "
                     f"see {self.log_file or 'its output'}"
                 )
-            with socket.socket() as sock:
-                if sock.connect_ex((self.host if self.host != "0.0.0.0" else "127.0.0.1", self.port)) == 0:
-                    return
+            if self._accepting():
+                return
             time.sleep(0.2)
         raise UserError(f"the SuperLink did not listen on {self.host}:{self.port} within {timeout:.0f}s")
 
