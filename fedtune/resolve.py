@@ -73,9 +73,3 @@ def check_privacy(config: Config) -> None:
             )
         if client.grad_accum != 1:
             raise UserError("privacy.mode sample: client.grad_accum must be 1 (the Poisson batch is client.batch_size)")
-    if privacy.mode == "client" and config.strategy.name == "fair":
-        raise UserError(
-            "privacy.mode client with strategy.name fair: LoRA-FAIR's correction reads every client's B_k·A_k, which "
-            "the client-level mechanism does not release, so ε would not cover it; use privacy.mode sample with fair, "
-            "or strategy.name fedit, ffa or fedsa"
-        )

@@ -97,6 +97,14 @@ class LoraStrategy(Strategy):
         """New global values of the sent tensors from the accepted client updates."""
         raise NotImplementedError
 
+    def released(self, update: ClientUpdate) -> Tensors:
+        """What client-level DP clips and noises for one client: its change from the broadcast."""
+        return {k: v - self._broadcast[k].float() for k, v in update.tensors.items()}
+
+    def combine_released(self, start: Tensors, mean: Tensors) -> Tensors:
+        """New global values from the noised mean of ``released`` (post-processing only)."""
+        return {k: start[k].float() + mean[k] for k in start}
+
     # -- Flower Message-API hooks --------------------------------------------------
     def summary(self) -> None:
         log(INFO, "\t├── %s: fraction %.2f, min clients %d", type(self).__name__, self.fraction, self.min_clients)
@@ -132,10 +140,10 @@ class LoraStrategy(Strategy):
         if self.privacy is None:
             new.update(self.combine(self.current, updates))
             return ArrayRecord(new), metrics
-        # client-level DP replaces combine: clip what each client changed, sum, add noise, average
+        # client-level DP: clip what each client releases, sum, add noise, average; combine from that alone
         self.ledger.clip_norm = self.privacy.clip_norm
-        aggregated, self.ledger.update_norms = self.privacy.aggregate(self._broadcast, updates, server_round)
-        new.update(aggregated)
+        mean, self.ledger.update_norms = self.privacy.aggregate(self.released, updates, server_round)
+        new.update(self.combine_released(self._broadcast, mean))
         self.privacy.adapt(self.ledger.update_norms, server_round)
         return ArrayRecord(new), metrics
 

@@ -19,6 +19,11 @@ stopping once the summed objective improves by less than 1e-7 (relative) over 10
 steps. Cost per step: O(d_out · r²) per module; the setup is O(K² · r² · (d_in + d_out))
 per module. For SmolLM2-135M (120 modules, r = 8, 10 clients) the whole aggregation
 takes well under a second on 2 CPU cores (benchmarks/fair_aggregation.py).
+
+Under client-level DP the server may only use what the mechanism releases, so each client
+releases its update together with each module's B_k A_k − B₀A₀, clipped as one vector and
+noised as one (strategies/privacy.py); Ā, B̄ and ΔW come from that noised mean and the
+correction is post-processing, covered by the same ε.
 """
 
 from __future__ import annotations
@@ -59,11 +64,24 @@ def fair_correction(
     p = weights.double().view(-1, 1, 1, 1)
     a_bar, b_bar = (p * a).sum(0), (p * b).sum(0)
     g = (p * b @ (a @ a_bar.transpose(-1, -2))).sum(0)  # (L, d_out, r)
-    s = a_bar @ a_bar.transpose(-1, -2)  # (L, r, r)
     cross_a = torch.einsum("kmri,lmsi->klmrs", a, a)  # A_k A_lᵀ
     cross_b = torch.einsum("kmor,lmos->klmrs", b, b)  # B_kᵀ B_l
     pw = weights.double()
     norm_w = torch.einsum("k,l,klmrs,klmrs->m", pw, pw, cross_b, cross_a).clamp_min(1e-30).sqrt()  # (L,)
+    b_new, delta = solve_correction(a_bar, b_bar, g, norm_w, settings)
+    return a_bar.float(), b_new, delta
+
+
+def solve_correction(
+    a_bar: torch.Tensor,  # (L, r, d_in)
+    b_bar: torch.Tensor,  # (L, d_out, r)
+    g: torch.Tensor,  # (L, d_out, r): ΔW Āᵀ
+    norm_w: torch.Tensor,  # (L,): ‖ΔW‖_F
+    settings: SolverSettings = SolverSettings(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B̄ + ΔB, ΔB) minimising f; needs ΔW only through G = ΔW Āᵀ and ‖ΔW‖."""
+    a_bar, b_bar = a_bar.double(), b_bar.double()
+    s = a_bar @ a_bar.transpose(-1, -2)  # (L, r, r)
     scale = b_bar.pow(2).mean(dim=(-1, -2), keepdim=True).sqrt().clamp_min(1e-12)  # (L, 1, 1)
     # the sums above need float64; the iterations do not, and run 3x faster in float32
     g, s, norm_w, scale, b_bar32 = (t.float() for t in (g, s, norm_w, scale, b_bar))
@@ -90,7 +108,15 @@ def fair_correction(
             if before - history[-1] < settings.tolerance * abs(before):
                 break
     delta = (scale * u).detach()
-    return a_bar.float(), b_bar32 + delta, delta
+    return b_bar32 + delta, delta
+
+
+def module_groups(names: list[str], tensors: Tensors) -> list[list[tuple[str, str]]]:
+    """LoRA (A, B) name pairs grouped by shape, so each group is solved as one stack."""
+    groups: dict[tuple, list[tuple[str, str]]] = defaultdict(list)
+    for a_name, b_name in lora_pairs(names):
+        groups[(tuple(tensors[a_name].shape), tuple(tensors[b_name].shape))].append((a_name, b_name))
+    return list(groups.values())
 
 
 def fair_aggregate(
@@ -100,16 +126,18 @@ def fair_aggregate(
     result = weighted_mean(updates, weights)
     p = torch.tensor(weights, dtype=torch.float64)
     p = p / p.sum()
-    groups: dict[tuple, list[tuple[str, str]]] = defaultdict(list)
-    for a_name, b_name in lora_pairs(list(updates[0])):
-        groups[(tuple(updates[0][a_name].shape), tuple(updates[0][b_name].shape))].append((a_name, b_name))
-    for pairs in groups.values():
+    for pairs in module_groups(list(updates[0]), updates[0]):
         a_clients = [torch.stack([u[a] for a, _ in pairs]) for u in updates]
         b_clients = [torch.stack([u[b] for _, b in pairs]) for u in updates]
         _, b_new, _ = fair_correction(a_clients, b_clients, p, settings)
         for index, (_, b_name) in enumerate(pairs):
             result[b_name] = b_new[index]
     return result
+
+
+def product_name(a_name: str) -> str:
+    """Key of a module's B·A change in what FAIR releases under client-level DP (never on the wire)."""
+    return a_name.replace(".lora_A.", ".lora_BA.")
 
 
 class LoraFair(LoraStrategy):
@@ -121,3 +149,33 @@ class LoraFair(LoraStrategy):
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         return fair_aggregate([u.tensors for u in updates], [u.num_examples for u in updates], self.settings)
+
+    # -- client-level DP: the correction must be post-processing of what the mechanism releases
+    def released(self, update: ClientUpdate) -> Tensors:
+        """The update, plus each module's B_k A_k − B₀A₀ (d_out × d_in), clipped together with it."""
+        vector = super().released(update)
+        start, mine = self._broadcast, update.tensors
+        for a_name, b_name in lora_pairs(list(mine)):
+            before = start[b_name].float() @ start[a_name].float()
+            vector[product_name(a_name)] = mine[b_name] @ mine[a_name] - before
+        return vector
+
+    def combine_released(self, start: Tensors, mean: Tensors) -> Tensors:
+        """Ā, B̄ from the noised mean update; ΔW = B₀A₀ + the noised mean product change; then B̄ + ΔB.
+
+        Noise inflates ‖ΔW‖ (d_out·d_in noisy coordinates), which weakens the cosine term against
+        λ‖ΔB‖: under heavy noise the correction shrinks towards FedIT's B̄ rather than chasing noise.
+        """
+        result = super().combine_released(start, {k: v for k, v in mean.items() if k in start})
+        for pairs in module_groups(list(start), start):
+            a_bar = torch.stack([result[a] for a, _ in pairs]).double()
+            b_bar = torch.stack([result[b] for _, b in pairs]).double()
+            w_bar = torch.stack(
+                [start[b].double() @ start[a].double() + mean[product_name(a)].double() for a, b in pairs]
+            )
+            g = w_bar @ a_bar.transpose(-1, -2)
+            norm_w = w_bar.flatten(1).norm(dim=1).clamp_min(1e-30)
+            b_new, _ = solve_correction(a_bar, b_bar, g, norm_w, self.settings)
+            for index, (_, b_name) in enumerate(pairs):
+                result[b_name] = b_new[index]
+        return result

@@ -2,8 +2,9 @@
 
 Each round's clients are a Poisson sample of the connected clients at rate
 q = ``federation.fraction``, drawn with secret randomness. Each client's update Δ_k (its
-sent tensors minus the broadcast it decoded) is clipped as one vector to norm C; the
-server adds N(0, (z·C)²) to the sum of the clipped updates and divides by the expected
+sent tensors minus the broadcast it decoded; for LoRA-FAIR also the change of each
+module's product B_k·A_k, which FAIR's correction reads) is clipped as one vector to
+norm C; the server adds N(0, (z·C)²) to the sum of the clipped updates and divides by the expected
 number of clients q·N (a fixed denominator, so the number of participants is not part
 of what is released). Opacus' RDP accountant charges one step of the sampled Gaussian
 mechanism per round at rate q: a client that fails mid-round does not lower the rate
@@ -23,6 +24,7 @@ with the strategy's own (seeded) sampler, and do not account.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,10 +34,6 @@ from fedtune.config import Config
 from fedtune.errors import UserError
 from fedtune.privacy import History, calibrated_noise, dp_random, history_epsilon, torch_generator
 from strategies.base import ClientUpdate, Tensors
-
-
-def update_norm(start: Tensors, tensors: Tensors) -> float:
-    return math.sqrt(sum(float((tensors[k].float() - start[k].float()).square().sum()) for k in tensors))
 
 
 @dataclass
@@ -109,25 +107,29 @@ class ClientLevelDP:
         source = dp_random(self.seed, "clients", round_number, self.draws)
         return [node for node in nodes if source.random() < self.sample_rate]
 
-    def aggregate(self, start: Tensors, updates: list[ClientUpdate], round_number: int) -> tuple[Tensors, list[float]]:
-        """start + (Σ_k clip(Δ_k) + N(0, (z·C)²)) / (q·N), and each update's norm before clipping.
+    def aggregate(
+        self, released: Callable[[ClientUpdate], Tensors], updates: list[ClientUpdate], round_number: int
+    ) -> tuple[Tensors, list[float]]:
+        """(Σ_k clip(v_k) + N(0, (z·C)²)) / (q·N) over what each client releases, v_k = released(update_k),
+        and each v_k's norm before clipping.
 
-        Charges the round to the accountant.
+        v_k is one vector for clipping, whatever its parts (FAIR adds the change of B_k·A_k to the update),
+        so the round is one Gaussian mechanism; it is charged to the accountant here.
         """
-        norms = [update_norm(start, u.tensors) for u in updates]
-        total = {k: torch.zeros_like(start[k], dtype=torch.float32) for k in updates[0].tensors}
-        for update, norm in zip(updates, norms):
+        total: Tensors = {}
+        norms = []
+        for update in updates:  # one client's vector at a time: FAIR's products are large
+            vector = released(update)
+            norm = math.sqrt(sum(float(v.square().sum()) for v in vector.values()))
             scale = min(1.0, self.clip_norm / max(norm, 1e-12))
-            for k in total:
-                total[k] += scale * (update.tensors[k].float() - start[k].float())
+            for k, v in vector.items():
+                total[k] = total[k] + scale * v if k in total else scale * v
+            norms.append(norm)
         generator = torch_generator(dp_random(self.seed, "client-dp", round_number))
         stddev = self.update_noise * self.clip_norm
-        new = {
-            k: start[k].float() + (v + stddev * torch.randn(v.shape, generator=generator)) / self.expected_clients
-            for k, v in total.items()
-        }
+        mean = {k: (v + stddev * torch.randn(v.shape, generator=generator)) / self.expected_clients for k, v in total.items()}
         self.history.append((self.noise_multiplier, self.sample_rate, 1))
-        return new, norms
+        return mean, norms
 
     def adapt(self, norms: list[float], round_number: int) -> None:
         """C ← C·exp(−η(b̄ − γ)); b̄ = (Σ(b_k − ½) + noise)/(q·N) + ½ estimates the unclipped share."""

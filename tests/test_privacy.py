@@ -30,6 +30,7 @@ from fedtune.resolve import resolve
 from flower_helpers import StaticGrid, enter_run, reply, tensors_of
 from simulations.partition import client_rows
 from strategies import build_strategy
+from strategies.fair import fair_aggregate
 from strategies.fedit import weighted_mean
 from strategies.privacy import ClientLevelDP
 
@@ -147,8 +148,9 @@ def test_dp_sgd_without_noise_or_clipping_trains_like_backprop(job, tmp_path):
     settings = config.client.model_copy(update={"optimizer": "adamw", "lr": 0.002, "local_steps": 40})
     accuracies = []
     unclipped = DPSGDTrainer(PrivacyLedger.load(tmp_path, 1e-5), 0.0, 1e6, 16 / len(train), random.Random(1))
+    start = model.state() | {k: torch.zeros_like(v) for k, v in model.state(["lora_B"]).items()}
     for trainer in (BackpropTrainer(), unclipped):
-        model.load_state(model.state() | {k: torch.zeros_like(v) for k, v in model.state(["lora_B"]).items()})
+        model.load_state(start)  # both from the same A, B = 0 and head
         params = model.trainable({"lora_A", "lora_B", "head"})
         trainer.train(model, params, train, settings, random.Random(0))
         accuracies.append(evaluate(model, held)["accuracy"])
@@ -226,6 +228,32 @@ def test_client_updates_entering_the_aggregate_are_clipped_to_clip_norm(strategy
     assert strategy.ledger.clip_norm == 0.5 and not strategy.ledger.rejected
     mean_update = math.sqrt(sum(float((new[n] - broadcast[n]).square().sum()) for n in broadcast))
     assert mean_update <= 0.5 * (1 + 1e-5)  # every contribution <= C, so their mean is too
+
+
+def test_fair_clips_its_update_and_products_as_one_vector():
+    """FAIR's correction reads B_k·A_k, so its changes are in the clipped release too."""
+    strategy, broadcast, tensors, new = _client_level_round("fair", 0.5, 0.0, [5.0, 0.2, 2.0])
+    pairs = [(f"layer{i}.lora_A.weight", f"layer{i}.lora_B.weight") for i in range(3)]
+    for norm, mine in zip(strategy.ledger.update_norms, tensors):
+        changes = [mine[n] - broadcast[n] for n in broadcast] + [
+            mine[b] @ mine[a] - broadcast[b] @ broadcast[a] for a, b in pairs
+        ]
+        assert norm == pytest.approx(math.sqrt(sum(float(c.square().sum()) for c in changes)), rel=1e-4)
+        assert norm > 0.5
+    released = [strategy.released(u) for u in strategy.ledger.updates]
+    assert all(sum(1 for k in r if ".lora_BA." in k) == 3 for r in released)
+    a_change = math.sqrt(sum(float((new[a] - broadcast[a]).square().sum()) for a, _ in pairs))
+    assert a_change <= 0.5 * (1 + 1e-5)  # A is not corrected: its change is a part of the clipped mean
+
+
+def test_fair_under_client_level_dp_without_noise_or_clipping_is_plain_fair():
+    """With z = 0 and no clipping the released means are the plain means: the correction is FAIR's own."""
+    strategy, _, tensors, new = _client_level_round("fair", clip_norm=1e6, noise=0.0, deltas=[5.0, 0.2, 2.0])
+    expected = fair_aggregate(tensors, [1, 1, 1], strategy.settings)  # DP-FedAvg weighs clients equally
+    plain = weighted_mean(tensors, [1, 1, 1])
+    for name, value in expected.items():
+        torch.testing.assert_close(new[name], value, rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(new[b], plain[b], atol=1e-4) for b in new if ".lora_B." in b)  # corrected
 
 
 def test_client_level_dp_without_noise_or_clipping_is_the_plain_mean():
@@ -313,14 +341,6 @@ def test_client_level_run_accounts_like_opacus_and_stops_at_its_budget(tmp_path)
 def test_dp_settings_that_cannot_be_honoured_are_refused_at_config_load(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
         resolve(load_config(QUICKSTART, overrides), name_hint="dp", need_train_data=True)
-
-
-def test_fair_with_client_level_dp_is_refused_in_one_line(tmp_path):
-    overrides = ["privacy.mode=client", "privacy.target_epsilon=3", "strategy.name=fair"]
-    result = run_cli("simulate", QUICKSTART, *[f"--set={s}" for s in overrides], "--out", str(tmp_path / "r"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and "ε would not cover it" in result.stderr
-    assert not (tmp_path / "r").exists()
 
 
 def test_adaptive_clipping_moves_the_clip_norm_towards_the_target_quantile():
