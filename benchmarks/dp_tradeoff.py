@@ -67,6 +67,11 @@ def table(results: dict[str, dict], strategies: list[str]) -> str:
             points = [results.get(f"{strategy}-{level}-{e:g}") for e in EPSILONS]
             cells = [f"{point['accuracy']:.2%}" if point else "not run" for point in points]
             lines.append(f"| {strategy} | {level} | {' | '.join(cells)} | {baseline:.2%} |")
+    for level in LEVELS:  # --wiring: noise 0, no clipping, against the same strategy without DP
+        point = results.get(f"fedit-{level}-noise0")
+        if point:
+            baseline = results["fedit-none-inf"]["accuracy"]
+            lines.append(f"\nfedit, {level} level, noise 0, clip 1e6: {point['accuracy']:.2%} (no DP {baseline:.2%})")
     return "\n".join(lines)
 
 

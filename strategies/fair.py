@@ -163,8 +163,8 @@ class LoraFair(LoraStrategy):
     def combine_released(self, start: Tensors, mean: Tensors) -> Tensors:
         """Ā, B̄ from the noised mean update; ΔW = B₀A₀ + the noised mean product change; then B̄ + ΔB.
 
-        Noise inflates ‖ΔW‖ (d_out·d_in noisy coordinates), which weakens the cosine term against
-        λ‖ΔB‖: under heavy noise the correction shrinks towards FedIT's B̄ rather than chasing noise.
+        Noise inflates ‖ΔW‖ (d_out·d_in noisy coordinates), which scales the cosine term down
+        against λ‖ΔB‖: the heavier the noise, the smaller the correction.
         """
         result = super().combine_released(start, {k: v for k, v in mean.items() if k in start})
         for pairs in module_groups(list(start), start):

@@ -127,7 +127,8 @@ class ClientLevelDP:
             norms.append(norm)
         generator = torch_generator(dp_random(self.seed, "client-dp", round_number))
         stddev = self.update_noise * self.clip_norm
-        mean = {k: (v + stddev * torch.randn(v.shape, generator=generator)) / self.expected_clients for k, v in total.items()}
+        noised = {k: v + stddev * torch.randn(v.shape, generator=generator) for k, v in total.items()}
+        mean = {k: v / self.expected_clients for k, v in noised.items()}
         self.history.append((self.noise_multiplier, self.sample_rate, 1))
         return mean, norms
 
