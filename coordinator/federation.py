@@ -59,7 +59,6 @@ class Federation:
     elapsed_before: float = 0.0
     client_loads: dict[str, int] = field(default_factory=dict)  # process -> base-model loads
     client_epsilon: dict[str, float] = field(default_factory=dict)  # sample-level DP: name -> ε spent
-    budget_spent: set[str] = field(default_factory=set)  # sample-level DP: clients that stopped training
 
     @classmethod
     def prepare(cls, config: Config, run: RunDir) -> Federation:
@@ -76,8 +75,7 @@ class Federation:
             federation.elapsed_before = state.get("elapsed_s", 0.0)
             federation.client_loads = state.get("client_loads", {})
             federation.client_epsilon = state.get("client_epsilon", {})
-            federation.budget_spent = set(state.get("budget_spent", []))
-            strategy.retired = set(federation.budget_spent)
+            strategy.retired = set(state.get("budget_spent", []))  # clients that stopped for budget
             say(f"resuming {run.path.name} after round {rounds[-1]}")
         return federation
 
@@ -125,7 +123,7 @@ class Federation:
                     "elapsed_s": record["elapsed_s"],
                     "client_loads": self.client_loads,
                     "client_epsilon": self.client_epsilon,
-                    "budget_spent": sorted(self.budget_spent),
+                    "budget_spent": sorted(self.strategy.retired),
                 },
             )
             say(progress_line(record, fed.rounds))
@@ -163,18 +161,17 @@ class Federation:
                 self.client_epsilon[update.name] = update.metrics["epsilon"]
         for name, epsilon in ledger.budget_spent.items():
             self.client_epsilon[name] = epsilon
-            self.budget_spent.add(name)
-        self.strategy.retired = set(self.budget_spent)
+            self.strategy.retired.add(name)  # not sampled to train again
 
     def _clients_with_budget(self) -> int:
-        return self.config.federation.clients - len(self.budget_spent)
+        return self.config.federation.clients - len(self.strategy.retired)
 
     def _why_no_round(self, rnd: int) -> str:
         fed = self.config.federation
         if self._clients_with_budget() < fed.min_clients:
             said = [reason for reason in self.strategy.ledger.rejected if "privacy budget" in reason]
             return (
-                f"round {rnd}: {len(self.budget_spent)} of {fed.clients} clients have spent their privacy budget, "
+                f"round {rnd}: {len(self.strategy.retired)} of {fed.clients} clients have spent their privacy budget, "
                 f"fewer than federation.min_clients={fed.min_clients} can still train ({said[0] if said else ''})"
             )
         return (

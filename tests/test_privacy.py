@@ -53,6 +53,13 @@ def _target_between(epsilons: list[float], rounds_allowed: int) -> float:
     return (epsilons[rounds_allowed - 1] + epsilons[rounds_allowed]) / 2
 
 
+def _budgeted_run(mode: str, sigma: float, target: float, out):
+    """A 5-round simulation of SMALL at noise σ and a target ε that stops it early."""
+    privacy = [f"privacy.mode={mode}", f"privacy.noise_multiplier={sigma}", f"privacy.target_epsilon={target}"]
+    settings = [*SMALL, "federation.rounds=5", *privacy]
+    return run_cli("simulate", QUICKSTART, *[f"--set={s}" for s in settings], "--out", str(out))
+
+
 # -- sample level: DP-SGD on every client ---------------------------------------------
 
 
@@ -165,11 +172,7 @@ def test_sample_level_run_accounts_each_client_like_opacus_and_stops_at_its_budg
     rates = {f"client-{k}": 16 / len(client_rows(config, k)[0]) for k in range(3)}
     per_round = [max(opacus_epsilon([(sigma, q, steps * r)]) for q in rates.values()) for r in (1, 2, 3)]
     target = _target_between(per_round, 2)
-    result = run_cli(
-        "simulate", QUICKSTART, *[f"--set={s}" for s in SMALL], "--set", "federation.rounds=5",
-        "--set", "privacy.mode=sample", "--set", f"privacy.noise_multiplier={sigma}",
-        "--set", f"privacy.target_epsilon={target}", "--out", str(tmp_path / "run"),
-    )  # fmt: skip
+    result = _budgeted_run("sample", sigma, target, tmp_path / "run")
     assert result.returncode == 0, result.stdout + result.stderr
     records = _records(tmp_path / "run")
     assert [r["round"] for r in records] == [1, 2]
@@ -314,11 +317,7 @@ def test_client_level_run_accounts_like_opacus_and_stops_at_its_budget(tmp_path)
     sigma = 2.0
     per_round = [opacus_epsilon([(sigma, 1.0, r)]) for r in (1, 2, 3)]
     target = _target_between(per_round, 2)
-    result = run_cli(
-        "simulate", QUICKSTART, *[f"--set={s}" for s in SMALL], "--set", "federation.rounds=5",
-        "--set", "privacy.mode=client", "--set", f"privacy.noise_multiplier={sigma}",
-        "--set", f"privacy.target_epsilon={target}", "--out", str(tmp_path / "run"),
-    )  # fmt: skip
+    result = _budgeted_run("client", sigma, target, tmp_path / "run")
     assert result.returncode == 0, result.stdout + result.stderr
     records = _records(tmp_path / "run")
     assert [r["round"] for r in records] == [1, 2]
