@@ -166,7 +166,7 @@ class LoraFair(LoraStrategy):
         Noise inflates ‖ΔW‖ (d_out·d_in noisy coordinates), which scales the cosine term down
         against λ‖ΔB‖: the heavier the noise, the smaller the correction.
         """
-        result = super().combine_released(start, {k: v for k, v in mean.items() if k in start})
+        result = super().combine_released(start, mean)  # the sent tensors; the products stay in `mean`
         for pairs in module_groups(list(start), start):
             a_bar = torch.stack([result[a] for a, _ in pairs]).double()
             b_bar = torch.stack([result[b] for _, b in pairs]).double()
