@@ -69,6 +69,17 @@ class TaskSpec:
         return self.response.format(label=dict(self.label_words).get(label, label))
 
 
+def sample_rate(batch_size: int, examples: int) -> float:
+    """Poisson sampling rate that gives ``batch_size`` examples per step on average."""
+    return min(1.0, batch_size / examples)
+
+
+def poisson_sample(count: int, rate: float, rng: random.Random) -> list[int]:
+    """Each of ``count`` example indices independently with probability ``rate``: the batch
+    sampling DP-SGD's accountant assumes (the batch size varies and may be zero)."""
+    return [i for i in range(count) if rng.random() < rate]
+
+
 @dataclass
 class ExampleSet:
     """Tokenized examples of one split, with training and evaluation batching."""

@@ -46,8 +46,3 @@ class PrivacyLedger:
         staging = self.path.with_name(f".{LEDGER_FILE}.tmp")
         staging.write_text(json.dumps({"accountant": "rdp", "delta": self.delta, "history": self.accountant.history}))
         staging.replace(self.path)
-
-
-def sample_rate(batch_size: int, examples: int) -> float:
-    """Poisson sampling rate that gives ``batch_size`` examples per step on average."""
-    return min(1.0, batch_size / examples)

@@ -19,7 +19,7 @@ from opacus.accountants import RDPAccountant
 from client.adapters import build_adapter_model
 from client.data import IGNORE_INDEX, TaskSpec, collate, encode
 from client.privacy import PrivacyLedger
-from client.trainers.backprop import make_optimizer
+from client.trainers.backprop import BackpropTrainer, make_optimizer
 from client.trainers.base import seeded_torch
 from client.trainers.dpsgd import DPSGDTrainer, example_mean_loss
 from conftest import run_cli
@@ -153,7 +153,8 @@ def test_dp_sgd_clips_per_sample_gradients_over_a_quantized_base(quantization, t
 def test_dp_sgd_without_noise_or_clipping_is_adamw_on_its_poisson_batches(job, tmp_path):
     """Noise 0 and a clip no gradient reaches: DP-SGD must take exactly AdamW's steps on the
     Poisson batches it draws, each batch's mean gradient times |batch| / expected size (Opacus
-    divides the summed per-example gradients by the expected batch size). Replayed here by hand."""
+    divides the summed per-example gradients by the expected batch size), and so must
+    non-private training with ``client.sampling: poisson`` on the same draws. Replayed by hand."""
     config, model, train, _ = job
     settings = config.client.model_copy(update={"optimizer": "adamw", "lr": 0.002, "local_steps": 12})
     rate, expected_size = 16 / len(train), 16
@@ -162,33 +163,43 @@ def test_dp_sgd_without_noise_or_clipping_is_adamw_on_its_poisson_batches(job, t
         k: 0.01 * torch.randn(v.shape, generator=generator) for k, v in model.state(["lora_B"]).items()
     }  # B != 0, so A has gradients too
 
-    model.load_state(start)
-    unclipped = DPSGDTrainer(PrivacyLedger.load(tmp_path, 1e-5), 0.0, 1e6, rate, random.Random(1))
-    with seeded_torch(7, model.device):  # the same dropout masks in both replays
-        unclipped.train(model, model.trainable({"lora_A", "lora_B", "head"}), train, settings, random.Random(0))
-    trained = model.state()
+    def secret() -> random.Random:  # DP-SGD's secret: the noise generator's seed first, then the draws
+        source = random.Random(1)
+        torch_generator(source)
+        return source
 
-    model.load_state(start)
-    params = model.trainable({"lora_A", "lora_B", "head"})
-    secret = random.Random(1)
-    torch_generator(secret)  # the trainer's noise generator takes its seed from the secret first
-    optimizer, sizes = make_optimizer(params, settings), []
-    model.model.train()
-    with seeded_torch(7, model.device):
+    def replay(train_with) -> dict[str, torch.Tensor]:
+        model.load_state(start)
+        with seeded_torch(7, model.device):  # the same dropout masks in every replay
+            train_with(model.trainable({"lora_A", "lora_B", "head"}))
+        return model.state()
+
+    def by_hand(params) -> None:
+        optimizer, draws = make_optimizer(params, settings), secret()
+        model.model.train()
         for _ in range(settings.local_steps):
-            chosen = [i for i in range(len(train)) if secret.random() < rate]
+            chosen = [i for i in range(len(train)) if draws.random() < rate]
             sizes.append(len(chosen))
             batch = collate([train.examples[i] for i in chosen], train.pad_id)
             (model.model(**batch).loss * len(chosen) / expected_size).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    model.model.eval()
-    assert len(set(sizes)) > 1  # batch sizes vary, so the scaling is exercised
-    replayed = model.state()
-    update = math.sqrt(sum(float((trained[k] - start[k]).square().sum()) for k in start))
-    mismatch = math.sqrt(sum(float((trained[k] - replayed[k]).square().sum()) for k in start))
+        model.model.eval()
+
+    sizes: list[int] = []
+    expected = replay(by_hand)
+    assert len(set(sizes)) > 1  # batch sizes vary, so the weighting is exercised
+    unclipped = DPSGDTrainer(PrivacyLedger.load(tmp_path, 1e-5), 0.0, 1e6, rate, random.Random(1))
+    poisson = settings.model_copy(update={"sampling": "poisson", "batch_size": expected_size})
+    trained = {
+        "dp-sgd": replay(lambda params: unclipped.train(model, params, train, settings, random.Random(0))),
+        "poisson": replay(lambda params: BackpropTrainer().train(model, params, train, poisson, secret())),
+    }
+    update = math.sqrt(sum(float((expected[k] - start[k]).square().sum()) for k in start))
     assert update > 1e-2  # it trained
-    assert mismatch <= 1e-4 * update, (mismatch, update)  # float-summation order only
+    for name, state in trained.items():
+        mismatch = math.sqrt(sum(float((state[k] - expected[k]).square().sum()) for k in start))
+        assert mismatch <= 1e-4 * update, (name, mismatch, update)  # float-summation order only
 
 
 @pytest.mark.slow

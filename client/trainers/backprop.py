@@ -1,13 +1,20 @@
-"""Plain backprop LoRA training: AdamW or SGD, local steps, gradient accumulation."""
+"""Plain backprop LoRA training: AdamW or SGD, local steps, gradient accumulation.
+
+Batches are shuffled epochs by default. ``client.sampling: poisson`` draws them the way
+DP-SGD does (each example independently at rate batch_size / examples, the batch's mean
+loss weighted by its size over the expected size), so that non-private training on the
+same sampling separates what DP-SGD's noise and clipping cost from what its sampling costs.
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import torch
 
 from client.adapters import AdapterModel
-from client.data import ExampleSet
+from client.data import ExampleSet, collate, poisson_sample, sample_rate
 from client.trainers.base import TrainResult, to_device
 from fedtune.config import ClientSection
 
@@ -16,6 +23,21 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], settings: ClientSectio
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def weighted_batches(
+    data: ExampleSet, settings: ClientSection, rng: random.Random
+) -> Iterator[tuple[dict[str, torch.Tensor] | None, float]]:
+    """Endless (batch, loss weight) pairs; a Poisson draw may be empty (None)."""
+    if settings.sampling == "shuffle":
+        yield from ((batch, 1.0) for batch in data.batches(settings.batch_size, rng))
+        return
+    rate = sample_rate(settings.batch_size, len(data))
+    expected = max(1, round(rate * len(data)))  # Opacus' expected batch size
+    while True:
+        chosen = poisson_sample(len(data), rate, rng)
+        batch = collate([data.examples[i] for i in chosen], data.pad_id) if chosen else None
+        yield batch, len(chosen) / expected
 
 
 class BackpropTrainer:
@@ -28,13 +50,16 @@ class BackpropTrainer:
         rng: random.Random,
     ) -> TrainResult:
         optimizer = make_optimizer(params, settings)
-        batches = data.batches(settings.batch_size, rng)
+        batches = weighted_batches(data, settings, rng)
         model.model.train()
         total_loss, examples = 0.0, 0
         for _ in range(settings.local_steps):
             for _ in range(settings.grad_accum):
-                batch = to_device(next(batches), model.device)
-                loss = model.model(**batch).loss / settings.grad_accum
+                batch, weight = next(batches)
+                if batch is None:
+                    continue
+                batch = to_device(batch, model.device)
+                loss = model.model(**batch).loss * weight / settings.grad_accum
                 loss.backward()
                 total_loss += loss.item()
                 examples += len(batch["input_ids"])

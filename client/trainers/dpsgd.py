@@ -19,8 +19,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.adapters import AdapterModel
-from client.data import IGNORE_INDEX, ExampleSet, collate
-from client.privacy import PrivacyLedger, sample_rate
+from client.data import IGNORE_INDEX, ExampleSet, collate, poisson_sample, sample_rate
+from client.privacy import PrivacyLedger
 from client.trainers.backprop import make_optimizer
 from client.trainers.base import TrainResult, to_device
 from fedtune.config import ClientSection, Config
@@ -89,7 +89,7 @@ class DPSGDTrainer:
             with warnings.catch_warnings():  # LoRA inputs are frozen activations: expected, not a problem
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 for _ in range(settings.local_steps):
-                    chosen = [i for i in range(len(data)) if self.secret.random() < rate]
+                    chosen = poisson_sample(len(data), rate, self.secret)
                     if chosen:
                         batch = to_device(collate([data.examples[i] for i in chosen], data.pad_id), model.device)
                         loss = example_mean_loss(module, batch, model.task)
