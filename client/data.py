@@ -74,6 +74,11 @@ def sample_rate(batch_size: int, examples: int) -> float:
     return min(1.0, batch_size / examples)
 
 
+def expected_batch_size(rate: float, examples: int) -> int:
+    """The mean size of a Poisson batch: what DP-SGD divides the summed gradient by."""
+    return max(1, round(rate * examples))
+
+
 def poisson_sample(count: int, rate: float, rng: random.Random) -> list[int]:
     """Each of ``count`` example indices independently with probability ``rate``: the batch
     sampling DP-SGD's accountant assumes (the batch size varies and may be zero)."""

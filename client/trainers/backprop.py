@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from client.adapters import AdapterModel
-from client.data import ExampleSet, collate, poisson_sample, sample_rate
+from client.data import ExampleSet, collate, expected_batch_size, poisson_sample, sample_rate
 from client.trainers.base import TrainResult, to_device
 from fedtune.config import ClientSection
 
@@ -33,7 +33,7 @@ def weighted_batches(
         yield from ((batch, 1.0) for batch in data.batches(settings.batch_size, rng))
         return
     rate = sample_rate(settings.batch_size, len(data))
-    expected = max(1, round(rate * len(data)))  # Opacus' expected batch size
+    expected = expected_batch_size(rate, len(data))
     while True:
         chosen = poisson_sample(len(data), rate, rng)
         batch = collate([data.examples[i] for i in chosen], data.pad_id) if chosen else None

@@ -19,7 +19,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from client.adapters import AdapterModel
-from client.data import IGNORE_INDEX, ExampleSet, collate, poisson_sample, sample_rate
+from client.data import IGNORE_INDEX, ExampleSet, collate, expected_batch_size, poisson_sample, sample_rate
 from client.privacy import PrivacyLedger
 from client.trainers.backprop import make_optimizer
 from client.trainers.base import TrainResult, to_device
@@ -83,7 +83,7 @@ class DPSGDTrainer:
                 make_optimizer(params, settings),
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
-                expected_batch_size=max(1, round(rate * len(data))),  # = batch_size unless data is smaller
+                expected_batch_size=expected_batch_size(rate, len(data)),  # = batch_size unless data is smaller
                 generator=torch_generator(self.secret, model.device),
             )
             with warnings.catch_warnings():  # LoRA inputs are frozen activations: expected, not a problem
