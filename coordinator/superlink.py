@@ -9,6 +9,7 @@ Each launcher gets its own ``FLWR_HOME`` so parallel runs never share Flower sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,8 +55,8 @@ def quiet_environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def die_with_parent() -> None:
-    """Run in a child before exec: the kernel sends it SIGTERM when its parent dies (Linux).
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Run in a child before exec: the kernel sends it SIG when its parent dies (Linux).
 
     A coordinator or agent killed with SIGKILL then leaves no SuperLink holding its port
     and no SuperNode that still looks alive to the federation.
@@ -63,7 +64,19 @@ def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+def die_hard_with_parent() -> None:
+    """``die_with_parent`` with SIGKILL, for the SuperLink and ``flwr run``.
+
+    On SIGTERM Flower 1.41's SuperLink waits, without limit, for open connections to close,
+    and the orphaned ``flwr run --stream`` keeps one open: its superexec and ServerApp then
+    live on, reconnect to the next SuperLink on the same port (a resumed coordinator's) and
+    take over or fail its run. Killed outright, the SuperLink is gone at once, and Flower's
+    own parent monitors stop the superexec and ServerApp within a second.
+    """
+    die_with_parent(signal.SIGKILL)
 
 
 def log_and_echo(log: TextIO, echo: Callable[[str], None]) -> Callable[[str], None]:
@@ -134,6 +147,7 @@ class SuperLink:
                 str(self.tls.server_key),
             ]
         self._wait_until_free()
+        self._stop_leftovers()
         self._write_cli_config()
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(
@@ -142,7 +156,7 @@ class SuperLink:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_hard_with_parent,
         )
         self._wait_until_listening()
         return self
@@ -200,6 +214,7 @@ class SuperLink:
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
+            preexec_fn=die_hard_with_parent,
         )
         assert process.stdout is not None
         for line in process.stdout:
@@ -242,6 +257,26 @@ class SuperLink:
             if time.time() >= deadline:
                 raise UserError(f"{self.host}:{self.port} is in use by another process; stop it or use another address")
             time.sleep(0.2)
+
+    def _stop_leftovers(self, grace: float = 10.0) -> None:
+        """Stop Flower processes of a killed launcher that still aim at this port.
+
+        A ServerApp or superexec outlives its SuperLink by a few seconds; if ours were up by
+        then, it would reconnect to it and act on the new run.
+        """
+        leftovers = []
+        for process in psutil.process_iter(["cmdline"]):
+            args = process.info["cmdline"] or []
+            if "--runtime-api-address" in args[:-1]:
+                target = args[args.index("--runtime-api-address") + 1]
+                if target.rpartition(":")[2] == str(self.port):
+                    leftovers.append(process)
+        for process in leftovers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+        for process in psutil.wait_procs(leftovers, timeout=grace)[1]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
     def _wait_until_listening(self, timeout: float = 60.0) -> None:
         deadline = time.time() + timeout

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
@@ -75,6 +76,13 @@ def finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> str:
         process.kill()
         raise AssertionError(f"{log} did not finish:\n{log.read_text()[-3000:]}") from None
     return log.read_text()
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stop(*processes: subprocess.Popen) -> None:
@@ -269,8 +277,10 @@ def test_killed_coordinator_resumes_after_its_last_round(site, tmp_path):
     agents = [agent(site, i, address, tmp_path, tls=False) for i in range(3)]
     try:
         wait_for(lambda: rounds_done(run) == [1], 300, "round 1")
+        flower = psutil.Process(first.pid).children(recursive=True)  # SuperLink, superexec, ServerApp, flwr run
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
+        wait_for(lambda: not any(map(alive, flower)), 20, "the killed coordinator's Flower processes to stop")
         stop(*agents)  # the agents are restarted too (same state dirs), as an operator would
         resumed = fedtune("coordinator", "--resume", str(run), *common, log=tmp_path / "coordinator-2.log")
         wait_for(lambda: "waiting for" in (tmp_path / "coordinator-2.log").read_text(), 120, "the coordinator")
