@@ -2,8 +2,9 @@
 
 Each round: the strategy samples clients and builds messages, Flower's Grid delivers
 them and collects replies, the strategy checks and combines the replies, clients and
-server evaluate, then the round is recorded (metrics line, checkpoint, progress line).
-A run directory that already has checkpoints resumes after its last completed round.
+server evaluate (at the same time), then the round is recorded (metrics line,
+checkpoint, progress line). A run directory that already has checkpoints resumes after
+its last completed round.
 """
 
 from __future__ import annotations
@@ -32,16 +33,21 @@ from strategies import LoraStrategy, build_strategy
 REPLY_POLL_SECONDS = 0.2
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float | None) -> list[Message]:
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """``Grid.send_and_receive`` with a short poll: Flower 1.41's waits 3 s between pulls."""
-    pending = set(grid.push_messages(messages))
-    deadline = None if timeout is None else time.time() + timeout
+    return collect_replies(grid, grid.push_messages(messages), timeout)
+
+
+def collect_replies(grid: Grid, message_ids: Iterable[str], timeout: float) -> list[Message]:
+    """Pull the replies to pushed messages until all are in or TIMEOUT seconds have passed."""
+    pending = set(message_ids)
+    deadline = time.time() + timeout
     replies: list[Message] = []
     while pending:
         for reply in grid.pull_messages(list(pending)):
             replies.append(reply)
             pending.discard(reply.metadata.reply_to_message_id)
-        if not pending or (deadline is not None and time.time() >= deadline):
+        if not pending or time.time() >= deadline:
             break
         time.sleep(REPLY_POLL_SECONDS)
     return replies
@@ -206,21 +212,20 @@ class Federation:
         return rnd == self.config.federation.rounds or (every > 0 and rnd % every == 0)
 
     def _evaluate(self, grid: Grid, rnd: int) -> dict[str, float]:
+        """Clients and server evaluate the new global adapter at the same time."""
         result: dict[str, float] = {}
-        replies = send_and_receive(
-            grid,
-            self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(), grid),
-            self.config.federation.round_timeout,
-        )
-        client_metrics = self.strategy.aggregate_evaluate(rnd, replies)
-        if client_metrics:
-            result["client_accuracy"] = client_metrics["accuracy"]
-            result["client_loss"] = client_metrics["loss"]
+        started = time.time()
+        sent = grid.push_messages(self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(), grid))
         if self.eval_data is not None:
             self.model.load_state(self.arrays.to_torch_state_dict())
             metrics = evaluate(self.model, self.eval_data)
             result["eval_accuracy"] = metrics["accuracy"]
             result["eval_loss"] = metrics["loss"]
+        replies = collect_replies(grid, sent, self.config.federation.round_timeout - (time.time() - started))
+        client_metrics = self.strategy.aggregate_evaluate(rnd, replies)
+        if client_metrics:
+            result["client_accuracy"] = client_metrics["accuracy"]
+            result["client_loss"] = client_metrics["loss"]
         return result
 
     def _wait_for_clients(self, grid: Grid) -> None:
