@@ -75,11 +75,12 @@ def main() -> None:
 
     print("| pair | simulation, median round | deployment, median round | ratio of medians | ratio of means |")
     print("|---|---|---|---|---|", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // args.clients)
     pairs = []
     for repeat in range(1, args.repeats + 1):
         out = args.out / f"pair-{repeat}"
         simulation_total = simulate(args, overrides, out / "simulation")
-        deployment_total, threads = deploy(args, overrides, out / "deployment")
+        deployment_total = deploy(args, overrides, out / "deployment", threads)
         simulated, deployed = round_times(out / "simulation"), round_times(out / "deployment")
         pair = {
             "simulation_round_s": simulated,
@@ -120,10 +121,9 @@ def simulate(args: argparse.Namespace, overrides: list[str], out: Path) -> float
     return time.time() - started
 
 
-def deploy(args: argparse.Namespace, overrides: list[str], out: Path) -> tuple[float, int]:
-    """Coordinator (TLS, agent keys) plus one agent per client, all on loopback; wall time, agent threads."""
+def deploy(args: argparse.Namespace, overrides: list[str], out: Path, threads: int) -> float:
+    """Coordinator (TLS, agent keys) plus one agent per client with THREADS threads, on loopback; wall time."""
     address = f"127.0.0.1:{free_port()}"
-    threads = max(1, (os.cpu_count() or 1) // args.clients)
     out.mkdir(parents=True)
     log = out.parent / "coordinator.log"
     started = time.time()
@@ -161,7 +161,7 @@ def deploy(args: argparse.Namespace, overrides: list[str], out: Path) -> tuple[f
     for agent in agents:
         agent.terminate()
         agent.wait()
-    return total, threads
+    return total
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def die_hard_with_parent() -> None:
     and the orphaned ``flwr run --stream`` keeps one open: its superexec and ServerApp then
     live on, reconnect to the next SuperLink on the same port (a resumed coordinator's) and
     take over or fail its run. Killed outright, the SuperLink is gone at once, and Flower's
-    own parent monitors stop the superexec and ServerApp within a second.
+    own parent monitors stop the superexec and ServerApp within seconds.
     """
     die_with_parent(signal.SIGKILL)
 
@@ -188,11 +188,7 @@ class SuperLink:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        alive = [p for p in descendants if p.is_running()]
-        for process in alive:
-            process.terminate()
-        for process in psutil.wait_procs(alive, timeout=5)[1]:
-            process.kill()
+        terminate(descendants, grace=5.0)
 
     def submit(
         self,
@@ -258,7 +254,7 @@ class SuperLink:
                 raise UserError(f"{self.host}:{self.port} is in use by another process; stop it or use another address")
             time.sleep(0.2)
 
-    def _stop_leftovers(self, grace: float = 10.0) -> None:
+    def _stop_leftovers(self) -> None:
         """Stop Flower processes of a killed launcher that still aim at this port.
 
         A ServerApp or superexec outlives its SuperLink by a few seconds; if ours were up by
@@ -271,12 +267,7 @@ class SuperLink:
                 target = args[args.index("--runtime-api-address") + 1]
                 if target.rpartition(":")[2] == str(self.port):
                     leftovers.append(process)
-        for process in leftovers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.terminate()
-        for process in psutil.wait_procs(leftovers, timeout=grace)[1]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        terminate(leftovers, grace=10.0)
 
     def _wait_until_listening(self, timeout: float = 60.0) -> None:
         deadline = time.time() + timeout
@@ -290,6 +281,16 @@ class SuperLink:
                 return
             time.sleep(0.2)
         raise UserError(f"the SuperLink did not listen on {self.host}:{self.port} within {timeout:.0f}s")
+
+
+def terminate(processes: list[psutil.Process], grace: float) -> None:
+    """SIGTERM to PROCESSES, SIGKILL to those still running GRACE seconds later."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    for process in psutil.wait_procs(processes, timeout=grace)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def tool_path(name: str) -> str:
