@@ -150,7 +150,7 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
     try:
         _wait_for_port(port, node, stop)
         if not stop.is_set():
-            serve_clientapps(f"127.0.0.1:{port}", stop)
+            serve_clientapps(f"127.0.0.1:{port}", stop, say=lambda line: print(line, flush=True))
     finally:
         stop.set()
         _terminate(node)

@@ -8,20 +8,24 @@ process, as ``flwr-clientapp`` would: pull the message, run the ClientApp, push 
 reply and the task status. The ClientApp module is imported once, so fedtune's
 process-level caches keep the base model loaded across rounds and runs.
 
+Only fedtune's own app runs here. A task whose FAB is not fedtune's code-free app
+(fedtune/app.py) is refused with one line and an error reply; for fedtune's app, the
+installed ``client.client_app`` runs. Nothing from a FAB is ever installed or imported,
+so a coordinator (or anyone who can submit a run to it) cannot run code on an agent.
+
 This follows flwr 1.41's ``supernode/runtime/run_clientapp.py`` and
 ``supercore/superexec/run_superexec.py``, minus their process exit handling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from collections.abc import Callable
 from logging import ERROR, WARNING
 
 from flwr.app.error import Error
 from flwr.app.message import Message
-from flwr.cli.install import install_from_fab
-from flwr.clientapp.utils import get_load_client_app_fn
-from flwr.common.config import get_project_dir
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore import log
@@ -32,17 +36,19 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from fedtune import faults
+from fedtune.app import app_fab_hash
+from fedtune.errors import UserError
+
 POLL_SECONDS = 0.2
 TASK_RETRY_SECONDS = 60.0  # give up on a vanished SuperNode instead of retrying forever
 
 
-def serve_clientapps(runtime_address: str, stop: threading.Event) -> None:
+def serve_clientapps(runtime_address: str, stop: threading.Event, say: Callable[[str], None] = print) -> None:
     """Execute every ClientApp task the local SuperNode hands out, until ``stop`` is set."""
     single_try = make_simple_http_retry_invoker()
     single_try.max_tries = 1  # failures come back to this loop, where `stop` is checked
     dispatcher = _client(runtime_address, single_try, RuntimeVersionHttpInterceptor(component_name="flower-superexec"))
-    load_client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-    installed: set[str] = set()
     try:
         while not stop.is_set():
             try:
@@ -53,15 +59,22 @@ def serve_clientapps(runtime_address: str, stop: threading.Event) -> None:
                 stop.wait(1.0)
                 continue
             if response.HasField("task") and response.token:
-                run_task(runtime_address, response.token, load_client_app, installed)
+                problem = run_task(runtime_address, response.token, say)
+                if problem:  # this agent cannot take part: its reply said so, now it leaves
+                    raise UserError(problem)
             else:
                 stop.wait(POLL_SECONDS)
     finally:
         dispatcher.close()
 
 
-def run_task(runtime_address: str, token: str, load_client_app, installed: set[str]) -> None:
-    """One ClientApp execution (a train or evaluate message), in this process."""
+def run_task(runtime_address: str, token: str, say: Callable[[str], None] = print) -> str | None:
+    """One ClientApp execution (a train or evaluate message) of fedtune's app, in this process.
+
+    Error replies carry a code from ``fedtune.faults`` and no text: exception messages
+    may quote the private data. Returns the local reason when the agent cannot take part
+    in the run at all (its data does not fit the run), else None.
+    """
     patient = make_simple_http_retry_invoker()
     patient.max_time = TASK_RETRY_SECONDS
     client = _client(
@@ -72,22 +85,27 @@ def run_task(runtime_address: str, token: str, load_client_app, installed: set[s
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    message = reply = context = None
+    message = reply = context = problem = None
     status, details = SubStatus.FAILED, "ClientApp failed"
+    code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     try:
         message, context, run, fab = pull_task_input(client)
-        if fab.hash_str not in installed or not get_project_dir(run.fab_id, run.fab_version, fab.hash_str).exists():
-            install_from_fab(fab.content, skip_prompt=True)
-            installed.add(fab.hash_str)
-        app = load_client_app(run.fab_id, run.fab_version, fab.hash_str)
+        if hashlib.sha256(fab.content).hexdigest() != app_fab_hash():
+            code = faults.FOREIGN_APP
+            say(f"fedtune: refused run {run.run_id}: its app is not fedtune's own ({_printable(run.fab_id)}); nothing of it ran")
+            return None
+        from client.client_app import app  # the installed fedtune, never code from the FAB
+
         reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
-    except Exception as ex:  # the coordinator gets the reason; the agent keeps serving
+    except UserError as err:  # the data (or --mode) does not fit this run: it never will
+        code, problem = faults.DATA_MISMATCH, str(err)
+    except Exception as ex:  # the coordinator learns that training failed, not why; the agent keeps serving
         log(ERROR, "ClientApp raised an exception: %s", ex, exc_info=ex)
-        details = f"{type(ex).__name__}: {ex}"
-        if message is not None:
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
     finally:
+        if reply is None and message is not None:
+            details = faults.describe(code)
+            reply = Message(Error(code=code, reason=details), reply_to=message)
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
@@ -97,6 +115,12 @@ def run_task(runtime_address: str, token: str, load_client_app, installed: set[s
         finally:
             heartbeat.stop()
             client.close()
+    return problem
+
+
+def _printable(text: str) -> str:
+    """A name from the network, safe to print: letters, digits and ``./_-`` only."""
+    return "".join(c for c in text[:80] if c.isalnum() or c in "./_-") or "unnamed"
 
 
 def _client(address: str, retry_invoker, *interceptors) -> RuntimeHttpClient:

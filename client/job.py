@@ -10,8 +10,8 @@ received global values, else this client's private values, else the seeded init.
 from __future__ import annotations
 
 import functools
-import os
 import random
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +45,16 @@ def shared_model(config: Config) -> AdapterModel:
     return _MODELS[key]
 
 
+_PROCESS_TAG = secrets.token_hex(6)
+
+
 def process_tag() -> str:
-    """Identifies a client process across messages (for the base-model load count)."""
-    return f"{os.uname().nodename}:{os.getpid()}"
+    """Identifies a client process across messages (for the base-model load count).
+
+    A random token drawn once per process: it says which replies came from one process
+    and nothing about the machine (no host name, no pid) in what the coordinator stores.
+    """
+    return _PROCESS_TAG
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +29,15 @@ from fedtune.privacy import json_epsilon
 from fedtune.records import read_records
 from fedtune.rundir import RunDir
 from strategies import LoraStrategy, build_strategy
+from strategies.identity import NodeNames
 
 REPLY_POLL_SECONDS = 0.2
+# Under client-level DP only these leave the operator's logs: the noised model's evaluation on the
+# server's own data and the mechanism's public settings. Clients' losses, accuracies, counts and
+# bytes (which reveal who took part) are un-noised and go to logs/private-metrics.jsonl.
+PUBLIC_UNDER_CLIENT_DP = frozenset(
+    {"round", "eval_accuracy", "eval_loss", "epsilon", "delta", "noise_multiplier", "clip_norm", "wall_s", "elapsed_s"}
+)
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
@@ -67,9 +74,13 @@ class Federation:
     client_epsilon: dict[str, float] = field(default_factory=dict)  # sample-level DP: name -> ε spent
 
     @classmethod
-    def prepare(cls, config: Config, run: RunDir) -> Federation:
+    def prepare(
+        cls, config: Config, run: RunDir, registered: Callable[[], dict[int, str]] | None = None
+    ) -> Federation:
+        """The round runner of RUN; REGISTERED looks up agents' registered names (authenticated agents)."""
         model = build_adapter_model(config, list(config.data.labels or []))
         strategy = build_strategy(config)
+        strategy.identity = NodeNames(registered)
         federation = cls(config, run, strategy, model, eval_set(config, model), ArrayRecord(model.state()))
         rounds = run.completed_rounds()
         if rounds:
@@ -113,12 +124,16 @@ class Federation:
                 record["zo_clients"] = zo_clients
             if ledger.rejected:
                 record["rejected"] = ledger.rejected
+            if ledger.clipped_updates:
+                record["robust_clipped"] = ledger.clipped_updates
+            if ledger.capped_weights:
+                record["robust_capped"] = ledger.capped_weights
             record.update(self._privacy_metrics())
             if self._evaluates(rnd):
                 record.update(self._evaluate(grid, rnd))
             record["wall_s"] = round(time.time() - round_start, 3)
             record["elapsed_s"] = round(time.time() - started, 3)
-            self.run.append_metrics(record)
+            self.run.append_metrics(*publishable(record, self.config.privacy.mode))
             save_checkpoint(
                 self.run,
                 rnd,
@@ -259,6 +274,14 @@ class Federation:
         summary = finish_run(self.run, self.config, self.config.strategy.name, wall_s, extra)
         say(f"stopped: {stopped}" if stopped else f"done: {self.run.path}")
         return summary
+
+
+def publishable(record: dict[str, Any], privacy_mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what metrics.jsonl may hold, what only the operator's private log may)."""
+    if privacy_mode != "client":
+        return record, {}
+    public = {k: v for k, v in record.items() if k in PUBLIC_UNDER_CLIENT_DP}
+    return public, {k: v for k, v in record.items() if k not in PUBLIC_UNDER_CLIENT_DP}
 
 
 def eval_set(config: Config, model: AdapterModel) -> ExampleSet | None:

@@ -1,4 +1,8 @@
-"""The Flower ServerApp: reads the run's config and directory, then runs the rounds."""
+"""The Flower ServerApp: reads the run's config and directory, then runs the rounds.
+
+``agent-identity = "registered"`` (set by ``fedtune coordinator`` with agent keys): each
+node's name is the one its key was registered under; otherwise names are as claimed.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.federation import Federation
+from coordinator.identity import registered_names
 from fedtune.config import parse_config_text
 from fedtune.rundir import RunDir
 
@@ -16,4 +21,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     config = parse_config_text(str(context.run_config["fedtune-config"]))
     run = RunDir.open(str(context.run_config["run-dir"]))
-    Federation.prepare(config, run).run_rounds(grid)
+    registered = registered_names if context.run_config.get("agent-identity") == "registered" else None
+    Federation.prepare(config, run, registered).run_rounds(grid)

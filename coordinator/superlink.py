@@ -26,11 +26,12 @@ from typing import TextIO
 
 import psutil
 
+from fedtune.app import APP_DIR
 from fedtune.errors import UserError
 
-APP_DIR = Path(__file__).resolve().parent.parent / "fedtune" / "flower_app"
 CONNECTION = "fedtune"
-MARKER = "[fedtune]"  # prefix of the ServerApp's lines meant for the user (coordinator/report.py)
+MARKER = "[fedtune]"
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # listening everywhere: dial loopback  # prefix of the ServerApp's lines meant for the user (coordinator/report.py)
 
 
 def quiet_environment(flwr_home: Path) -> dict[str, str]:
@@ -88,8 +89,8 @@ def log_and_echo(log: TextIO, echo: Callable[[str], None]) -> Callable[[str], No
         log.flush()
         if MARKER in line:
             echo(line[line.index(MARKER) + len(MARKER) :].strip())
-        elif "ERROR" in line:
-            echo(line)
+        elif "ERROR" in line or "[code:" in line:  # Flower's own error lines and boxed CLI errors
+            echo(flower_message(line))
 
     return on_line
 
@@ -111,7 +112,12 @@ class Tls:
 
 @dataclass
 class SuperLink:
-    """A SuperLink subprocess plus a private flwr CLI configuration that reaches it."""
+    """A SuperLink subprocess plus a private flwr CLI configuration that reaches it.
+
+    In simulation everything listens on loopback. Deployed, only the Fleet API listens
+    on ``host:port`` (coordinator/superlink_main.py); the Control and Runtime APIs, which
+    can register keys and start apps, listen on ``127.0.0.1:local_port``.
+    """
 
     simulation: bool
     host: str = "127.0.0.1"
@@ -119,22 +125,33 @@ class SuperLink:
     tls: Tls | None = None
     extra_args: list[str] = field(default_factory=list)
     log_file: Path | None = None
+    max_request_bytes: int = 64 * 2**20  # deployment: largest request the public Fleet API accepts
     home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fedtune-flwr-")))
     process: subprocess.Popen | None = None
+    local_port: int = 0  # Control and Runtime APIs (the public port itself in simulation)
 
     def __enter__(self) -> SuperLink:
         self.port = self.port or free_port()
-        args = [
-            tool_path("flower-superlink"),
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--disable-runtime-dependency-installation",
-            *self.extra_args,
-        ]
         if self.simulation:
-            args.append("--simulation")
+            self.local_port = self.port
+            args = [tool_path("flower-superlink"), "--host", self.host, "--port", str(self.port), "--simulation"]
+        else:
+            self.local_port = free_port()
+            public = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+            args = [
+                sys.executable,
+                "-m",
+                "coordinator.superlink_main",
+                "--public-address",
+                public,
+                "--max-request-bytes",
+                str(self.max_request_bytes),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.local_port),
+            ]
+        args += ["--disable-runtime-dependency-installation", *self.extra_args]
         if self.tls is None:
             args.append("--insecure")
         else:
@@ -217,24 +234,22 @@ class SuperLink:
             on_line(line.rstrip("\n"))
         return process.wait()
 
-    def register(self, public_key: Path) -> None:
-        """Authorize a SuperNode's public key (Flower's ``flwr supernode register``)."""
+    def register(self, public_key: Path, name: str) -> None:
+        """Authorize a SuperNode's public key under NAME (Flower's ``flwr supernode register``)."""
         result = subprocess.run(
-            [tool_path("flwr"), "supernode", "register", str(public_key), CONNECTION],
+            [tool_path("flwr"), "supernode", "register", str(public_key), CONNECTION, "--name", name],
             env=quiet_environment(self.home),
             capture_output=True,
             text=True,
         )
-        output = (result.stdout + result.stderr).strip()
+        output = flower_message(result.stdout + result.stderr)
         if result.returncode != 0 and "already" not in output.lower():
-            raise UserError(
-                f"registering {public_key} failed: {output.splitlines()[-1] if output else result.returncode}"
-            )
+            raise UserError(f"registering {public_key} failed: {output or f'exit code {result.returncode}'}")
 
     def _write_cli_config(self) -> None:
         lines = [
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n',
-            f'address = "{self.host}:{self.port}"\n',
+            f'address = "127.0.0.1:{self.local_port}"\n',
         ]
         if self.tls is None:
             lines.append("insecure = true\n")
@@ -242,9 +257,14 @@ class SuperLink:
             lines.append(f'root-certificates = "{self.tls.ca_cert}"\n')
         (self.home / "config.toml").write_text("".join(lines))
 
-    def _accepting(self) -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex((self.host if self.host != "0.0.0.0" else "127.0.0.1", self.port)) == 0
+    def _accepting(self, port: int | None = None) -> bool:
+        """Whether something accepts connections on the public port (or PORT on loopback)."""
+        if port is not None:
+            address = ("127.0.0.1", port)
+        else:
+            address = (WILDCARDS.get(self.host, self.host), self.port)
+        with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET) as sock:
+            return sock.connect_ex(address) == 0
 
     def _wait_until_free(self, timeout: float = 30.0) -> None:
         """A killed coordinator's SuperLink takes a moment to let go of the port: never mistake it for ours."""
@@ -265,7 +285,7 @@ class SuperLink:
             args = process.info["cmdline"] or []
             if "--runtime-api-address" in args[:-1]:
                 target = args[args.index("--runtime-api-address") + 1]
-                if target.rpartition(":")[2] == str(self.port):
+                if target.rpartition(":")[2] == str(self.local_port):
                     leftovers.append(process)
         terminate(leftovers, grace=10.0)
 
@@ -277,10 +297,16 @@ class SuperLink:
                     f"the SuperLink exited at start (code {self.process.returncode}); "
                     f"see {self.log_file or 'its output'}"
                 )
-            if self._accepting():
+            if self._accepting() and self._accepting(self.local_port):
                 return
             time.sleep(0.2)
         raise UserError(f"the SuperLink did not listen on {self.host}:{self.port} within {timeout:.0f}s")
+
+
+def flower_message(output: str) -> str:
+    """The words of a Flower CLI message, without the box its rich output draws around them."""
+    lines = (line.strip(" │╭╮╰╯─┃━┏┓┗┛\t") for line in output.splitlines())
+    return " ".join(line for line in lines if line)
 
 
 def terminate(processes: list[psutil.Process], grace: float) -> None:

@@ -73,6 +73,10 @@ class StrategySection(Section):
     head: Literal["shared", "private"] = "shared"
     fair_lambda: float = Field(0.01, ge=0.0)
     fair_steps: int = Field(200, ge=1)
+    robust: Literal["none", "norm-bound", "trimmed-mean", "median"] = "norm-bound"
+    max_weight_ratio: float = Field(3.0, ge=1.0)
+    norm_bound: float = Field(3.0, ge=1.0)
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5)
 
 
 class FederationSection(Section):
@@ -85,6 +89,7 @@ class FederationSection(Section):
     join_timeout: float = Field(30.0, ge=0)
     eval_every: int = Field(1, ge=0)
     compression: Literal["none", "fp16", "int8"] = "none"
+    max_message_mb: float = Field(64.0, gt=0.0)
 
     def clients_per_round(self) -> int:
         """Clients sampled per round when all are connected: ⌈fraction·clients⌉, at least min_clients."""

@@ -73,3 +73,9 @@ def check_privacy(config: Config) -> None:
             )
         if client.grad_accum != 1:
             raise UserError("privacy.mode sample: client.grad_accum must be 1 (the Poisson batch is client.batch_size)")
+    if privacy.mode == "client" and config.strategy.robust in ("trimmed-mean", "median"):
+        raise UserError(
+            f"strategy.robust {config.strategy.robust}: not with privacy.mode client (its clip to privacy.clip_norm "
+            "and equal weights already bound each client, and a statistic across clients would break DP-FedAvg's "
+            "sensitivity bound); use strategy.robust norm-bound (a no-op under client-level DP) or none"
+        )

@@ -7,7 +7,9 @@
                              adapter_model.safetensors) + fedtune.json
 <run>/clients/<name>/        per-client private state (e.g. FedSA's B)
 <run>/plots/metrics.png      metrics against rounds
-<run>/logs/                  full logs of the processes fedtune started
+<run>/logs/                  full logs of the processes fedtune started; with
+                             client-level DP also private-metrics.jsonl (un-noised
+                             per-round statistics: the operator's, never to publish)
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.path / "logs"
+
+    @property
+    def private_metrics_file(self) -> Path:
+        return self.logs / "private-metrics.jsonl"
 
     def client_dir(self, name: str) -> Path:
         return self.path / "clients" / name
@@ -98,9 +104,13 @@ class RunDir:
             raise UserError(f"--round {round_number}: no such checkpoint in {self.path} (have {rounds})")
         return self.checkpoint(round_number)
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
+    def append_metrics(self, record: dict[str, Any], private: dict[str, Any] | None = None) -> None:
+        """One round's record; PRIVATE (statistics a DP release must not contain) goes under logs/."""
         with open(self.metrics_file, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
+        if private:
+            with open(self.private_metrics_file, "a") as handle:
+                handle.write(json.dumps({"round": record["round"], **private}, allow_nan=False) + "\n")
 
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_file.is_file():
@@ -109,8 +119,10 @@ class RunDir:
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop records after ``last_round`` (a resumed run rewrites them)."""
-        kept = [r for r in self.metrics() if r.get("round", 0) <= last_round]
-        self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        for path in (self.metrics_file, self.private_metrics_file):
+            if path.is_file():
+                kept = [line for line in path.read_text().splitlines() if json.loads(line).get("round", 0) <= last_round]
+                path.write_text("".join(line + "\n" for line in kept))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.summary_file.write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -86,7 +87,10 @@ def make_agent_key(path: Path) -> Path:
 
 
 def public_key_files(source: Path) -> list[Path]:
-    """Public keys to authorize: one ``.pub`` file, or every ``*.pub`` in a directory."""
+    """Public keys to authorize: one ``.pub`` file, or every ``*.pub`` in a directory.
+
+    A key's file stem (``acme`` for ``acme.pub``) is the name of the agent holding it.
+    """
     if source.is_dir():
         files = sorted(source.glob("*.pub"))
     elif source.is_file():
@@ -96,6 +100,8 @@ def public_key_files(source: Path) -> list[Path]:
     if not files:
         raise UserError(f"--authorized-keys {source}: no *.pub files")
     for file in files:
+        if not re.fullmatch(r"[\w.-]{1,64}", file.stem):
+            raise UserError(f"{file}: the file's stem is the agent's name; use 1-64 letters, digits, '.', '_' or '-'")
         try:
             key = serialization.load_ssh_public_key(file.read_bytes())
         except ValueError:

@@ -17,12 +17,19 @@ Codecs (``federation.compression``), applied to uploads and broadcasts alike:
 A zeroth-order client with ``client.zo_upload: seeds`` sends no tensors at all: its
 steps' seeds, projected gradients and learning rates (``zo`` + ``zo-config``), exact,
 which the coordinator replays (fedtune/zo.py): 12 bytes per perturbation, 4 per step.
+
+A receiver treats every payload as untrusted: the layout is checked (and, given
+``expected``, matched against the tensors it allows) and each array's declared dtype,
+length and byte size are compared with it before a byte of it is read. Refusals
+(``WireError``) name the fault, never the sender's values.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
@@ -31,6 +38,13 @@ from fedtune.zo import ZOStep, pack, unpack
 Tensors = dict[str, torch.Tensor]
 CODECS = ("none", "fp16", "int8")
 BLOCK = 128
+DTYPES = {"none": "float32", "fp16": "float16", "int8": "int8"}  # codec -> dtype of its values
+MAX_TENSORS = 4096  # names in one layout; a 70B model's LoRA adapter has about a thousand
+MAX_NAME = 256  # characters in one tensor name
+MAX_NDIM = 8
+MAX_VALUES = 2**31 - 1  # values in one payload when the receiver expects no particular tensors
+NPY_HEADER = 4096  # bytes a .npy header may add to a flat array's data (numpy writes 128)
+MAX_ZO_STEPS, MAX_ZO_SAMPLES = 100_000, 64
 
 
 class WireError(ValueError):
@@ -62,32 +76,86 @@ def encode(tensors: Tensors, codec: str = "none") -> dict[str, ArrayRecord | Con
     return {"arrays": ArrayRecord(arrays), "layout": layout}
 
 
-def decode(arrays: ArrayRecord, layout: ConfigRecord) -> Tensors:
-    """Float32 tensors by name, as they were given to ``encode`` (up to the codec's error)."""
-    try:
-        codec, names = str(layout["codec"]), list(layout["names"])
-        ndims, dims = [int(d) for d in layout["ndims"]], [int(d) for d in layout["shape"]]
-        values = torch.from_numpy(arrays["values"].numpy().copy())
-    except (KeyError, TypeError, ValueError) as err:
-        raise WireError(f"not a fedtune tensor payload ({err})") from err
-    if codec == "none" and values.dtype == torch.float32:
-        flat = values
-    elif codec == "fp16" and values.dtype == torch.float16:
-        flat = values.float()
-    elif codec == "int8" and values.dtype == torch.int8 and "scales" in arrays:
-        flat = dequantize_int8(values, torch.from_numpy(arrays["scales"].numpy().copy()))
+def decode(arrays: ArrayRecord, layout: ConfigRecord, expected: Mapping[str, tuple[int, ...]] | None = None) -> Tensors:
+    """Float32 tensors by name, as they were given to ``encode`` (up to the codec's error).
+
+    ``expected`` (name -> shape) is what the receiver accepts: any other names or shapes
+    are refused before the payload is read, so an oversized one costs neither memory nor time.
+    """
+    codec, names, shapes = read_layout(layout)
+    if expected is not None:
+        match_expected(names, shapes, expected)
+    sizes = [math.prod(shape) for shape in shapes]
+    if sum(sizes) > MAX_VALUES:
+        raise WireError("layout: too many values")
+    wanted = {"values", "scales"} if codec == "int8" else {"values"}
+    if set(arrays.keys()) != wanted:
+        raise WireError(f"not a fedtune tensor payload (arrays must be {sorted(wanted)})")
+    values = torch.from_numpy(read_array(arrays, "values", DTYPES[codec], sum(sizes)).copy())
+    if codec == "int8":
+        scales = read_array(arrays, "scales", "float32", math.ceil(sum(sizes) / BLOCK))
+        flat = dequantize_int8(values, torch.from_numpy(scales.copy()))
     else:
-        raise WireError(f"codec {codec!r} with {values.dtype} values is not a valid payload")
+        flat = values.float()
+    return {name: part.reshape(shape) for name, part, shape in zip(names, flat.split(sizes), shapes)}
+
+
+def read_layout(layout: ConfigRecord) -> tuple[str, list[str], list[tuple[int, ...]]]:
+    """Codec, names and shapes of a ``layout`` record, refused unless well-formed and bounded."""
+    try:
+        codec, names, ndims, dims = (layout[key] for key in ("codec", "names", "ndims", "shape"))
+    except KeyError as err:
+        raise WireError("not a fedtune tensor payload (layout needs codec, names, ndims and shape)") from err
+    if not isinstance(codec, str) or codec not in DTYPES:
+        raise WireError(f"layout: codec must be one of {', '.join(CODECS)}")
+    if not (_all(names, str) and _all(ndims, int) and _all(dims, int)):
+        raise WireError("layout: names must be strings, ndims and shape integers")
+    if len(names) > MAX_TENSORS or any(not 0 < len(name) <= MAX_NAME for name in names):
+        raise WireError(f"layout: at most {MAX_TENSORS} names of 1 to {MAX_NAME} characters")
+    if any(not 0 <= ndim <= MAX_NDIM for ndim in ndims) or any(d < 0 for d in dims):
+        raise WireError(f"layout: ndims must be 0 to {MAX_NDIM}, dimensions non-negative")
     if len(ndims) != len(names) or sum(ndims) != len(dims) or len(set(names)) != len(names):
         raise WireError("layout: names, ndims and shape do not agree")
     shapes, offset = [], 0
     for ndim in ndims:
         shapes.append(tuple(dims[offset : offset + ndim]))
         offset += ndim
-    sizes = [math.prod(shape) for shape in shapes]
-    if sum(sizes) != flat.numel():
-        raise WireError(f"layout describes {sum(sizes)} values, payload has {flat.numel()}")
-    return {name: part.reshape(shape) for name, part, shape in zip(names, flat.split(sizes), shapes)}
+    return codec, list(names), shapes
+
+
+def match_expected(names: list[str], shapes: list[tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """``WireError`` unless the layout holds exactly the expected tensors; names only the receiver's."""
+    if set(names) != set(expected):
+        unexpected, missing = len(set(names) - set(expected)), sorted(set(expected) - set(names))
+        raise WireError(f"wrong tensors ({unexpected} unexpected, missing {missing[:3]})")
+    for name, shape in zip(names, shapes):
+        if shape != tuple(expected[name]):
+            raise WireError(f"{name}: wrong shape, expected {tuple(expected[name])}")
+
+
+def read_array(arrays: ArrayRecord, key: str, dtype: str, count: int) -> np.ndarray:
+    """The flat ``count`` values of ``dtype`` in ``arrays[key]``: metadata and byte size first, then the bytes."""
+    array, nbytes = arrays[key], count * np.dtype(dtype).itemsize
+    if not (
+        isinstance(array, Array)
+        and array.dtype == dtype
+        and tuple(array.shape) == (count,)
+        and isinstance(array.data, bytes)
+        and nbytes <= len(array.data) <= nbytes + NPY_HEADER
+    ):
+        raise WireError(f"'{key}' is not a valid payload of the layout's {dtype} values")
+    try:
+        values = array.numpy()
+    except (TypeError, ValueError) as err:
+        raise WireError(f"'{key}' is not a numpy array") from err
+    if values.dtype != np.dtype(dtype) or values.shape != (count,):
+        raise WireError(f"'{key}' is not a valid payload of the layout's {dtype} values")
+    return values
+
+
+def _all(values: object, kind: type) -> bool:
+    """``values`` is a list of ``kind`` (bools are not integers here)."""
+    return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
 
 
 def encode_seeds(steps: list[ZOStep], weight_decay: float) -> dict[str, ArrayRecord | ConfigRecord]:
@@ -97,11 +165,21 @@ def encode_seeds(steps: list[ZOStep], weight_decay: float) -> dict[str, ArrayRec
 
 
 def decode_seeds(arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[ZOStep], float]:
-    """``(steps, weight decay)`` from ``encode_seeds``' records."""
+    """``(steps, weight decay)`` from ``encode_seeds``' records; counts and size are checked before reading."""
     try:
-        steps = unpack(arrays["packed"].numpy(), int(config["steps"]), int(config["samples"]))
-        return steps, float(config["weight-decay"])
-    except (KeyError, TypeError, ValueError) as err:
+        steps, samples, weight_decay = (config[key] for key in ("steps", "samples", "weight-decay"))
+    except KeyError as err:
+        raise WireError("not a ZO seed payload (zo-config needs steps, samples and weight-decay)") from err
+    if not (_all([steps, samples], int) and 1 <= steps <= MAX_ZO_STEPS and 1 <= samples <= MAX_ZO_SAMPLES):
+        raise WireError(f"not a ZO seed payload (steps must be 1 to {MAX_ZO_STEPS}, samples 1 to {MAX_ZO_SAMPLES})")
+    if not (isinstance(weight_decay, float) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise WireError("not a ZO seed payload (weight-decay must be a finite float >= 0)")
+    if set(arrays.keys()) != {"packed"}:
+        raise WireError("not a ZO seed payload (arrays must be ['packed'])")
+    packed = read_array(arrays, "packed", "uint8", 12 * steps * samples + 4 * steps)
+    try:
+        return unpack(packed, steps, samples), weight_decay
+    except ValueError as err:
         raise WireError(f"not a ZO seed payload ({err})") from err
 
 

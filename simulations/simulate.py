@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from coordinator.superlink import APP_DIR, SuperLink, log_and_echo
+from coordinator.superlink import SuperLink, log_and_echo
+from fedtune.app import APP_DIR
 from fedtune.config import Config
 from fedtune.errors import UserError
 from fedtune.records import read_records, require_fields

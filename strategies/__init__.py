@@ -9,6 +9,7 @@ from strategies.fedit import FedIT
 from strategies.fedsa import FedSaLora
 from strategies.ffa import FfaLora
 from strategies.privacy import ClientLevelDP
+from strategies.robust import RobustSettings
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {"fedit": FedIT, "ffa": FfaLora, "fedsa": FedSaLora, "fair": LoraFair}
 
@@ -28,6 +29,10 @@ def build_strategy(config: Config) -> LoraStrategy:
         strategy = LoraFair(**common, settings=settings)
     else:
         strategy = STRATEGIES[name](**common)
+    settings = config.strategy
+    strategy.robust = RobustSettings(
+        settings.robust, settings.max_weight_ratio, settings.norm_bound, settings.trim_fraction
+    )  # under client-level DP the bounds are not applied (its clip bounds every client)
     if config.privacy.mode == "client":
         strategy.privacy = ClientLevelDP.from_config(config)
     strategy.budget_replies = config.privacy.mode == "sample"

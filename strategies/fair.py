@@ -35,7 +35,7 @@ import torch
 
 from fedtune.plan import ROLES, ParameterPlan
 from strategies.base import ClientUpdate, LoraStrategy, Tensors
-from strategies.fedit import weighted_mean
+from strategies.robust import aggregate_tensors, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,21 @@ def fair_correction(
     b_clients: list[torch.Tensor],  # K tensors (L, d_out, r)
     weights: torch.Tensor,  # (K,) summing to 1
     settings: SolverSettings = SolverSettings(),
+    means: tuple[torch.Tensor, torch.Tensor] | None = None,  # (Ā, B̄) to use instead of the weighted means
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Ā, B̄ + ΔB, ΔB) for a stack of L same-shaped modules."""
+    """(Ā, B̄ + ΔB, ΔB) for a stack of L same-shaped modules.
+
+    ΔW = Σ_k p_k B_k A_k always uses ``weights``; Ā and B̄ are their weighted means unless
+    ``means`` gives them (``strategy.robust: trimmed-mean`` / ``median``: coordinate-wise
+    statistics, with ΔW over the bounded clients).
+    """
     a = torch.stack(a_clients).double()  # (K, L, r, d_in)
     b = torch.stack(b_clients).double()  # (K, L, d_out, r)
     p = weights.double().view(-1, 1, 1, 1)
-    a_bar, b_bar = (p * a).sum(0), (p * b).sum(0)
+    if means is None:
+        a_bar, b_bar = (p * a).sum(0), (p * b).sum(0)
+    else:
+        a_bar, b_bar = (m.double() for m in means)
     g = (p * b @ (a @ a_bar.transpose(-1, -2))).sum(0)  # (L, d_out, r)
     cross_a = torch.einsum("kmri,lmsi->klmrs", a, a)  # A_k A_lᵀ
     cross_b = torch.einsum("kmor,lmos->klmrs", b, b)  # B_kᵀ B_l
@@ -120,16 +129,28 @@ def module_groups(names: list[str], tensors: Tensors) -> list[list[tuple[str, st
 
 
 def fair_aggregate(
-    updates: list[Tensors], weights: list[float], settings: SolverSettings = SolverSettings()
+    updates: list[Tensors],
+    weights: list[float],
+    settings: SolverSettings = SolverSettings(),
+    mean: Tensors | None = None,
 ) -> Tensors:
-    """FedIT means for every tensor, then B̄ + ΔB for each LoRA module (batched by shape)."""
-    result = weighted_mean(updates, weights)
+    """FedIT means for every tensor (or ``mean``, e.g. a coordinate-wise median), then B̄ + ΔB for
+    each LoRA module (batched by shape), with ΔW the ``weights``-weighted mean of the clients' B_k·A_k.
+
+    With a robust ``mean``, Ā and B̄ are robust statistics of A and B taken separately, not of the
+    products: a heuristic (strategies/robust.py); the correction's target ΔW is the weighted mean
+    of the bounded clients' products.
+    """
+    result = weighted_mean(updates, weights) if mean is None else dict(mean)
     p = torch.tensor(weights, dtype=torch.float64)
     p = p / p.sum()
     for pairs in module_groups(list(updates[0]), updates[0]):
         a_clients = [torch.stack([u[a] for a, _ in pairs]) for u in updates]
         b_clients = [torch.stack([u[b] for _, b in pairs]) for u in updates]
-        _, b_new, _ = fair_correction(a_clients, b_clients, p, settings)
+        means = None
+        if mean is not None:
+            means = (torch.stack([mean[a] for a, _ in pairs]), torch.stack([mean[b] for _, b in pairs]))
+        _, b_new, _ = fair_correction(a_clients, b_clients, p, settings, means)
         for index, (_, b_name) in enumerate(pairs):
             result[b_name] = b_new[index]
     return result
@@ -148,7 +169,11 @@ class LoraFair(LoraStrategy):
         self.settings = settings
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
-        return fair_aggregate([u.tensors for u in updates], [u.num_examples for u in updates], self.settings)
+        """FAIR on the (bounded) clients; with ``strategy.robust: trimmed-mean`` / ``median`` Ā and B̄
+        are that statistic (of A and B separately: a heuristic) and the correction runs from there."""
+        tensors, weights = [u.tensors for u in updates], [u.num_examples for u in updates]
+        mean = aggregate_tensors(tensors, weights, self.robust) if self.robust.coordinatewise else None
+        return fair_aggregate(tensors, weights, self.settings, mean)
 
     # -- client-level DP: the correction must be post-processing of what the mechanism releases
     def released(self, update: ClientUpdate) -> Tensors:

@@ -8,20 +8,16 @@ strategies exist to fix or avoid that.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from fedtune.plan import ROLES, ParameterPlan
-from strategies.base import ClientUpdate, LoraStrategy, Tensors
+from strategies.base import LoraStrategy
+from strategies.robust import weighted_mean
 
-
-def weighted_mean(tensors: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
-    """Σ_k p_k T_k per name, with p_k = w_k / Σ w."""
-    total = float(sum(weights))
-    return {name: sum((w / total) * t[name] for t, w in zip(tensors, weights)) for name in tensors[0]}
+__all__ = ["FedIT", "weighted_mean"]
 
 
 class FedIT(LoraStrategy):
-    plan = ParameterPlan(trained=frozenset(ROLES), sent=frozenset(ROLES))
+    """``combine`` is the base class's: the weighted mean, or with ``strategy.robust: trimmed-mean``
+    / ``median`` that statistic of A and of B per coordinate, separately (a heuristic: stat(B)·stat(A)
+    is not a robust statistic of the products B_k·A_k; strategies/robust.py)."""
 
-    def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
-        return weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])
+    plan = ParameterPlan(trained=frozenset(ROLES), sent=frozenset(ROLES))

@@ -11,8 +11,7 @@ rsLoRA scaling (``adapter.rslora: true``) gives FedSA-rsLoRA.
 from __future__ import annotations
 
 from fedtune.plan import ParameterPlan
-from strategies.base import ClientUpdate, LoraStrategy, Tensors
-from strategies.fedit import weighted_mean
+from strategies.base import LoraStrategy
 
 
 def fedsa_plan(private_head: bool) -> ParameterPlan:
@@ -25,9 +24,12 @@ def fedsa_plan(private_head: bool) -> ParameterPlan:
 
 
 class FedSaLora(LoraStrategy):
+    """``combine`` is the base class's weighted mean (or robust statistic) of A and the shared head.
+
+    With ``strategy.robust: trimmed-mean`` / ``median``, the per-coordinate statistic of A is a
+    heuristic: each client's A works with its own private B, which the server never sees.
+    """
+
     def __init__(self, *args, private_head: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.plan = fedsa_plan(private_head)
-
-    def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
-        return weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])

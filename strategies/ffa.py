@@ -10,16 +10,20 @@ of FedIT's traffic.
 from __future__ import annotations
 
 from fedtune.plan import ParameterPlan
-from strategies.base import ClientUpdate, LoraStrategy, Tensors
-from strategies.fedit import weighted_mean
+from strategies.base import LoraStrategy
 
 
 class FfaLora(LoraStrategy):
+    """``combine`` is the base class's weighted mean (or robust statistic) of B and the head.
+
+    With ``strategy.robust: trimmed-mean`` / ``median`` the statistic is taken per coordinate
+    of B. A is shared and frozen, so ΔW = B·A is linear in B and B alone parametrises every
+    client's update: the statistic of B is a robust statistic of the updates themselves, and
+    stat(B)·A is the product every client starts from. Exact, unlike FedIT's separate A and B.
+    """
+
     plan = ParameterPlan(
         trained=frozenset({"lora_B", "head"}),
         sent=frozenset({"lora_B", "head"}),
         frozen=frozenset({"lora_A"}),
     )
-
-    def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
-        return weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])

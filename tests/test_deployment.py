@@ -257,8 +257,10 @@ def test_run_finishes_when_an_agent_dies_in_round_two(site, tmp_path):
         stop(*agents)
     assert coordinator.returncode == 0, output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2, 3]
-    assert records[0]["clients"] == 3 and records[2]["clients"] == 2
+    private = [json.loads(line) for line in (run / "logs" / "private-metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [r["round"] for r in private] == [1, 2, 3]
+    assert private[0]["clients"] == 3 and private[2]["clients"] == 2
+    assert all("clients" not in r and "train_loss" not in r for r in records)  # un-noised: not for publication
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     for done, record in enumerate(records, start=1):  # every round at the sampling rate q = 1
         assert record["epsilon"] == pytest.approx(opacus_epsilon([(1.0, 1.0, done)]), rel=0.01)

@@ -23,6 +23,7 @@ from client.trainers.backprop import BackpropTrainer, make_optimizer
 from client.trainers.base import seeded_torch
 from client.trainers.dpsgd import DPSGDTrainer, example_mean_loss
 from conftest import run_cli
+from coordinator.federation import PUBLIC_UNDER_CLIENT_DP
 from fedtune.config import load_config
 from fedtune.errors import UserError
 from fedtune.privacy import torch_generator
@@ -329,7 +330,7 @@ def test_clients_out_of_budget_are_not_sampled_to_train():
     enter_run()
     config = resolve(load_config(QUICKSTART, SMALL), name_hint="dp", need_train_data=True)
     strategy = build_strategy(config)
-    strategy.node_names, strategy.retired = {2: "client-1"}, {"client-1"}
+    strategy.identity.bound, strategy.retired = {2: "client-1"}, {"client-1"}
     arrays = ArrayRecord({"classifier.weight": torch.zeros(3, 8)})
     trained = strategy.configure_train(1, arrays, ConfigRecord(), StaticGrid([1, 2, 3]))
     evaluated = strategy.configure_evaluate(1, arrays, ConfigRecord(), StaticGrid([1, 2, 3]))
@@ -359,10 +360,14 @@ def test_client_level_run_accounts_like_opacus_and_stops_at_its_budget(tmp_path)
     result = _budgeted_run("client", sigma, target, tmp_path / "run")
     assert result.returncode == 0, result.stdout + result.stderr
     records = _records(tmp_path / "run")
-    assert [r["round"] for r in records] == [1, 2]
-    for record, expected in zip(records, per_round):
+    private = [json.loads(line) for line in (tmp_path / "run" / "logs" / "private-metrics.jsonl").open()]
+    assert [r["round"] for r in records] == [r["round"] for r in private] == [1, 2]
+    for record, hidden, expected in zip(records, private, per_round):
         assert record["epsilon"] == pytest.approx(expected, rel=0.01)
-        assert record["epsilon"] <= target and record["clients"] == 3
+        assert record["epsilon"] <= target and hidden["clients"] == 3
+        assert set(record) <= PUBLIC_UNDER_CLIENT_DP and "train_loss" in hidden  # published: the DP release only
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "train_loss" not in summary["final"] and "client_accuracy" not in summary["final"]
     assert "before round 3: privacy budget reached" in result.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "budget-reached"
 

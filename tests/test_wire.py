@@ -1,12 +1,14 @@
-"""The wire codec: exact, fp16 and int8 round trips within their bounds, bytes, bad payloads."""
+"""The wire codec: exact, fp16 and int8 round trips within their bounds, bytes, bad and oversized payloads."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedtune import wire
+from fedtune.zo import ZOStep
 from flower_helpers import StaticGrid, enter_run, reply
 from strategies.base import payload_bytes
 from strategies.fedit import FedIT
@@ -96,7 +98,7 @@ def test_a_compressed_federation_round_decodes_and_counts_compressed_bytes():
         updates = [_adapter(1), _adapter(2)]
         replies = []
         for message, update in zip(messages, updates):
-            answer = reply(message, {})
+            answer = reply(message, {}, name=f"client-{message.metadata.dst_node_id}")  # one name per node
             answer.content = RecordDict(
                 {**wire.encode(update, strategy.compression), **{k: answer.content[k] for k in ("metrics", "info")}}
             )
@@ -122,3 +124,121 @@ def test_a_reply_without_a_layout_is_rejected_with_a_reason():
     arrays, _ = strategy.aggregate_train(1, [answer])
     assert arrays is None
     assert "missing 'arrays' and 'layout' (or ZO 'zo' and 'zo-config')" in strategy.ledger.rejected[0]
+
+
+# -- untrusted payloads: checked against the layout and the receiver's plan before a byte is read --
+
+
+def _small() -> dict[str, torch.Tensor]:
+    return {"x.lora_A.weight": torch.ones(2, 3), "x.lora_B.weight": torch.ones(4, 2), "head.bias": torch.ones(3)}
+
+
+def _expected(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(value.shape) for name, value in tensors.items()}
+
+
+@pytest.fixture
+def numpy_calls(monkeypatch) -> list[Array]:
+    """Every ``Array.numpy`` call: a payload refused by its metadata is never read."""
+    calls, read = [], Array.numpy
+
+    def spy(self):
+        calls.append(self)
+        return read(self)
+
+    monkeypatch.setattr(Array, "numpy", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "ndims, shape",
+    [
+        ([2, 2, 1], [-2, -3, 4, 2, 3]),  # the signs cancel: 6 + 8 + 3 values, as the payload has
+        ([1, 2, 1], [-2, 8, 2, 11]),  # a negative size that sums to the payload
+        ([2, -1, 4], [2, 3, 4, 2, 3]),
+    ],
+)
+def test_negative_dimensions_are_refused_even_when_the_sizes_add_up(ndims, shape):
+    payload = wire.encode(_small())
+    layout = ConfigRecord({**dict(payload["layout"]), "ndims": ndims, "shape": shape})
+    with pytest.raises(wire.WireError, match="ndims must be 0 to 8, dimensions non-negative"):
+        wire.decode(payload["arrays"], layout)
+
+
+@pytest.mark.parametrize(
+    "layout_change, message",
+    [
+        ({"codec": "zip"}, "codec must be one of none, fp16, int8"),
+        ({"names": "x.lora_A.weight"}, "names must be strings"),
+        ({"shape": [2.0, 3.0, 4.0, 2.0, 3.0]}, "ndims and shape integers"),
+        ({"ndims": [True, True, True]}, "ndims and shape integers"),
+        ({"names": ["x" * 300, "b", "c"]}, "names of 1 to 256 characters"),
+        ({"names": [f"t{i}" for i in range(wire.MAX_TENSORS + 1)]}, f"at most {wire.MAX_TENSORS} names"),
+    ],
+)
+def test_malformed_layout_fields_are_refused(layout_change, message):
+    payload = wire.encode(_small())
+    layout = ConfigRecord({**dict(payload["layout"]), **layout_change})
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode(payload["arrays"], layout)
+
+
+def test_a_payload_fifty_times_the_plan_is_refused_before_it_is_read(numpy_calls):
+    tensors = _small()
+    honest_layout = wire.encode(tensors)["layout"]
+    big = wire.encode({name: torch.ones(50 * value.numel()) for name, value in tensors.items()})
+    with pytest.raises(wire.WireError, match="wrong shape, expected"):  # the layout admits the size
+        wire.decode(big["arrays"], big["layout"], _expected(tensors))
+    with pytest.raises(wire.WireError, match="not a valid payload"):  # the layout hides it
+        wire.decode(big["arrays"], honest_layout, _expected(tensors))
+    assert numpy_calls == []
+    assert set(wire.decode(**wire.encode(tensors), expected=_expected(tensors))) == set(tensors)
+    assert len(numpy_calls) == 1
+
+
+def test_an_array_whose_metadata_lies_about_its_size_is_refused_before_it_is_read(numpy_calls):
+    payload = wire.encode(_small())
+    honest = payload["arrays"]["values"]
+    extra = bytes(50 * 17 * 4 + wire.NPY_HEADER)  # more bytes than 17 values and any .npy header
+    padded = Array(dtype="float32", shape=honest.shape, stype=honest.stype, data=honest.data + extra)
+    with pytest.raises(wire.WireError, match="not a valid payload"):
+        wire.decode(ArrayRecord({"values": padded}), payload["layout"], _expected(_small()))
+    assert numpy_calls == []
+    # metadata and byte size agree, the bytes do not: refused after reading a bounded buffer
+    doubles = Array(np.ones(17 // 2, dtype=np.float64))
+    forged = Array(dtype="float32", shape=(17,), stype=doubles.stype, data=doubles.data + bytes(4))
+    with pytest.raises(wire.WireError, match="not a valid payload|not a numpy array"):
+        wire.decode(ArrayRecord({"values": forged}), payload["layout"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p["arrays"].__setitem__("extra", Array(np.zeros(1, dtype=np.float32))), "arrays must be"),
+        (lambda p: p["arrays"].__setitem__("values", Array(np.zeros(17))), "not a valid payload"),  # float64
+        (lambda p: p["layout"].__setitem__("names", ["x.lora_A.weight", "other", "head.bias"]), "1 unexpected"),
+    ],
+)
+def test_foreign_arrays_and_names_are_refused(change, message):
+    payload = wire.encode(_small())
+    change(payload)
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode(payload["arrays"], payload["layout"], _expected(_small()))
+
+
+@pytest.mark.parametrize(
+    "config_change, message",
+    [
+        ({"steps": wire.MAX_ZO_STEPS + 1}, "steps must be 1 to"),
+        ({"samples": wire.MAX_ZO_SAMPLES + 1}, "samples 1 to"),
+        ({"steps": 2.0}, "steps must be 1 to"),
+        ({"weight-decay": float("nan")}, "weight-decay must be a finite float"),
+        ({"steps": 3}, "not a valid payload"),  # the bytes hold 2 steps
+    ],
+)
+def test_zo_seed_payloads_are_bounded_and_sized_before_they_are_read(config_change, message, numpy_calls):
+    records = wire.encode_seeds([ZOStep(0.01, [1, 2], [0.5, -0.5]), ZOStep(0.02, [3, 4], [0.1, 0.2])], 0.0)
+    config = ConfigRecord({**dict(records["zo-config"]), **config_change})
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode_seeds(records["zo"], config)
+    assert numpy_calls == []
