@@ -179,6 +179,7 @@ def test_secure_deployment_writes_a_complete_run_directory(secure_run):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-1", "round-2"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["clients"], r["zo_clients"]) for r in records] == [(1, 3, 1), (2, 3, 1)]
+    assert not list(run.rglob("*.db"))  # the SuperLink's state lived in memory: no agent bytes left on disk
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 

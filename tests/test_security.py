@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import REPO, run_cli
@@ -271,3 +272,63 @@ def test_agents_cannot_speak_for_others_and_misfits_leave_with_one_line(tmp_path
         assert private not in written, private
     states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoints/*/fedtune.json")]
     assert all(":" not in process for state in states for process in state["client_loads"])  # no host:pid
+
+
+def test_oversized_requests_are_refused_before_flower_reads_them(tmp_path):
+    """Finding 8: a 200 MB upload made the coordinator peak at 2.5 GB and stayed in its database."""
+    import http.client
+
+    cap = 2**20
+    with SuperLink(simulation=False, log_file=tmp_path / "superlink.log", max_request_bytes=cap) as link:
+        process = psutil.Process(link.process.pid)
+        before = process.memory_info().rss
+
+        def post(path: str, body: bytes, chunked: bool = False) -> int:
+            connection = http.client.HTTPConnection("127.0.0.1", link.port, timeout=30)
+            try:
+                headers = {"Content-Type": "application/protobuf"}
+                if chunked:
+                    connection.request("POST", path, body=iter([body[i : i + 65536] for i in range(0, len(body), 65536)]),
+                                       headers=headers, encode_chunked=True)  # fmt: skip
+                else:
+                    connection.request("POST", path, body=body, headers=headers)
+                return connection.getresponse().status
+            except (BrokenPipeError, ConnectionResetError):
+                return 413  # refused while the body was still being sent
+            finally:
+                connection.close()
+
+        payload = os.urandom(200 * 2**20)
+        assert post("/v1/fleet/push-object", payload) == 413
+        assert post("/v1/fleet/push-object", payload[: 8 * cap], chunked=True) == 413
+        assert post("/v1/control/list-runs", b"") == 404  # the Control API is not on the public port
+        assert post("/v1/fleet/push-object", b"\x00" * 100) not in (404, 413)  # Flower itself answers this one
+        assert process.memory_info().rss - before < 50 * 2**20
+    assert not list(tmp_path.rglob("*.db"))  # the SuperLink keeps its state in memory only
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_malformed_replies_never_crash_a_run_nor_reach_its_records(tmp_path):
+    """Findings 2 and 6, end to end on Flower's Simulation Engine: inf counts, a negative layout,
+    a NaN loss and an absurd evaluate accuracy each cost only their own reply."""
+    run = tmp_path / "run"
+    result = run_cli(
+        "simulate", CONFIG, *SMALL, "--set", "federation.clients=4", "--set", "federation.min_clients=2",
+        "--set", "federation.rounds=2", "--out", str(run), "--app", str(REPO / "tests" / "malformed_app"),
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [_strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["clients"]) for r in records] == [(1, 2), (2, 2)]  # partitions 2 and 3 count
+    first, second = (r["rejected"] for r in records)
+    assert any(r.startswith("client-0:") and "num-examples" in r for r in first), first
+    assert any(r.startswith("client-1:") and "loss" in r for r in first), first
+    assert any(r.startswith("client-0:") and "layout" in r for r in second), second
+    assert all(0.0 <= r["client_accuracy"] <= 1.0 for r in records)
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
