@@ -68,6 +68,21 @@ def default_target_modules(name: str) -> list[str]:
     return list(DEFAULT_TARGETS_BY_TYPE[model_type])
 
 
+def unmatched_target_modules(name: str, targets: list[str]) -> tuple[list[str], list[str]]:
+    """(targets that name no linear layer of the model, the layer names that could be targeted).
+
+    Built on the meta device from the model's config: no weights are read. peft matches a
+    target against the end of a module's dotted name.
+    """
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(AutoConfig.from_pretrained(model_dir(name)))
+    linear = {n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    return unmatched, sorted({n.rsplit(".", 1)[-1] for n in linear})
+
+
 def default_max_length(name: str) -> int:
     alias = ALIASES.get(name)
     return alias.max_length if alias else 256

@@ -24,7 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from client.data import ExampleSet, TaskSpec, encode
 from coordinator.checkpoint import load_run_model
-from edge.quantize import quantize_model
+from edge.quantize import method, quantize_model
 from edge.runtime import MANIFEST, sha256_file
 from fedtune.config import Config
 from fedtune.errors import UserError
@@ -57,6 +57,11 @@ def export_bundle(
             "full-precision base (fedtune evaluate --quantization none measures what that changes)"
         )
     adapter, used_round = load_run_model(run, round_number, client, quantization="none")
+    if not run.summary_file.exists():
+        echo(
+            f"{run.path} has no summary.json: the run is still going or was stopped; exporting its checkpoint "
+            f"of round {used_round} (of {config.federation.rounds} planned)"
+        )
     spec = TaskSpec.from_config(config)
     checks = encode(_check_rows(config, check_data, check_examples), spec, adapter.tokenizer, "check data")
     merged = adapter.model.merge_and_unload().eval()
@@ -317,7 +322,7 @@ def _manifest(
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "opset": OPSET,
-        "quantization": {"mode": quantize, "kept_full_precision": kept, "method": "onnxruntime weight-only"},
+        "quantization": {"mode": quantize, "kept_full_precision": kept, "method": method(quantize, config.model.task)},
         "parity": {"fp32_max_abs_diff": parity, "tolerance": tolerance, "examples": samples},
         "quality_check": gate,
         "sizes": {

@@ -36,6 +36,15 @@ def kept_nodes(model: onnx.ModelProto, task: str) -> list[str]:
     ]
 
 
+def method(mode: str, task: str) -> str:
+    """What ``quantize_model`` does for MODE and TASK, in words for the manifest."""
+    if mode == "none":
+        return "none (fp32)"
+    if mode == "int8" and task == "classification":
+        return "dynamic int8 (onnxruntime quantize_dynamic: int8 weights per channel, activations quantized at run time)"
+    return f"weight-only {mode} (onnxruntime MatMulNBits; activations stay fp32)"
+
+
 def quantize_model(source: Path, target: Path, mode: str, task: str, external_data: bool) -> list[str]:
     """Write a quantized copy of ``source``; return the nodes kept in fp32."""
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)

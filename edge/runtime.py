@@ -83,14 +83,20 @@ class Bundle:
     def task(self) -> str:
         return self.manifest["task"]
 
+    def __repr__(self) -> str:
+        quantization = self.manifest.get("quantization", {}).get("mode", "none")
+        return f"Bundle({str(self.path)!r}, task={self.task!r}, quantization={quantization!r})"
+
     # -- classification ------------------------------------------------------------
     def logits(self, texts: list[str]) -> np.ndarray:
         """Classifier logits for a batch of texts (right-padded, like training)."""
         ids, mask = self._encode([self._encode_ids(t) for t in texts], left=False)
         return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
 
-    def classify(self, texts: list[str]) -> list[Prediction]:
+    def classify(self, texts: list[str] | str) -> list[Prediction]:
+        """One prediction per text (a single string is one text, not a list of characters)."""
         self._require("classification")
+        texts = [texts] if isinstance(texts, str) else texts
         logits = self.logits(texts)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -162,6 +168,9 @@ def bench(
     bundle: Bundle, rows: list[dict[str, Any]], text_field: str, label_field: str, max_new_tokens: int = 8
 ) -> dict:
     """Accuracy (classification) or exact match (causal LM) and batch-1 latency over ``rows``."""
+    missing = [field for field in (text_field, label_field) if rows and field not in rows[0]]
+    if missing:
+        raise UserError(f"no column {missing[0]!r} in the data (columns: {', '.join(rows[0])}); pass --text-field/--label-field")
     latencies, correct = [], 0
     label_words = bundle.manifest.get("label_words") or {}
     response = bundle.manifest.get("response", "{label}")

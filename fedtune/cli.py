@@ -7,6 +7,7 @@ problem and exit 2; Ctrl-C exits 130 after the launchers stopped what they start
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -24,7 +25,13 @@ from fedtune.rundir import RunDir
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other user error
-        raise UserError(f"{self.prog}: {message}")
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            allowed = re.findall(r"'?([\w-]+)'?", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), allowed, n=1)
+            message += f"; did you mean '{close[0]}'?" if close else ""
+        where = self.prog.removeprefix("fedtune").strip()
+        raise UserError(f"{where}: {message}" if where else message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.set_defaults(handler=_keygen)
 
     partition = commands.add_parser("partition", help="write each simulated client's data to DIR/client-K.jsonl")
-    _config_args(partition)
+    _config_args(partition, out_help="directory for client-K.jsonl (default: partitions/); must not hold partitions yet")
     partition.set_defaults(handler=_partition)
 
     export = commands.add_parser("export", help="merge a run's adapter and export a verified ONNX bundle")
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
+def _config_args(parser: argparse.ArgumentParser, out_help: str = "run directory (default: output.dir/output.name)") -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML config file")
     parser.add_argument(
         "--set",
@@ -217,7 +224,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config key (repeatable), e.g. --set federation.rounds=5",
     )
-    parser.add_argument("--out", default=None, metavar="DIR", help="run directory (default: output.dir/output.name)")
+    parser.add_argument("--out", default=None, metavar="DIR", help=out_help)
 
 
 def _prepare_run(
@@ -233,7 +240,9 @@ def _prepare_run(
         check(config)
     path = Path(args.out) if args.out else Path(config.output.dir) / str(config.output.name)
     if path.exists() and any(path.iterdir()):
-        raise UserError(f"{path} already exists and is not empty; choose another --out or output.name")
+        if RunDir(path).metrics_file.exists() or RunDir(path).checkpoints.exists() or not RunDir(path).config_file.exists():
+            raise UserError(f"{path} already exists and is not empty; choose another --out or output.name")
+        print(f"fedtune: {path} holds no round yet (an earlier start failed); starting there again")
     if args.out:
         if not re.fullmatch(r"[\w.-]+", path.name):
             raise UserError(f"--out {args.out}: name the run directory with letters, digits, '.', '_' or '-'")
@@ -395,6 +404,9 @@ def _partition(args: argparse.Namespace) -> int:
 
     config = resolve(load_config(args.config, args.overrides), name_hint="partition", need_train_data=True)
     out = Path(args.out or "partitions")
+    existing = sorted(out.glob("client-*.jsonl")) if out.is_dir() else []
+    if existing:
+        raise UserError(f"--out {out}: already holds {existing[0].name} and others; choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     for index in range(config.federation.clients):
         rows = client_partition(config, index)

@@ -32,6 +32,9 @@ def plot_run(run: RunDir) -> Path:
     axes[2].grid(alpha=0.3)
     if axes[2].lines:
         axes[2].legend()
+        axes[2].set_ylim(bottom=0)  # a constant traffic is a flat line, not noise zoomed to fill the panel
+    else:  # a centralized run (fedtune train) sends nothing
+        axes[2].text(0.5, 0.5, "no federated traffic", ha="center", va="center", transform=axes[2].transAxes)
     for axis in axes:
         axis.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(run.path.name)

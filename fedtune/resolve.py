@@ -17,7 +17,7 @@ from fedtune.errors import UserError
 
 def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
     from client.data import infer_labels
-    from client.model import default_max_length, default_target_modules
+    from client.model import default_max_length, default_target_modules, unmatched_target_modules
 
     config = config.model_copy(deep=True)
     fed = config.federation
@@ -27,6 +27,11 @@ def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
     if isinstance(zo_clients, list) and any(i >= fed.clients for i in zo_clients):
         raise UserError(f"client.zo_clients: {zo_clients} names clients beyond 0..{fed.clients - 1}")
     check_privacy(config)
+    if config.model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("model.device cuda: this machine has no CUDA device torch can use; set auto or cpu")
     if need_train_data and not config.data.train:
         raise UserError("data.train: required for this command (a data file, synthetic:NAME/SPLIT or hf:NAME)")
     if config.data.server_holdout and config.data.eval:
@@ -35,6 +40,12 @@ def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
         raise UserError("data.partition.field: required when data.partition.kind is field (e.g. domain)")
     if config.adapter.target_modules is None:
         config.adapter.target_modules = default_target_modules(config.model.name)
+    unmatched, available = unmatched_target_modules(config.model.name, config.adapter.target_modules)
+    if unmatched:
+        raise UserError(
+            f"adapter.target_modules: {unmatched} match no layer of {config.model.name}; "
+            f"layers that can take LoRA: {', '.join(available)}"
+        )
     if config.model.max_length is None:
         config.model.max_length = default_max_length(config.model.name)
     wants_labels = config.model.task == "classification" or config.data.label_words

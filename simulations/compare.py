@@ -104,6 +104,7 @@ def plot_comparison(out: Path, names: list[str]) -> Path:
                 personal = [(r["round"], r["client_accuracy"]) for r in records if "client_accuracy" in r]
                 axis.plot(*zip(*personal), linestyle="--", color=line.get_color(), label=f"{name} (personalised)")
     axis.set(xlabel="round", ylabel="accuracy (server eval)", title=out.name)
+    axis.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
     axis.grid(alpha=0.3)
     axis.legend()
     fig.tight_layout()

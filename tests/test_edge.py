@@ -194,3 +194,19 @@ def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path
     assert edge["latency_ms_p50"] > 0 and edge["latency_ms_p95"] >= edge["latency_ms_p50"]
     # the personalised model is not the global one (FedSA's global B is zero)
     assert torch_eval["eval_loss"] != pytest.approx(global_eval["eval_loss"])
+
+
+def test_bundle_api_and_bench_treat_a_user_kindly(classifier_bundle, tmp_path):
+    """Issue 16: one string is one text, print(bundle) is one line, a file without the text column is one line."""
+    _, path, manifest = classifier_bundle
+    bundle = Bundle.load(path)
+    assert len(bundle.classify("How do I change my seat?")) == 1
+    assert repr(bundle) == f"Bundle({str(path)!r}, task='classification', quantization='none')"
+    assert manifest["quantization"]["method"] == "none (fp32)"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"message": "where is my parcel", "label": "question"}\n')
+    result = run_cli("edge", "bench", str(path), "--data", str(rows), timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "fedtune: error: no column 'text' in the data (columns: message, label); pass --text-field/--label-field"
+    ]

@@ -1,0 +1,63 @@
+"""What a user meets when a command is mistyped or cannot run (issue 16): one line, and a retry that works."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+
+QUICKSTART = "simulations/configs/quickstart.yaml"
+
+
+def _error_lines(result) -> list[str]:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()
+
+
+def test_a_mistyped_command_gets_one_line_and_a_suggestion():
+    lines = _error_lines(run_cli("simulat", QUICKSTART))
+    assert len(lines) == 1 and lines[0].startswith("fedtune: error: argument command: invalid choice: 'simulat'")
+    assert lines[0].endswith("did you mean 'simulate'?")
+    lines = _error_lines(run_cli("partition", QUICKSTART, "--bogus"))
+    assert lines == ["fedtune: error: unrecognized arguments: --bogus"]  # no "fedtune: error: fedtune: ..."
+
+
+def test_target_modules_that_match_nothing_are_refused_before_anything_starts(tmp_path):
+    result = run_cli("simulate", QUICKSTART, "--set", "adapter.target_modules=[query,nonexistent]",
+                     "--out", str(tmp_path / "run"))  # fmt: skip
+    assert _error_lines(result) == [
+        "fedtune: error: adapter.target_modules: ['nonexistent'] match no layer of minilm-l6; "
+        "layers that can take LoRA: dense, key, query, value"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_one_line(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_cli("simulate", QUICKSTART, "--set", "model.device=cuda", "--out", str(tmp_path / "run"))
+    assert _error_lines(result) == [
+        "fedtune: error: model.device cuda: this machine has no CUDA device torch can use; set auto or cpu"
+    ]
+
+
+def test_a_failed_coordinator_start_does_not_block_its_retry(tmp_path):
+    command = ["coordinator", QUICKSTART, "--address", "127.0.0.1:9", "--out", str(tmp_path / "run")]
+    first = _error_lines(run_cli(*command))
+    assert first == [
+        "fedtune: error: TLS is on by default: pass --certs DIR (make one with fedtune certs DIR --host HOSTNAME), "
+        "or --insecure for a plain-text try-out"
+    ]
+    again = run_cli(*command)
+    assert _error_lines(again) == first  # not "already exists and is not empty"
+    assert "holds no round yet" in again.stdout
+
+
+def test_partition_never_overwrites_partitions(tmp_path):
+    out = tmp_path / "parts"
+    assert run_cli("partition", QUICKSTART, "--out", str(out)).returncode == 0
+    before = (out / "client-0.jsonl").read_text()
+    lines = _error_lines(run_cli("partition", QUICKSTART, "--set", "seed=7", "--out", str(out)))
+    assert lines == [f"fedtune: error: --out {out}: already holds client-0.jsonl and others; choose another directory"]
+    assert (out / "client-0.jsonl").read_text() == before
