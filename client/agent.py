@@ -10,6 +10,7 @@ authentication are on unless ``--insecure`` is given.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -62,7 +63,12 @@ class AgentSettings:
     threads: int | None = None
     mode: str = ""  # backprop, zo or auto; empty: the run's client.mode
     memory_budget_mb: float = 0.0  # for auto; 0: what the machine has available
+    serve: bool = False  # keep serving after a run ends (for later runs); default: exit 0 with the run
 
+
+CONNECTED = re.compile(r"SuperNode ID: ")  # the SuperNode registered with the coordinator
+RETRYING = re.compile(r"Connection attempt failed, retrying in ([\d.]+) seconds")
+RETRY_NOTE_EVERY_S = 60.0  # the SuperNode retries every few seconds; the terminal hears of it once a minute
 
 REFUSED = 2  # index in FATAL_PATTERNS: the coordinator does not know this agent's key
 REFUSAL_RETRIES = 3  # a coordinator registers keys just after it starts listening
@@ -70,7 +76,8 @@ REFUSAL_WAIT_S = 5.0
 
 
 def run_agent(settings: AgentSettings, echo=print) -> int:
-    """Join the coordinator and serve ClientApp tasks until stopped (Ctrl-C) or refused."""
+    """Join the coordinator and serve ClientApp tasks until the run ends (or, with ``serve``, until
+    stopped with Ctrl-C), or until refused."""
     _check(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     home = settings.state_dir / ".flwr"
@@ -80,9 +87,10 @@ def run_agent(settings: AgentSettings, echo=print) -> int:
         import torch
 
         torch.set_num_threads(settings.threads)
+    _log_flower_to(settings.state_dir / "agent.log")
     echo(
-        f"fedtune: agent {settings.name} joining {settings.coordinator} with {settings.data} "
-        f"(SuperNode log: {settings.state_dir / 'agent.log'})"
+        f"fedtune: agent {settings.name} connecting to {settings.coordinator} with {settings.data} "
+        f"(log: {settings.state_dir / 'agent.log'})"
     )
     if settings.insecure:
         echo("fedtune: WARNING: --insecure: plain-text connection, no TLS")
@@ -150,12 +158,24 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
     try:
         _wait_for_port(port, node, stop)
         if not stop.is_set():
-            serve_clientapps(f"127.0.0.1:{port}", stop, say=lambda line: print(line, flush=True))
+            serve_clientapps(f"127.0.0.1:{port}", stop, say=lambda line: print(line, flush=True), serve=settings.serve)
     finally:
         stop.set()
         _terminate(node)
         watcher.join(timeout=5)
     return failure[0] if failure else None
+
+
+def _log_flower_to(path: Path) -> None:
+    """Flower's own log lines (the executor's) go to the agent's log file, not the terminal."""
+    import flwr.supercore.logger  # noqa: F401  (installs Flower's console handler, replaced here)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flower = logging.getLogger("flwr")
+    for handler in list(flower.handlers):
+        flower.removeHandler(handler)
+    flower.addHandler(logging.FileHandler(path))
+    flower.propagate = False
 
 
 def _check(settings: AgentSettings) -> None:
@@ -185,11 +205,20 @@ def _watch(
     """Copy SuperNode output to the agent log; when it exits, say why in the most specific words."""
     public_key = settings.key.with_name(settings.key.name + ".pub") if settings.key else "the agent's public key"
     matched: set[int] = set()
+    last_retry_note = 0.0
     with open(log_path, "a") as log:
         for line in node.stdout:
             log.write(line)
             log.flush()
             matched.update(i for i, (pattern, _) in enumerate(FATAL_PATTERNS) if pattern.search(line))
+            if CONNECTED.search(line):
+                print(f"fedtune: connected to {settings.coordinator}; waiting for a round", flush=True)
+            elif (retry := RETRYING.search(line)) and time.time() - last_retry_note > RETRY_NOTE_EVERY_S:
+                last_retry_note = time.time()
+                print(
+                    f"fedtune: coordinator {settings.coordinator} unreachable, retrying in {float(retry.group(1)):.0f} s",
+                    flush=True,
+                )
     if not stop.is_set():  # the SuperNode ended by itself: a fatal problem
         if matched:
             kind = min(matched)

@@ -78,6 +78,12 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The coordinator's end-of-run notice: acknowledged (the agent's executor acts on it)."""
+    return Message(RecordDict({"info": ConfigRecord({"event": str(msg.content["config"].get("event", ""))})}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     job = ClientJob.for_context(context)

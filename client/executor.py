@@ -25,6 +25,7 @@ from collections.abc import Callable
 from logging import ERROR, WARNING
 
 from flwr.app.error import Error
+from flwr.app import MessageType
 from flwr.app.message import Message
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -39,13 +40,17 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from fedtune import faults
 from fedtune.app import app_fab_hash
 from fedtune.errors import UserError
+from fedtune.wire import RUN_FINISHED, payload_bytes
 
 POLL_SECONDS = 0.2
 TASK_RETRY_SECONDS = 60.0  # give up on a vanished SuperNode instead of retrying forever
 
 
-def serve_clientapps(runtime_address: str, stop: threading.Event, say: Callable[[str], None] = print) -> None:
-    """Execute every ClientApp task the local SuperNode hands out, until ``stop`` is set."""
+def serve_clientapps(
+    runtime_address: str, stop: threading.Event, say: Callable[[str], None] = print, serve: bool = False
+) -> None:
+    """Execute every ClientApp task the local SuperNode hands out, until ``stop`` is set or,
+    unless SERVE, the coordinator says the run is over."""
     single_try = make_simple_http_retry_invoker()
     single_try.max_tries = 1  # failures come back to this loop, where `stop` is checked
     dispatcher = _client(runtime_address, single_try, RuntimeVersionHttpInterceptor(component_name="flower-superexec"))
@@ -59,21 +64,23 @@ def serve_clientapps(runtime_address: str, stop: threading.Event, say: Callable[
                 stop.wait(1.0)
                 continue
             if response.HasField("task") and response.token:
-                problem = run_task(runtime_address, response.token, say)
+                problem, finished = run_task(runtime_address, response.token, say)
                 if problem:  # this agent cannot take part: its reply said so, now it leaves
                     raise UserError(problem)
+                if finished and not serve:
+                    return
             else:
                 stop.wait(POLL_SECONDS)
     finally:
         dispatcher.close()
 
 
-def run_task(runtime_address: str, token: str, say: Callable[[str], None] = print) -> str | None:
-    """One ClientApp execution (a train or evaluate message) of fedtune's app, in this process.
+def run_task(runtime_address: str, token: str, say: Callable[[str], None] = print) -> tuple[str | None, bool]:
+    """One ClientApp execution (a train, evaluate or end-of-run message) of fedtune's app, in this process.
 
     Error replies carry a code from ``fedtune.faults`` and no text: exception messages
-    may quote the private data. Returns the local reason when the agent cannot take part
-    in the run at all (its data does not fit the run), else None.
+    may quote the private data. Returns (the local reason when the agent cannot take
+    part in the run at all, e.g. its data does not fit it; whether the run is over).
     """
     patient = make_simple_http_retry_invoker()
     patient.max_time = TASK_RETRY_SECONDS
@@ -86,6 +93,7 @@ def run_task(runtime_address: str, token: str, say: Callable[[str], None] = prin
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     message = reply = context = problem = None
+    finished = False
     status, details = SubStatus.FAILED, "ClientApp failed"
     code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     try:
@@ -93,11 +101,13 @@ def run_task(runtime_address: str, token: str, say: Callable[[str], None] = prin
         if hashlib.sha256(fab.content).hexdigest() != app_fab_hash():
             code = faults.FOREIGN_APP
             say(f"fedtune: refused run {run.run_id}: its app is not fedtune's own ({_printable(run.fab_id)}); nothing of it ran")
-            return None
+            return None, False
         from client.client_app import app  # the installed fedtune, never code from the FAB
 
         reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
+        line, finished = describe_task(message, reply)
+        say(line)
     except UserError as err:  # the data (or --mode) does not fit this run: it never will
         code, problem = faults.DATA_MISMATCH, str(err)
     except Exception as ex:  # the coordinator learns that training failed, not why; the agent keeps serving
@@ -115,7 +125,26 @@ def run_task(runtime_address: str, token: str, say: Callable[[str], None] = prin
         finally:
             heartbeat.stop()
             client.close()
-    return problem
+    return problem, finished
+
+
+def describe_task(message: Message, reply: Message) -> tuple[str, bool]:
+    """One line for the agent's terminal about a finished task, and whether it ended the run."""
+    config = message.content["config"] if "config" in message.content.config_records else {}
+    if config.get("event") == RUN_FINISHED:
+        result = ", ".join(f"{k} {float(config[k]):.4f}" for k in ("eval_accuracy", "eval_loss") if k in config)
+        return f"fedtune: run finished ({config.get('status', 'completed')}{', ' + result if result else ''})", True
+    metrics = dict(reply.content["metrics"]) if "metrics" in reply.content.metric_records else {}
+    round_number = config.get("round", "?")
+    if message.metadata.message_type == MessageType.TRAIN:
+        if "privacy-spent" in (reply.content["info"] if "info" in reply.content.config_records else {}):
+            return f"fedtune: round {round_number}: privacy budget spent, not training", False
+        loss = f"loss {metrics['train_loss']:.4f}" if "train_loss" in metrics else f"ε {metrics.get('epsilon', 0):.3f}"
+        sent = payload_bytes(reply.content)
+        size = f"{sent / 1e6:.2f} MB" if sent >= 1e5 else f"{sent / 1e3:.1f} KB"
+        return f"fedtune: round {round_number} trained: {int(metrics.get('steps', 0))} steps, {loss}, sent {size}", False
+    accuracy = f"accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else "no held-out examples"
+    return f"fedtune: round {round_number} evaluated: {accuracy} on {int(metrics.get('num-examples', 0))} held-out examples", False
 
 
 def _printable(text: str) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from client.adapters import AdapterModel, build_adapter_model
@@ -25,6 +25,7 @@ from client.evaluate import evaluate
 from coordinator.checkpoint import load_checkpoint, save_checkpoint
 from coordinator.report import finish_run, progress_line, say
 from fedtune.config import Config
+from fedtune.wire import RUN_FINISHED
 from fedtune.privacy import json_epsilon
 from fedtune.records import read_records
 from fedtune.rundir import RunDir
@@ -32,6 +33,7 @@ from strategies import LoraStrategy, build_strategy
 from strategies.identity import NodeNames
 
 REPLY_POLL_SECONDS = 0.2
+END_NOTICE_SECONDS = 10.0  # how long the end-of-run notice waits for agents' acknowledgements
 # Under client-level DP only these leave the operator's logs: the noised model's evaluation on the
 # server's own data and the mechanism's public settings. Clients' losses, accuracies, counts and
 # bytes (which reveal who took part) are un-noised and go to logs/private-metrics.jsonl.
@@ -72,12 +74,14 @@ class Federation:
     elapsed_before: float = 0.0
     client_loads: dict[str, int] = field(default_factory=dict)  # process -> base-model loads
     client_epsilon: dict[str, float] = field(default_factory=dict)  # sample-level DP: name -> ε spent
+    _grid: Grid | None = None
 
     @classmethod
     def prepare(
         cls, config: Config, run: RunDir, registered: Callable[[], dict[int, str]] | None = None
     ) -> Federation:
         """The round runner of RUN; REGISTERED looks up agents' registered names (authenticated agents)."""
+        say(f"loading {config.model.name} for the server's evaluation and checkpoints")
         model = build_adapter_model(config, list(config.data.labels or []))
         strategy = build_strategy(config)
         strategy.identity = NodeNames(registered)
@@ -97,6 +101,7 @@ class Federation:
         return federation
 
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
+        self._grid = grid
         fed = self.config.federation
         self._wait_for_clients(grid)
         self._wait_for_latecomers(grid)
@@ -272,8 +277,22 @@ class Federation:
         if stopped:
             extra |= {"status": "budget-reached" if budget else "stopped", "reason": stopped}
         summary = finish_run(self.run, self.config, self.config.strategy.name, wall_s, extra)
+        self._announce_end(summary)
         say(f"stopped: {stopped}" if stopped else f"done: {self.run.path}")
         return summary
+
+    def _announce_end(self, summary: dict[str, Any]) -> None:
+        """Tell the connected agents the run is over (they exit unless serving), with its public result."""
+        if self._grid is None:
+            return
+        final = summary.get("final", {})
+        notice = {"event": RUN_FINISHED, "status": summary.get("status", "completed")}
+        notice |= {k: float(final[k]) for k in ("eval_accuracy", "eval_loss") if final.get(k) is not None}
+        messages = [
+            Message(RecordDict({"config": ConfigRecord(notice)}), message_type=MessageType.QUERY, dst_node_id=node)
+            for node in self._grid.get_node_ids()
+        ]
+        collect_replies(self._grid, self._grid.push_messages(messages), timeout=END_NOTICE_SECONDS)
 
 
 def publishable(record: dict[str, Any], privacy_mode: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -56,6 +56,7 @@ def export_bundle(
             f"the adapter was trained on a {config.model.quantization} base; merging it into the "
             "full-precision base (fedtune evaluate --quantization none measures what that changes)"
         )
+    echo(f"loading {run.path.name}'s model ({config.model.name})")
     adapter, used_round = load_run_model(run, round_number, client, quantization="none")
     if not run.summary_file.exists():
         echo(

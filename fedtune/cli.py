@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import logging
 import os
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--key", type=Path, default=None, metavar="FILE", help="this agent's private key (fedtune keygen)"
     )
     agent.add_argument("--insecure", action="store_true", help="plain text, for try-outs")
+    agent.add_argument(
+        "--serve", action="store_true", help="keep serving later runs (default: exit 0 when the run ends)"
+    )
     agent.add_argument(
         "--threads",
         type=int,
@@ -304,8 +308,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from fedtune.records import read_records
 
     run = RunDir.open(args.run_dir)
+    progress = functools.partial(print, file=sys.stderr, flush=True)  # stdout holds the one JSON line
+    progress(f"fedtune: loading {run.path.name}'s model")
     model, round_number = load_run_model(run, args.round, args.client, args.quantization)
     data = encode(read_records(args.data), TaskSpec.from_config(run.config()), model.tokenizer, args.data)
+    progress(f"fedtune: evaluating round {round_number} on {len(data)} examples")
     metrics = evaluate(model, data)
     print(
         json.dumps(
@@ -362,6 +369,7 @@ def _client(args: argparse.Namespace) -> int:
         args.threads,
         mode=args.mode or "",
         memory_budget_mb=_megabytes(args.memory_budget) if args.memory_budget else 0.0,
+        serve=args.serve,
     )
     return run_agent(settings)
 

@@ -31,12 +31,14 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedtune.zo import ZOStep, pack, unpack
 
 Tensors = dict[str, torch.Tensor]
 CODECS = ("none", "fp16", "int8")
+RUN_FINISHED = "run-finished"  # ``event`` of the query message that tells agents a run is over
 BLOCK = 128
 DTYPES = {"none": "float32", "fp16": "float16", "int8": "int8"}  # codec -> dtype of its values
 MAX_TENSORS = 4096  # names in one layout; a 70B model's LoRA adapter has about a thousand
@@ -49,6 +51,11 @@ MAX_ZO_STEPS, MAX_ZO_SAMPLES = 100_000, 64
 
 class WireError(ValueError):
     """A payload that does not decode (a malformed or foreign message)."""
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes Flower transfers for a message's content: its deflated object tree."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 def encode(tensors: Tensors, codec: str = "none") -> dict[str, ArrayRecord | ConfigRecord]:

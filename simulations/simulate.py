@@ -53,7 +53,9 @@ def backend_resources(config: Config) -> dict[str, int | float]:
 
 def run_simulation(config: Config, run: RunDir, echo=print, app_dir: Path = APP_DIR) -> dict:
     """Run the federated simulation described by a resolved ``config`` into ``run``."""
+    echo("fedtune: checking the data and partitions")
     check_data(config)
+    echo(f"fedtune: starting Flower's Simulation Engine (Ray) for {config.federation.clients} clients")
     log_path = run.logs / "flower.log"
     with open(log_path, "a") as log, SuperLink(simulation=True, log_file=run.logs / "superlink.log") as link:
         federation = {"num-supernodes": config.federation.clients, **backend_resources(config)}

@@ -28,9 +28,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedtune import faults, wire, zo
+from fedtune.wire import payload_bytes
 from fedtune.plan import ParameterPlan, checksum, role_of
 from strategies.identity import NodeNames
 from strategies.robust import RobustSettings, aggregate_tensors, bound_updates
@@ -39,11 +39,6 @@ if TYPE_CHECKING:
     from strategies.privacy import ClientLevelDP
 
 Tensors = dict[str, torch.Tensor]
-
-
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes Flower transfers for a message's content: its deflated object tree."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 # -- checks of untrusted reply fields ---------------------------------------------------

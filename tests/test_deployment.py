@@ -161,13 +161,14 @@ def secure_run(site, tmp_path_factory):
             kind: (process.wait(timeout=120), (work / kind / f"{name}.log").read_text())
             for kind, (process, name) in strangers.items()
         }
+        members = [(process.wait(timeout=120), (work / f"client-{i}.log").read_text()) for i, process in enumerate(agents)]
     finally:
         stop(*agents, *(process for process, _ in strangers.values()))
-    return run, coordinator.returncode, output, refused
+    return run, coordinator.returncode, output, refused, members
 
 
 def test_secure_deployment_writes_a_complete_run_directory(secure_run):
-    run, code, output, _ = secure_run
+    run, code, output, *_ = secure_run
     assert code == 0, output
     assert "TLS, 3 authorized agent keys" in output
     assert [line.split("|")[0].split()[1] for line in output.splitlines() if line.startswith("round ")] == [
@@ -184,7 +185,7 @@ def test_secure_deployment_writes_a_complete_run_directory(secure_run):
 
 
 def test_deployment_matches_a_simulation_of_the_same_config(secure_run, tmp_path):
-    run, code, output, _ = secure_run
+    run, code, output, *_ = secure_run
     assert code == 0, output
     simulated = tmp_path / "sim"
     result = run_cli("simulate", CONFIG, *SMALL, *ZO_SEEDS, "--set", "client.zo_clients=[2]", "--set",
@@ -205,6 +206,17 @@ def test_deployment_matches_a_simulation_of_the_same_config(secure_run, tmp_path
     assert adapters[0].keys() == adapters[1].keys()
     for key in adapters[0]:
         torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=1e-4, atol=1e-6)
+
+
+def test_agents_say_what_they_do_in_a_few_lines_and_exit_when_the_run_ends(secure_run):
+    """Issue 16: a short line per event on the agent's terminal, none of Flower's, and exit 0 at the end."""
+    for code, log in secure_run[4]:
+        lines = log.strip().splitlines()
+        assert code == 0, log
+        assert len(lines) <= 12 and not any("DEBUG" in line or "INFO" in line for line in lines), log
+        assert any("connected to" in line for line in lines), log
+        for expected in ("round 1 trained", "round 2 trained", "round 2 evaluated", "run finished (completed"):
+            assert any(expected in line for line in lines), (expected, log)
 
 
 def test_unregistered_agent_is_refused_with_one_clear_line(secure_run):
