@@ -136,7 +136,7 @@ class SuperLink:
             self.local_port = self.port
             args = [tool_path("flower-superlink"), "--host", self.host, "--port", str(self.port), "--simulation"]
         else:
-            self.local_port = free_port()
+            self.local_port = self.local_port or free_port()
             public = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
             args = [
                 sys.executable,

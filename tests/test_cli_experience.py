@@ -61,3 +61,36 @@ def test_partition_never_overwrites_partitions(tmp_path):
     lines = _error_lines(run_cli("partition", QUICKSTART, "--set", "seed=7", "--out", str(out)))
     assert lines == [f"fedtune: error: --out {out}: already holds client-0.jsonl and others; choose another directory"]
     assert (out / "client-0.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_the_readme_coordinator_command_works_with_relative_paths_and_a_wildcard_address(tmp_path):
+    """Issue 16, finding 1: relative --certs/--authorized-keys and 0.0.0.0 used to fail at key registration."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from coordinator.superlink import free_port
+
+    assert run_cli("certs", "certs/", "--host", "coord.example.org", cwd=tmp_path).returncode == 0
+    assert run_cli("keygen", "agent-key", cwd=tmp_path).returncode == 0
+    (tmp_path / "keys").mkdir()
+    shutil.copy(tmp_path / "agent-key.pub", tmp_path / "keys" / "acme.pub")
+    shutil.copy(REPO / QUICKSTART, tmp_path / "quickstart.yaml")
+    log = tmp_path / "coordinator.log"
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "fedtune.cli", "coordinator", "quickstart.yaml", "--address", f"0.0.0.0:{free_port()}",
+         "--certs", "certs/", "--authorized-keys", "keys/", "--out", "runs/deployed"],
+        cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while "waiting for clients" not in log.read_text() and coordinator.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert "TLS, 1 authorized agent keys" in log.read_text(), log.read_text()
+        assert "waiting for clients" in log.read_text(), log.read_text()
+    finally:
+        coordinator.terminate()
+        coordinator.wait(timeout=60)

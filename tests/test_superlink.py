@@ -19,7 +19,8 @@ def test_superlink_stops_leftovers_aimed_at_its_port_and_nothing_else(tmp_path):
     port, other_port = free_port(), free_port()
     leftover, bystander = pretend_flower_process(port), pretend_flower_process(other_port)
     try:
-        with SuperLink(simulation=False, port=port, log_file=tmp_path / "superlink.log") as link:
+        # the Runtime API (what a ServerApp or superexec dials) is the loopback port
+        with SuperLink(simulation=False, local_port=port, log_file=tmp_path / "superlink.log") as link:
             assert link.process.poll() is None
             assert leftover.poll() is not None, "a process aimed at the new SuperLink's port survived its start"
             assert bystander.poll() is None
