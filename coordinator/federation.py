@@ -161,7 +161,9 @@ class Federation:
         traffic = {"bytes_up": 0, "bytes_down": 0}
         for attempt in range(fed.round_retries + 1):
             self._wait_for_clients(grid)
-            messages = self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), grid)
+            messages = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), grid))
+            if rnd == self.first_round and attempt == 0:  # clients load the model first: the longest round
+                say(f"sending round {rnd} to {len(messages)} clients; they load the model, then train")
             replies = send_and_receive(grid, messages, fed.round_timeout)
             new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
             traffic["bytes_up"] += self.strategy.ledger.bytes_up

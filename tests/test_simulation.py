@@ -44,6 +44,15 @@ def test_progress_is_one_line_per_round(finished_run):
     assert all("eval_accuracy" in line and "MB" in line for line in rounds)
 
 
+def test_every_phase_before_round_one_says_what_it_does(finished_run):
+    """Issue 16: Ray start-up and model loading used to be 45-100 s of silence after the header line."""
+    _, result = finished_run
+    lines = result.stdout.splitlines()
+    before = lines[: next(i for i, line in enumerate(lines) if line.startswith("round "))]
+    for phase in ("checking the data", "starting Flower's Simulation Engine", "loading minilm-l6", "sending round 1 to"):
+        assert any(phase in line for line in before), (phase, before)
+
+
 def test_run_directory_is_complete(finished_run):
     run, _ = finished_run
     config = yaml.safe_load((run / "config.yaml").read_text())
