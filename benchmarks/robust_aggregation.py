@@ -90,7 +90,7 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
         if clean and point and point["accuracy"] is not None:
             gap = 100 * (clean["accuracy"] - point["accuracy"])
             verdict = "holds" if gap <= 2.0 else "does not hold"
-            below = f"{gap:+.1f} points below its clean run"
+            below = f"{gap:.1f} points below its clean run" if gap >= 0 else f"{-gap:.1f} points above its clean run"
             lines.append(f"\n{DEFAULT} under {scenario}: {below}; the 2-point goal {verdict}")
     counts = [
         f"{name}: clipped {point['clipped']}, capped {point['capped']}"

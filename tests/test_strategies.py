@@ -161,7 +161,10 @@ def test_ffa_keeps_a_identical_across_clients_and_rounds_and_halves_uploads(tmp_
             assert {role_of(n) for n in tensors_of(message)} == {"lora_B", "head"}
     # a client whose A differs is refused
     messages, replies, _ = history[-1]
-    forged = reply(messages[0], tensors_of(replies[0]), name="forged", **{"frozen-checksum": "0" * 64})
+    node = messages[0].metadata.dst_node_id  # under its own name: only the frozen tensors are forged
+    forged = reply(
+        messages[0], tensors_of(replies[0]), name=strategy.identity.name(node), **{"frozen-checksum": "0" * 64}
+    )
     strategy.configure_train(3, ArrayRecord(strategy.current), ConfigRecord(), StaticGrid([0]))
     strategy.aggregate_train(3, [forged])
     assert any("frozen tensors differ" in reason for reason in strategy.ledger.rejected)
