@@ -19,10 +19,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coordinator.superlink import die_with_parent, free_port, quiet_environment
 from fedtune.errors import UserError
 from fedtune.records import read_records
+
+if TYPE_CHECKING:
+    from client.executor import Deliveries
 
 # SuperNode log lines that mean the agent cannot work, and what to tell the user.
 FATAL_PATTERNS = [
@@ -68,6 +72,7 @@ class AgentSettings:
 
 CONNECTED = re.compile(r"SuperNode ID: ")  # the SuperNode registered with the coordinator
 RETRYING = re.compile(r"Connection attempt failed, retrying in ([\d.]+) seconds")
+DELIVERED = re.compile(r"Sent successfully|Failed to send message|Ignoring reply message")  # one per reply
 RETRY_NOTE_EVERY_S = 60.0  # the SuperNode retries every few seconds; the terminal hears of it once a minute
 
 REFUSED = 2  # index in FATAL_PATTERNS: the coordinator does not know this agent's key
@@ -108,7 +113,7 @@ def run_agent(settings: AgentSettings, echo=print) -> int:
 
 def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
     """One SuperNode life: (pattern index, message) when it ended by itself, None when stopped."""
-    from client.executor import serve_clientapps
+    from client.executor import Deliveries, serve_clientapps
 
     port = free_port()
     node_config = " ".join(
@@ -152,13 +157,16 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
     )
     stop = threading.Event()
     failure: list[tuple[int, str]] = []
+    replies = Deliveries()
     log_path = settings.state_dir / "agent.log"
-    watcher = threading.Thread(target=_watch, args=(node, log_path, settings, failure, stop), daemon=True)
+    watcher = threading.Thread(target=_watch, args=(node, log_path, settings, failure, stop, replies), daemon=True)
     watcher.start()
     try:
         _wait_for_port(port, node, stop)
         if not stop.is_set():
-            serve_clientapps(f"127.0.0.1:{port}", stop, say=lambda line: print(line, flush=True), serve=settings.serve)
+            serve_clientapps(
+                f"127.0.0.1:{port}", stop, say=lambda line: print(line, flush=True), serve=settings.serve, replies=replies
+            )
     finally:
         stop.set()
         _terminate(node)
@@ -201,6 +209,7 @@ def _watch(
     settings: AgentSettings,
     failure: list[tuple[int, str]],
     stop: threading.Event,
+    replies: Deliveries,
 ) -> None:
     """Copy SuperNode output to the agent log; when it exits, say why in the most specific words."""
     public_key = settings.key.with_name(settings.key.name + ".pub") if settings.key else "the agent's public key"
@@ -211,12 +220,14 @@ def _watch(
             log.write(line)
             log.flush()
             matched.update(i for i, (pattern, _) in enumerate(FATAL_PATTERNS) if pattern.search(line))
-            if CONNECTED.search(line):
+            if DELIVERED.search(line):
+                replies.count_one()
+            elif CONNECTED.search(line):
                 print(f"fedtune: connected to {settings.coordinator}; waiting for a round", flush=True)
             elif (retry := RETRYING.search(line)) and time.time() - last_retry_note > RETRY_NOTE_EVERY_S:
                 last_retry_note = time.time()
                 print(
-                    f"fedtune: coordinator {settings.coordinator} unreachable, retrying in {float(retry.group(1)):.0f} s",
+                    f"fedtune: coordinator {settings.coordinator} unreachable, retrying in {float(retry.group(1)):.1f} s",
                     flush=True,
                 )
     if not stop.is_set():  # the SuperNode ended by itself: a fatal problem

@@ -43,14 +43,46 @@ from fedtune.errors import UserError
 from fedtune.wire import RUN_FINISHED, payload_bytes
 
 POLL_SECONDS = 0.2
+LAST_REPLY_WAIT_SECONDS = 60.0  # an agent leaving the run waits this long for its reply to go out
 TASK_RETRY_SECONDS = 60.0  # give up on a vanished SuperNode instead of retrying forever
 
 
+class Deliveries:
+    """How many replies the SuperNode has handed on (or given up on), as its log says.
+
+    An agent that leaves the run waits for its last reply to go out first: the executor
+    only hands the reply to the local SuperNode, which sends it on its own schedule.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    @property
+    def count(self) -> int:
+        with self._changed:
+            return self._count
+
+    def count_one(self) -> None:
+        with self._changed:
+            self._count += 1
+            self._changed.notify_all()
+
+    def wait_beyond(self, count: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count > count, timeout)
+
+
 def serve_clientapps(
-    runtime_address: str, stop: threading.Event, say: Callable[[str], None] = print, serve: bool = False
+    runtime_address: str,
+    stop: threading.Event,
+    say: Callable[[str], None] = print,
+    serve: bool = False,
+    replies: Deliveries | None = None,
 ) -> None:
     """Execute every ClientApp task the local SuperNode hands out, until ``stop`` is set or,
-    unless SERVE, the coordinator says the run is over."""
+    unless SERVE, the coordinator says the run is over. REPLIES counts the replies the
+    SuperNode has sent on, so that an agent that must leave does so after its reply."""
     single_try = make_simple_http_retry_invoker()
     single_try.max_tries = 1  # failures come back to this loop, where `stop` is checked
     dispatcher = _client(runtime_address, single_try, RuntimeVersionHttpInterceptor(component_name="flower-superexec"))
@@ -64,10 +96,14 @@ def serve_clientapps(
                 stop.wait(1.0)
                 continue
             if response.HasField("task") and response.token:
+                sent_before = replies.count if replies else 0
                 problem, finished = run_task(runtime_address, response.token, say)
+                leaving = problem or (finished and not serve)
+                if leaving and replies:  # a reply half-sent when the SuperNode stops holds the coordinator up
+                    replies.wait_beyond(sent_before, LAST_REPLY_WAIT_SECONDS)
                 if problem:  # this agent cannot take part: its reply said so, now it leaves
                     raise UserError(problem)
-                if finished and not serve:
+                if leaving:
                     return
             else:
                 stop.wait(POLL_SECONDS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from client.adapters import AdapterModel, build_adapter_model
 from client.data import ExampleSet, TaskSpec, encode
 from client.evaluate import evaluate
 from coordinator.checkpoint import load_checkpoint, save_checkpoint
+from coordinator.replies import collect_replies, send_and_receive
 from coordinator.report import finish_run, progress_line, say
 from fedtune.config import Config
 from fedtune.wire import RUN_FINISHED
@@ -32,7 +33,6 @@ from fedtune.rundir import RunDir
 from strategies import LoraStrategy, build_strategy
 from strategies.identity import NodeNames
 
-REPLY_POLL_SECONDS = 0.2
 END_NOTICE_SECONDS = 10.0  # how long the end-of-run notice waits for agents' acknowledgements
 # Under client-level DP only these leave the operator's logs: the noised model's evaluation on the
 # server's own data and the mechanism's public settings. Clients' losses, accuracies, counts and
@@ -40,26 +40,6 @@ END_NOTICE_SECONDS = 10.0  # how long the end-of-run notice waits for agents' ac
 PUBLIC_UNDER_CLIENT_DP = frozenset(
     {"round", "eval_accuracy", "eval_loss", "epsilon", "delta", "noise_multiplier", "clip_norm", "wall_s", "elapsed_s"}
 )
-
-
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """``Grid.send_and_receive`` with a short poll: Flower 1.41's waits 3 s between pulls."""
-    return collect_replies(grid, grid.push_messages(messages), timeout)
-
-
-def collect_replies(grid: Grid, message_ids: Iterable[str], timeout: float) -> list[Message]:
-    """Pull the replies to pushed messages until all are in or TIMEOUT seconds have passed."""
-    pending = set(message_ids)
-    deadline = time.time() + timeout
-    replies: list[Message] = []
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            replies.append(reply)
-            pending.discard(reply.metadata.reply_to_message_id)
-        if not pending or time.time() >= deadline:
-            break
-        time.sleep(REPLY_POLL_SECONDS)
-    return replies
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     from edge import Bundle
     bundle = Bundle.load("bundles/sst2")
-    bundle.classify(["a gripping, well acted film"])   # -> [Prediction(label, probabilities)]
+    bundle.classify(["a gripping, well acted film"])   # -> [Prediction(label, probabilities, name)]
     bundle.generate("Review: dull plot\\nSentiment:", max_new_tokens=8)   # causal LM, KV cache
 
 A bundle directory holds ``model.onnx`` (+ ``model.onnx.data`` when large), the
@@ -35,8 +35,9 @@ class EdgeError(UserError):
 
 @dataclass
 class Prediction:
-    label: str
+    label: str  # as in the training data
     probabilities: dict[str, float]
+    name: str  # the class name from the config's data.label_words, else the label
 
 
 @dataclass
@@ -100,8 +101,12 @@ class Bundle:
         logits = self.logits(texts)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        labels = self.manifest["labels"]
-        return [Prediction(labels[int(p.argmax())], dict(zip(labels, map(float, p)))) for p in probs]
+        labels, names = self.manifest["labels"], self.manifest.get("label_words") or {}
+        predictions = []
+        for p in probs:
+            label = labels[int(p.argmax())]
+            predictions.append(Prediction(label, dict(zip(labels, map(float, p))), names.get(label, label)))
+        return predictions
 
     # -- causal LM -----------------------------------------------------------------
     def prompt(self, text: str) -> str:

@@ -116,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent = commands.add_parser("client", help="run a client agent that trains on a local file")
     agent.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     agent.add_argument("--data", required=True, type=Path, metavar="FILE", help="this machine's private data")
-    agent.add_argument("--name", default=None, help="client name (default: the data file's stem)")
+    agent.add_argument(
+        "--name",
+        default=None,
+        help="this agent's name: with --key it must be the name the coordinator registered the key under "
+        "(default: the key file's name, else the data file's stem)",
+    )
     agent.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     agent.add_argument(
         "--mode",
@@ -348,7 +353,7 @@ def _coordinator(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> int:
     from client.agent import AgentSettings, run_agent
 
-    name = args.name or args.data.stem
+    name = args.name or (args.key.name if args.key else args.data.stem)
     state_dir = args.state_dir or Path.home() / ".fedtune" / "agents" / name
     if not args.insecure and args.key is None:
         raise UserError(
@@ -448,7 +453,7 @@ def _edge_run(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
     if bundle.task == "classification":
         prediction = bundle.classify([args.text])[0]
-        print(json.dumps({"label": prediction.label, "probabilities": prediction.probabilities}))
+        print(json.dumps({"label": prediction.label, "name": prediction.name, "probabilities": prediction.probabilities}))
     else:
         prompt = args.text if args.raw else bundle.prompt(args.text)
         text = bundle.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
@@ -475,6 +480,7 @@ def _quiet_libraries() -> None:
         ("TRANSFORMERS_VERBOSITY", "error"),
         ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
         ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("TQDM_DISABLE", "1"),  # flwr-datasets' partitioners; fedtune's own progress is its own lines
     ):
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore")

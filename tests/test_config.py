@@ -127,3 +127,14 @@ def test_readme_documents_every_config_key():
 
     missing = [key for key in keys(Config) if f"`{key}`" not in readme]
     assert not missing, f"README lacks config keys: {missing}"
+
+
+def test_fedtune_set_shrinks_a_config_file_before_the_command_line(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("federation:\n  rounds: 24\nclient:\n  local_steps: 4\n")
+    monkeypatch.setenv("FEDTUNE_SET", "federation.rounds=2; client.local_steps=1")
+    config = load_config(path, ["client.local_steps=3"])
+    assert (config.federation.rounds, config.client.local_steps) == (2, 3)  # --set wins over the environment
+    monkeypatch.setenv("FEDTUNE_SET", "federation.rounds")
+    with pytest.raises(UserError, match=r"^FEDTUNE_SET: 'federation.rounds': expected section.key=value"):
+        load_config(path)

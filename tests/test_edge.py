@@ -21,6 +21,7 @@ from fedtune.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
+CLASS_NAMES = {"complaint": "unhappy customer", "praise": "happy customer", "question": "needs an answer"}
 TEXTS = ["Hi, how do I reset the router?", "The nurse was wonderful, thanks!", "My parcel never arrived, terrible"]
 
 
@@ -42,7 +43,11 @@ def classifier_bundle(tmp_path_factory):
         tmp,
         {
             "model": {"name": "minilm-l6", "max_length": 48},
-            "data": {"eval": "synthetic:support/eval", "labels": ["complaint", "praise", "question"]},
+            "data": {
+                "eval": "synthetic:support/eval",
+                "labels": ["complaint", "praise", "question"],
+                "label_words": CLASS_NAMES,
+            },
         },
     )
     manifest = export_bundle(run, tmp / "bundle", check_examples=64, echo=lambda *_: None)
@@ -61,7 +66,10 @@ def test_classifier_bundle_matches_pytorch(classifier_bundle):
     assert np.abs(bundle.logits(TEXTS) - expected).max() < 1e-4  # tokenizers-only encoding == transformers'
     predictions = bundle.classify(TEXTS)
     assert [p.label for p in predictions] == [model.labels[i] for i in expected.argmax(-1)]
+    assert [p.name for p in predictions] == [CLASS_NAMES[p.label] for p in predictions]
     assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)
+    printed = json.loads(run_cli("edge", "run", str(path), "--text", TEXTS[0], timeout=120).stdout)
+    assert (printed["label"], printed["name"]) == (predictions[0].label, predictions[0].name)
 
 
 def test_edge_runtime_runs_with_torch_unimportable(classifier_bundle):

@@ -25,6 +25,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from coordinator.superlink import SuperLink, free_port, quiet_environment, tool_path
+from hosts import Hosts
 from test_deployment import CONFIG, SMALL, agent, fedtune, finish, stop, wait_for
 
 pytestmark = pytest.mark.slow
@@ -99,47 +100,9 @@ def test_a_coordinator_runs_no_foreign_server_app(tmp_path):
 # -- the control plane, across network namespaces -------------------------------------
 
 
-class Namespaces:
-    """Two network namespaces joined by a veth pair: the coordinator's host and an outsider's."""
-
-    def __init__(self, tag: str) -> None:
-        self.coordinator, self.outsider = f"ft-coord-{tag}", f"ft-out-{tag}"
-        self.coordinator_ip, self.outsider_ip = "10.231.7.1", "10.231.7.2"
-
-    def __enter__(self) -> Namespaces:
-        steps = [
-            ["ip", "netns", "add", self.coordinator],
-            ["ip", "netns", "add", self.outsider],
-            ["ip", "link", "add", "vc" + self.tag, "type", "veth", "peer", "name", "vo" + self.tag],
-            ["ip", "link", "set", "vc" + self.tag, "netns", self.coordinator],
-            ["ip", "link", "set", "vo" + self.tag, "netns", self.outsider],
-            ["ip", "-n", self.coordinator, "addr", "add", f"{self.coordinator_ip}/24", "dev", "vc" + self.tag],
-            ["ip", "-n", self.outsider, "addr", "add", f"{self.outsider_ip}/24", "dev", "vo" + self.tag],
-        ]
-        for ns, dev in ((self.coordinator, "vc" + self.tag), (self.outsider, "vo" + self.tag)):
-            steps += [["ip", "-n", ns, "link", "set", dev, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
-        for step in steps:
-            result = subprocess.run(step, capture_output=True, text=True)
-            if result.returncode != 0:
-                self.__exit__()
-                pytest.skip(f"network namespaces unavailable here ({' '.join(step)}: {result.stderr.strip()})")
-        return self
-
-    @property
-    def tag(self) -> str:
-        return self.coordinator.rsplit("-", 1)[1]
-
-    def __exit__(self, *exc: object) -> None:
-        for ns in (self.coordinator, self.outsider):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-    def command(self, namespace: str, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", namespace, *args]
-
-
-def flwr_from_outside(ns: Namespaces, home: Path, *args: str) -> subprocess.CompletedProcess:
+def flwr_from_outside(hosts: Hosts, home: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ns.command(ns.outsider, tool_path("flwr"), *args),
+        hosts.command("outsider", tool_path("flwr"), *args),
         env=quiet_environment(home),
         capture_output=True,
         text=True,
@@ -149,8 +112,9 @@ def flwr_from_outside(ns: Namespaces, home: Path, *args: str) -> subprocess.Comp
 
 def test_only_the_fleet_api_faces_the_network(tmp_path):
     """Coordinator in one namespace on 0.0.0.0, an outsider with the CA in another."""
-    with Namespaces(str(os.getpid() % 100000)) as ns:
-        assert run_cli("certs", str(tmp_path / "certs"), "--host", ns.coordinator_ip).returncode == 0
+    with Hosts(tmp_path / "hosts", "coordinator", ["outsider"]) as hosts:
+        coordinator_ip = hosts.hub_address("outsider")
+        assert run_cli("certs", str(tmp_path / "certs"), "--host", coordinator_ip).returncode == 0
         (tmp_path / "keys").mkdir()
         assert run_cli("keygen", str(tmp_path / "keys" / "acme")).returncode == 0
         assert run_cli("keygen", str(tmp_path / "outsider")).returncode == 0
@@ -160,8 +124,8 @@ def test_only_the_fleet_api_faces_the_network(tmp_path):
         data.write_text((tmp_path / "parts" / "client-0.jsonl").read_text())
         run = tmp_path / "run"
         coordinator = subprocess.Popen(
-            ns.command(
-                ns.coordinator, sys.executable, "-m", "fedtune.cli", "coordinator", CONFIG, *SMALL,
+            hosts.command(
+                "coordinator", sys.executable, "-m", "fedtune.cli", "coordinator", CONFIG, *SMALL,
                 "--set", "federation.clients=1", "--set", "federation.min_clients=1", "--set", "federation.rounds=1",
                 "--address", "0.0.0.0:9092", "--certs", str(tmp_path / "certs"),
                 "--authorized-keys", str(tmp_path / "keys"), "--out", str(run),
@@ -171,7 +135,7 @@ def test_only_the_fleet_api_faces_the_network(tmp_path):
         member = None
         try:
             wait_for(lambda: "waiting for" in (tmp_path / "coordinator.log").read_text(), 120, "the coordinator")
-            listening = subprocess.run(ns.command(ns.coordinator, "ss", "-Hltn"), capture_output=True, text=True)
+            listening = subprocess.run(hosts.command("coordinator", "ss", "-Hltn"), capture_output=True, text=True)
             addresses = [line.split()[3] for line in listening.stdout.splitlines()]
             public = [a for a in addresses if not a.startswith(("127.0.0.1:", "[::1]:"))]
             assert public == ["0.0.0.0:9092"], addresses  # every other API listens on loopback only
@@ -179,21 +143,21 @@ def test_only_the_fleet_api_faces_the_network(tmp_path):
             home = tmp_path / "outsider-home"
             home.mkdir()
             (home / "config.toml").write_text(
-                f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = "{ns.coordinator_ip}:9092"\n'
+                f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = "{coordinator_ip}:9092"\n'
                 f'root-certificates = "{tmp_path / "certs" / "ca.crt"}"\n'
             )
             attempts = {
-                "ls": flwr_from_outside(ns, home, "ls", "c"),
-                "register": flwr_from_outside(ns, home, "supernode", "register", str(tmp_path / "outsider.pub"), "c"),
-                "run": flwr_from_outside(ns, home, "run", str(FOREIGN_APP), "c", "--run-config", 'marker-dir="/tmp"'),
+                "ls": flwr_from_outside(hosts, home, "ls", "c"),
+                "register": flwr_from_outside(hosts, home, "supernode", "register", str(tmp_path / "outsider.pub"), "c"),
+                "run": flwr_from_outside(hosts, home, "run", str(FOREIGN_APP), "c", "--run-config", 'marker-dir="/tmp"'),
             }
             for what, attempt in attempts.items():
                 assert attempt.returncode != 0 and "404" in attempt.stdout + attempt.stderr, (what, attempt.stdout)
 
             member = subprocess.Popen(
-                ns.command(
-                    ns.outsider, sys.executable, "-m", "fedtune.cli", "client",
-                    "--coordinator", f"{ns.coordinator_ip}:9092", "--data", str(data), "--name", "acme",
+                hosts.command(
+                    "outsider", sys.executable, "-m", "fedtune.cli", "client",
+                    "--coordinator", f"{coordinator_ip}:9092", "--data", str(data), "--name", "acme",
                     "--ca-cert", str(tmp_path / "certs" / "ca.crt"), "--key", str(tmp_path / "keys" / "acme"),
                     "--state-dir", str(tmp_path / "agent"),
                 ),
