@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from coordinator.checkpoint import load_run_model
-from edge import Bundle, bench
-from edge.export import export_bundle
+from fedtune.edge import Bundle, bench
+from fedtune.edge.export import export_bundle
+from fedtune.engine.checkpoint import load_run_model
 from fedtune.records import read_records
 from fedtune.rundir import RunDir
 

@@ -50,11 +50,11 @@ def plain_loop(config_path: str, overrides: list[str]) -> dict:
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from client.data import collate
-    from client.model import model_dir
     from fedtune.config import load_config
-    from fedtune.resolve import resolve
-    from simulations.partition import client_rows
+    from fedtune.engine.base_model import model_dir
+    from fedtune.engine.data import collate
+    from fedtune.engine.partition import client_rows
+    from fedtune.engine.resolve import resolve
 
     config = resolve(load_config(config_path, overrides), name_hint="plain", need_train_data=True)
     torch.manual_seed(config.seed)

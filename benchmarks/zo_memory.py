@@ -64,14 +64,14 @@ def measure(model_name: str, quantization: str, kind: str, batch: int, length: i
     import torch
 
     sys.path.insert(0, str(REPO))
-    from client.adapters import build_adapter_model
-    from client.data import ExampleSet, TaskSpec
-    from client.memory import MB, estimate
-    from client.trainers import BackpropTrainer, ZOTrainer
-    from client.trainers.base import to_device
     from fedtune.config import load_config
+    from fedtune.engine.adapters import build_adapter_model
+    from fedtune.engine.data import ExampleSet, TaskSpec
+    from fedtune.engine.memory import MB, estimate
+    from fedtune.engine.resolve import resolve
+    from fedtune.engine.trainers import BackpropTrainer, ZOTrainer
+    from fedtune.engine.trainers.base import to_device
     from fedtune.records import read_records
-    from fedtune.resolve import resolve
 
     task = "causal-lm" if model_name.startswith("smollm2") else "classification"
     overrides = [f"model.name={model_name}", f"model.task={task}", f"model.quantization={quantization}"]

@@ -19,35 +19,48 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from coordinator.superlink import die_with_parent, free_port, quiet_environment
 from fedtune.errors import UserError
+from fedtune.processes import die_with_parent, free_port, quiet_environment
 from fedtune.records import read_records
 
 if TYPE_CHECKING:
-    from client.executor import Deliveries
+    from fedtune.client.executor import Deliveries
 
-# SuperNode log lines that mean the agent cannot work, and what to tell the user.
+class Fatal(NamedTuple):
+    """A SuperNode log line that means the agent cannot work, and what to tell the user."""
+
+    kind: str
+    pattern: re.Pattern[str]
+    message: str
+
+
+# In order of precedence: when several match before the SuperNode exits, the first one is said.
 FATAL_PATTERNS = [
-    (
+    Fatal(
+        "tls-unverified",
         re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed", re.I),
         "TLS: cannot verify the coordinator's certificate; pass --ca-cert with the coordinator's ca.crt",
     ),
-    (
+    Fatal(
+        "tls-plain",
         re.compile(r"WRONG_VERSION_NUMBER|wrong version number|record layer failure", re.I),
         "TLS: the coordinator does not speak TLS; it was started with --insecure, so start the agent with --insecure",
     ),
-    (
+    Fatal(
+        "key-refused",
         re.compile(r"\[code: 2004\]|Failed to activate SuperNode", re.I),
         "the coordinator refused this agent's key: give {public_key} to the coordinator operator "
         "(fedtune coordinator --authorized-keys)",
     ),
-    (
+    Fatal(
+        "bad-key",
         re.compile(r"Unable to parse the private key file", re.I),
         "--key {key}: not an OpenSSH EC private key (make one with fedtune keygen)",
     ),
-    (
+    Fatal(
+        "unreachable",
         re.compile(r"Exit Code: 305", re.I),
         "cannot connect to the coordinator at {coordinator} (is it running, at that address and port?)",
     ),
@@ -75,7 +88,6 @@ RETRYING = re.compile(r"Connection attempt failed, retrying in ([\d.]+) seconds"
 DELIVERED = re.compile(r"Sent successfully|Failed to send message|Ignoring reply message")  # one per reply
 RETRY_NOTE_EVERY_S = 60.0  # the SuperNode retries every few seconds; the terminal hears of it once a minute
 
-REFUSED = 2  # index in FATAL_PATTERNS: the coordinator does not know this agent's key
 REFUSAL_RETRIES = 3  # a coordinator registers keys just after it starts listening
 REFUSAL_WAIT_S = 5.0
 
@@ -104,16 +116,16 @@ def run_agent(settings: AgentSettings, echo=print) -> int:
         if failure is None:
             return 0
         kind, message = failure
-        if kind != REFUSED or attempt == REFUSAL_RETRIES:
+        if kind != "key-refused" or attempt == REFUSAL_RETRIES:  # a key registered just after we knocked
             raise UserError(message)
         echo(f"fedtune: the coordinator refused this agent's key; trying again in {REFUSAL_WAIT_S:.0f}s")
         time.sleep(REFUSAL_WAIT_S)
     return 0
 
 
-def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
-    """One SuperNode life: (pattern index, message) when it ended by itself, None when stopped."""
-    from client.executor import Deliveries, serve_clientapps
+def _serve(settings: AgentSettings, home: Path) -> tuple[str, str] | None:
+    """One SuperNode life: (kind of failure, message) when it ended by itself, None when stopped."""
+    from fedtune.client.executor import Deliveries, serve_clientapps
 
     port = free_port()
     node_config = " ".join(
@@ -130,7 +142,7 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
     args = [
         sys.executable,
         "-m",
-        "client.supernode",
+        "fedtune.client.supernode",
         "--superlink",
         settings.coordinator,
         "--isolation",
@@ -156,7 +168,7 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[int, str] | None:
         preexec_fn=die_with_parent,
     )
     stop = threading.Event()
-    failure: list[tuple[int, str]] = []
+    failure: list[tuple[str, str]] = []
     replies = Deliveries()
     log_path = settings.state_dir / "agent.log"
     watcher = threading.Thread(target=_watch, args=(node, log_path, settings, failure, stop, replies), daemon=True)
@@ -207,7 +219,7 @@ def _watch(
     node: subprocess.Popen,
     log_path: Path,
     settings: AgentSettings,
-    failure: list[tuple[int, str]],
+    failure: list[tuple[str, str]],
     stop: threading.Event,
     replies: Deliveries,
 ) -> None:
@@ -219,7 +231,7 @@ def _watch(
         for line in node.stdout:
             log.write(line)
             log.flush()
-            matched.update(i for i, (pattern, _) in enumerate(FATAL_PATTERNS) if pattern.search(line))
+            matched.update(i for i, fatal in enumerate(FATAL_PATTERNS) if fatal.pattern.search(line))
             if DELIVERED.search(line):
                 replies.count_one()
             elif CONNECTED.search(line):
@@ -232,13 +244,11 @@ def _watch(
                 )
     if not stop.is_set():  # the SuperNode ended by itself: a fatal problem
         if matched:
-            kind = min(matched)
-            message = FATAL_PATTERNS[kind][1].format(
-                public_key=public_key, key=settings.key, coordinator=settings.coordinator
-            )
-            failure.append((kind, message))
+            fatal = FATAL_PATTERNS[min(matched)]
+            message = fatal.message.format(public_key=public_key, key=settings.key, coordinator=settings.coordinator)
+            failure.append((fatal.kind, message))
         else:
-            failure.append((-1, f"the SuperNode exited (code {node.wait()}); see {log_path}"))
+            failure.append(("exited", f"the SuperNode exited (code {node.wait()}); see {log_path}"))
         stop.set()
 
 

@@ -12,15 +12,12 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import model as model_loading
-from client.evaluate import evaluate as evaluate_model
-from client.job import ClientJob, process_tag
-from client.privacy import PrivacyLedger
-from client.trainers import make_trainer
-from client.trainers.base import seeded_torch
-from client.trainers.dpsgd import DPSGDTrainer
 from fedtune import wire
-from fedtune.errors import UserError
+from fedtune.client.job import SHARED_MODEL, ClientJob, process_tag
+from fedtune.engine.dp_ledger import PrivacyLedger
+from fedtune.engine.evaluate import evaluate as evaluate_model
+from fedtune.engine.trainers import BudgetSpent, make_trainer
+from fedtune.engine.trainers.base import seeded_torch
 from fedtune.plan import ParameterPlan
 
 app = ClientApp()
@@ -36,19 +33,17 @@ def train(msg: Message, context: Context) -> Message:
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
     rng = job.rng(round_number)
-    if job.config.privacy.mode == "sample":
-        if job.mode != "backprop":
-            raise UserError(f"{job.name} trains with --mode {job.mode}; privacy.mode sample (DP-SGD) needs backprop")
-        ledger = PrivacyLedger.load(job.state_dir, job.config.privacy.delta)
-        trainer = DPSGDTrainer.for_client(job.config, ledger, len(job.train), job.name, round_number)
-        refusal = trainer.refusal(job.config.privacy.target_epsilon, job.config.client.local_steps)
-        if refusal:
-            print(f"fedtune: {job.name}: {refusal}", flush=True)
-            metrics = {"num-examples": len(job.train), "epsilon": ledger.epsilon()}
-            info = {"name": job.name, "privacy-spent": refusal}
-            return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)}), reply_to=msg)
-    else:
-        ledger, trainer = None, make_trainer(job.mode, round_number, job.config.federation.rounds)
+    ledger = PrivacyLedger.load(job.state_dir, job.config.privacy.delta) if job.config.privacy.mode == "sample" else None
+    try:
+        trainer = make_trainer(
+            job.config, job.mode, round_number, name=job.name, examples=len(job.train), ledger=ledger,
+            steps=job.config.client.local_steps,
+        )  # fmt: skip
+    except BudgetSpent as spent:
+        print(f"fedtune: {job.name}: {spent}", flush=True)
+        metrics = {"num-examples": len(job.train), "epsilon": ledger.epsilon()}
+        info = {"name": job.name, "privacy-spent": str(spent)}
+        return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)}), reply_to=msg)
     with seeded_torch(rng.getrandbits(63), job.model.device):
         result = trainer.train(job.model, params, job.train, job.config.client, rng)
     job.save_private(plan)
@@ -66,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     info = {
         "name": job.name,
         "process": process_tag(),
-        "model-loads": model_loading.BASE_MODEL_LOADS,
+        "model-loads": SHARED_MODEL.loads,
         "frozen-checksum": job.frozen_checksum(plan),
         "mode": job.mode,
     }

@@ -24,8 +24,8 @@ import threading
 from collections.abc import Callable
 from logging import ERROR, WARNING
 
-from flwr.app.error import Error
 from flwr.app import MessageType
+from flwr.app.error import Error
 from flwr.app.message import Message
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -138,7 +138,7 @@ def run_task(runtime_address: str, token: str, say: Callable[[str], None] = prin
             code = faults.FOREIGN_APP
             say(f"fedtune: refused run {run.run_id}: its app is not fedtune's own ({_printable(run.fab_id)}); nothing of it ran")
             return None, False
-        from client.client_app import app  # the installed fedtune, never code from the FAB
+        from fedtune.client.client_app import app  # the installed fedtune, never code from the FAB
 
         reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""

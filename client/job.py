@@ -19,30 +19,36 @@ import torch
 from flwr.app import Context
 from safetensors.torch import load_file, save_file
 
-from client.adapters import AdapterModel, build_adapter_model, initial_state
-from client.data import ExampleSet, TaskSpec, encode, holdout_split
+from fedtune.atomic import staged_file
 from fedtune.config import Config, parse_config_text
+from fedtune.engine.adapters import AdapterModel, build_adapter_model, initial_state
+from fedtune.engine.checkpoint import PRIVATE_FILE
+from fedtune.engine.data import ExampleSet, TaskSpec, encode, holdout_split
 from fedtune.errors import UserError
 from fedtune.plan import ParameterPlan, checksum
 from fedtune.records import read_records
 from fedtune.rundir import RunDir
 
-PRIVATE_FILE = "private.safetensors"
-
-
 parse_config = functools.lru_cache(maxsize=4)(parse_config_text)
 
 
-_MODELS: dict[str, AdapterModel] = {}
+class SharedModel:
+    """The process's adapter model, one per model definition, so the base model loads once;
+    ``loads`` counts the loads (replies report it: the coordinator checks "once per process")."""
+
+    def __init__(self) -> None:
+        self.key, self.model, self.loads = "", None, 0
+
+    def get(self, config: Config) -> AdapterModel:
+        key = "|".join((config.model.model_dump_json(), config.adapter.model_dump_json(), repr(config.data.labels)))
+        if key != self.key or self.model is None:
+            self.model = None  # a new run with another model: free the old one first
+            self.model = build_adapter_model(config, list(config.data.labels or []))
+            self.key, self.loads = key, self.loads + 1
+        return self.model
 
 
-def shared_model(config: Config) -> AdapterModel:
-    """One adapter model per process and model definition: the base model loads once."""
-    key = "|".join((config.model.model_dump_json(), config.adapter.model_dump_json(), repr(config.data.labels)))
-    if key not in _MODELS:
-        _MODELS.clear()  # a new run with another model: free the old one first
-        _MODELS[key] = build_adapter_model(config, list(config.data.labels or []))
-    return _MODELS[key]
+SHARED_MODEL = SharedModel()
 
 
 _PROCESS_TAG = secrets.token_hex(6)
@@ -100,10 +106,8 @@ class ClientJob:
     def save_private(self, plan: ParameterPlan) -> None:
         if not plan.private:
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        staging = self.state_dir / f".{PRIVATE_FILE}.tmp"
-        save_file({k: v.contiguous() for k, v in self.model.state(plan.private).items()}, str(staging))
-        staging.replace(self.state_dir / PRIVATE_FILE)
+        with staged_file(self.state_dir / PRIVATE_FILE) as staging:
+            save_file({k: v.contiguous() for k, v in self.model.state(plan.private).items()}, str(staging))
 
     def frozen_checksum(self, plan: ParameterPlan) -> str:
         return checksum(self.model.state(plan.frozen)) if plan.frozen else ""
@@ -128,7 +132,7 @@ def resolve_mode(mode: str, model: AdapterModel, train: ExampleSet, config: Conf
     """``auto`` becomes backprop or zo by the estimated step memory against the budget, said aloud."""
     if mode != "auto":
         return mode
-    from client.memory import MB, choose_mode, default_budget, estimate
+    from fedtune.engine.memory import MB, choose_mode, default_budget, estimate
 
     budget = int(budget_mb * MB) if budget_mb else default_budget(model.device)
     chosen, reason = choose_mode(estimate(model, train, config.client), budget)
@@ -141,10 +145,10 @@ def _job(config_text: str, data: str, name: str, location: str, device: str, mod
     config = parse_config(config_text)
     if device:  # an agent's --device overrides the coordinator's model.device
         config = config.model_copy(update={"model": config.model.model_copy(update={"device": device})})
-    model = shared_model(config)
+    model = SHARED_MODEL.get(config)
     spec = TaskSpec.from_config(config)
     if data.startswith("partition-"):
-        from simulations.partition import client_rows
+        from fedtune.engine.partition import client_rows
 
         partition_id = int(data.removeprefix("partition-"))
         name = f"client-{partition_id}"

@@ -11,7 +11,7 @@ gone after two missed intervals, so a dead agent stops holding up its round afte
 instead of ~60 s. Otherwise it is Flower's own SuperNode, unchanged. The price is one
 small pull request per agent every ``POLL_SECONDS`` while idle and a heartbeat every ~4 s.
 
-    python -m client.supernode <flower-supernode arguments>
+    python -m fedtune.client.supernode <flower-supernode arguments>
 """
 
 from __future__ import annotations

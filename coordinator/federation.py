@@ -9,7 +9,6 @@ its last completed round.
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -19,31 +18,25 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.adapters import AdapterModel, build_adapter_model
-from client.data import ExampleSet, TaskSpec, encode
-from client.evaluate import evaluate
-from coordinator.checkpoint import load_checkpoint, save_checkpoint
-from coordinator.replies import collect_replies, send_and_receive
-from coordinator.report import finish_run, progress_line, say
 from fedtune.config import Config
-from fedtune.wire import RUN_FINISHED
-from fedtune.privacy import json_epsilon
-from fedtune.records import read_records
+from fedtune.coordinator.replies import collect_replies, send_and_receive
+from fedtune.coordinator.report import say
+from fedtune.dp_accounting import json_epsilon
+from fedtune.engine.adapters import AdapterModel, build_adapter_model
+from fedtune.engine.checkpoint import load_checkpoint
+from fedtune.engine.data import ExampleSet
+from fedtune.engine.evaluate import eval_set, evaluate
+from fedtune.engine.rounds import RoundBook, finish_run
 from fedtune.rundir import RunDir
-from strategies import LoraStrategy, build_strategy
-from strategies.identity import NodeNames
+from fedtune.strategies import LoraStrategy, build_strategy
+from fedtune.strategies.identity import NodeNames
+from fedtune.wire import RUN_FINISHED
 
 END_NOTICE_SECONDS = 10.0  # how long the end-of-run notice waits for agents' acknowledgements
-# Under client-level DP only these leave the operator's logs: the noised model's evaluation on the
-# server's own data and the mechanism's public settings. Clients' losses, accuracies, counts and
-# bytes (which reveal who took part) are un-noised and go to logs/private-metrics.jsonl.
-PUBLIC_UNDER_CLIENT_DP = frozenset(
-    {"round", "eval_accuracy", "eval_loss", "epsilon", "delta", "noise_multiplier", "clip_norm", "wall_s", "elapsed_s"}
-)
 
 
 @dataclass
-class Federation:
+class RoundRunner:
     config: Config
     run: RunDir
     strategy: LoraStrategy
@@ -51,7 +44,7 @@ class Federation:
     eval_data: ExampleSet | None
     arrays: ArrayRecord
     first_round: int = 1
-    elapsed_before: float = 0.0
+    elapsed_before: float = 0.0  # a resumed run's time before this process
     client_loads: dict[str, int] = field(default_factory=dict)  # process -> base-model loads
     client_epsilon: dict[str, float] = field(default_factory=dict)  # sample-level DP: name -> ε spent
     _grid: Grid | None = None
@@ -59,7 +52,7 @@ class Federation:
     @classmethod
     def prepare(
         cls, config: Config, run: RunDir, registered: Callable[[], dict[int, str]] | None = None
-    ) -> Federation:
+    ) -> RoundRunner:
         """The round runner of RUN; REGISTERED looks up agents' registered names (authenticated agents)."""
         say(f"loading {config.model.name} for the server's evaluation and checkpoints")
         model = build_adapter_model(config, list(config.data.labels or []))
@@ -85,15 +78,15 @@ class Federation:
         fed = self.config.federation
         self._wait_for_clients(grid)
         self._wait_for_latecomers(grid)
-        started = time.time() - self.elapsed_before
+        book = RoundBook(self.config, self.run, say, self.elapsed_before)
         for rnd in range(self.first_round, fed.rounds + 1):
             round_start = time.time()
             if self.strategy.privacy and (reason := self.strategy.privacy.refusal()):
-                return self._finish(time.time() - started, stopped=f"before round {rnd}: {reason}", budget=True)
+                return self._finish(book.elapsed(), stopped=f"before round {rnd}: {reason}", budget=True)
             train_metrics, traffic = self._train_round(grid, rnd)
             if train_metrics is None:
                 budget = self._clients_with_budget() < fed.min_clients
-                return self._finish(time.time() - started, stopped=self._why_no_round(rnd), budget=budget)
+                return self._finish(book.elapsed(), stopped=self._why_no_round(rnd), budget=budget)
             ledger = self.strategy.ledger
             for update in ledger.updates:
                 self.client_loads[str(update.info.get("process", update.name))] = int(update.info.get("model-loads", 0))
@@ -114,26 +107,16 @@ class Federation:
             if ledger.capped_weights:
                 record["robust_capped"] = ledger.capped_weights
             record.update(self._privacy_metrics())
-            if self._evaluates(rnd):
+            if book.evaluates(rnd):
                 record.update(self._evaluate(grid, rnd))
-            record["wall_s"] = round(time.time() - round_start, 3)
-            record["elapsed_s"] = round(time.time() - started, 3)
-            self.run.append_metrics(*publishable(record, self.config.privacy.mode))
-            save_checkpoint(
-                self.run,
-                rnd,
-                self.model,
-                self.arrays.to_torch_state_dict(),
-                {
-                    "strategy": self.strategy.state_dict(),
-                    "elapsed_s": record["elapsed_s"],
-                    "client_loads": self.client_loads,
-                    "client_epsilon": self.client_epsilon,
-                    "budget_spent": sorted(self.strategy.retired),
-                },
-            )
-            say(progress_line(record, fed.rounds))
-        return self._finish(time.time() - started)
+            state = {
+                "strategy": self.strategy.state_dict(),
+                "client_loads": self.client_loads,
+                "client_epsilon": self.client_epsilon,
+                "budget_spent": sorted(self.strategy.retired),
+            }
+            book.close_round(record, round_start, self.model, self.arrays.to_torch_state_dict(), state)
+        return self._finish(book.elapsed())
 
     def _train_round(self, grid: Grid, rnd: int) -> tuple[dict | None, dict[str, int]]:
         """Train, aggregate; retry when too few usable replies come back. (metrics or None, bytes)."""
@@ -209,10 +192,6 @@ class Federation:
             }
         return {}
 
-    def _evaluates(self, rnd: int) -> bool:
-        every = self.config.federation.eval_every
-        return rnd == self.config.federation.rounds or (every > 0 and rnd % every == 0)
-
     def _evaluate(self, grid: Grid, rnd: int) -> dict[str, float]:
         """Clients and server evaluate the new global adapter at the same time."""
         result: dict[str, float] = {}
@@ -275,28 +254,3 @@ class Federation:
             for node in self._grid.get_node_ids()
         ]
         collect_replies(self._grid, self._grid.push_messages(messages), timeout=END_NOTICE_SECONDS)
-
-
-def publishable(record: dict[str, Any], privacy_mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what metrics.jsonl may hold, what only the operator's private log may)."""
-    if privacy_mode != "client":
-        return record, {}
-    public = {k: v for k, v in record.items() if k in PUBLIC_UNDER_CLIENT_DP}
-    return public, {k: v for k, v in record.items() if k not in PUBLIC_UNDER_CLIENT_DP}
-
-
-def eval_set(config: Config, model: AdapterModel) -> ExampleSet | None:
-    """The server's evaluation data: data.eval, or the server's holdout of data.train."""
-    if config.data.eval:
-        rows, source = list(read_records(config.data.eval)), config.data.eval
-    elif config.data.server_holdout:
-        from simulations.partition import train_and_server_rows
-
-        rows = list(train_and_server_rows(config.data.train, config.data.server_holdout, config.seed)[1])
-        source = f"{config.data.train} (server holdout)"
-    else:
-        return None
-    limit = config.data.eval_max_examples
-    if limit and limit < len(rows):
-        rows = random.Random(config.seed).sample(rows, limit)
-    return encode(rows, TaskSpec.from_config(config), model.tokenizer, source)

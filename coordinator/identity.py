@@ -14,7 +14,7 @@ from flwr.cli.flower_config import read_superlink_connection
 from flwr.cli.utils import init_http_client_from_connection
 from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
 
-from coordinator.superlink import CONNECTION
+from fedtune.coordinator.superlink import CONNECTION
 
 
 def registered_names() -> dict[int, str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.federation import Federation
-from coordinator.identity import registered_names
 from fedtune.config import parse_config_text
+from fedtune.coordinator.federation import RoundRunner
+from fedtune.coordinator.identity import registered_names
 from fedtune.rundir import RunDir
 
 app = ServerApp()
@@ -22,4 +22,4 @@ def main(grid: Grid, context: Context) -> None:
     config = parse_config_text(str(context.run_config["fedtune-config"]))
     run = RunDir.open(str(context.run_config["run-dir"]))
     registered = registered_names if context.run_config.get("agent-identity") == "registered" else None
-    Federation.prepare(config, run, registered).run_rounds(grid)
+    RoundRunner.prepare(config, run, registered).run_rounds(grid)

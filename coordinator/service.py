@@ -22,8 +22,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from coordinator.superlink import SuperLink, Tls, log_and_echo
 from fedtune.config import Config
+from fedtune.coordinator.superlink import SuperLink, Tls, log_and_echo
 from fedtune.errors import UserError
 from fedtune.rundir import RunDir
 from fedtune.security import CA_CERT, SERVER_CERT, SERVER_KEY, public_key_files

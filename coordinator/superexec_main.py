@@ -6,7 +6,7 @@ runs one app, fedtune's code-free one (fedtune/app.py); any other FAB is refused
 anything of it is installed or imported, with one log line. Otherwise this is Flower's
 superexec, unchanged.
 
-    python -m coordinator.superexec_main <flower-superexec arguments>
+    python -m fedtune.coordinator.superexec_main <flower-superexec arguments>
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ Each launcher gets its own ``FLWR_HOME`` so parallel runs never share Flower sta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -28,56 +27,11 @@ import psutil
 
 from fedtune.app import APP_DIR
 from fedtune.errors import UserError
+from fedtune.processes import die_hard_with_parent, free_port, quiet_environment, terminate, tool_path
 
 CONNECTION = "fedtune"
-MARKER = "[fedtune]"
-WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # listening everywhere: dial loopback  # prefix of the ServerApp's lines meant for the user (coordinator/report.py)
-
-
-def quiet_environment(flwr_home: Path) -> dict[str, str]:
-    """Environment for every Flower process fedtune starts."""
-    env = dict(os.environ)
-    # Flower's processes start each other by name (the SuperLink runs flower-superexec): put
-    # this environment's scripts first on PATH even when fedtune was run as .venv/bin/fedtune.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONWARNINGS": "ignore",
-        }
-    )
-    return env
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Run in a child before exec: the kernel sends it SIG when its parent dies (Linux).
-
-    A coordinator or agent killed with SIGKILL then leaves no SuperLink holding its port
-    and no SuperNode that still looks alive to the federation.
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
-
-
-def die_hard_with_parent() -> None:
-    """``die_with_parent`` with SIGKILL, for the SuperLink and ``flwr run``.
-
-    On SIGTERM Flower 1.41's SuperLink waits, without limit, for open connections to close,
-    and the orphaned ``flwr run --stream`` keeps one open: its superexec and ServerApp then
-    live on, reconnect to the next SuperLink on the same port (a resumed coordinator's) and
-    take over or fail its run. Killed outright, the SuperLink is gone at once, and Flower's
-    own parent monitors stop the superexec and ServerApp within seconds.
-    """
-    die_with_parent(signal.SIGKILL)
+MARKER = "[fedtune]"  # prefix of the ServerApp's lines meant for the user (coordinator/report.py)
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # listening everywhere: dial loopback
 
 
 def log_and_echo(log: TextIO, echo: Callable[[str], None]) -> Callable[[str], None]:
@@ -93,12 +47,6 @@ def log_and_echo(log: TextIO, echo: Callable[[str], None]) -> Callable[[str], No
             echo(flower_message(line))
 
     return on_line
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -141,7 +89,7 @@ class SuperLink:
             args = [
                 sys.executable,
                 "-m",
-                "coordinator.superlink_main",
+                "fedtune.coordinator.superlink_main",
                 "--public-address",
                 public,
                 "--max-request-bytes",
@@ -307,19 +255,3 @@ def flower_message(output: str) -> str:
     """The words of a Flower CLI message, without the box its rich output draws around them."""
     lines = (line.strip(" │╭╮╰╯─┃━┏┓┗┛\t") for line in output.splitlines())
     return " ".join(line for line in lines if line)
-
-
-def terminate(processes: list[psutil.Process], grace: float) -> None:
-    """SIGTERM to PROCESSES, SIGKILL to those still running GRACE seconds later."""
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    for process in psutil.wait_procs(processes, timeout=grace)[1]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-
-
-def tool_path(name: str) -> str:
-    """A Flower console script from the same environment as this Python."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name

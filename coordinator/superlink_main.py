@@ -15,7 +15,7 @@ Flower app is served twice from one process:
 The SuperLink also starts fedtune's superexec (coordinator/superexec_main.py), which runs
 fedtune's own app only. Otherwise it is Flower's SuperLink.
 
-    python -m coordinator.superlink_main --public-address HOST:PORT --max-request-bytes N <flower-superlink args>
+    python -m fedtune.coordinator.superlink_main --public-address HOST:PORT --max-request-bytes N <flower-superlink args>
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def serve_split(public_host: str, public_port: int, max_body: int) -> Callable:
 def superexec_command(*args: Any, **kwargs: Any) -> list[str]:
     """Flower's superexec command line, with fedtune's superexec in place of ``flower-superexec``."""
     command = ORIGINAL_SUPEREXEC_COMMAND(*args, **kwargs)
-    return [sys.executable, "-m", "coordinator.superexec_main", *command[1:]]
+    return [sys.executable, "-m", "fedtune.coordinator.superexec_main", *command[1:]]
 
 
 ORIGINAL_SUPEREXEC_COMMAND = flower._get_superexec_command

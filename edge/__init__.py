@@ -4,6 +4,6 @@ Importing ``edge`` never imports torch or transformers (the exporter lives in
 ``edge.export`` and is imported only by ``fedtune export``).
 """
 
-from edge.runtime import Bundle, EdgeError, Prediction, bench
+from fedtune.edge.runtime import Bundle, EdgeError, Prediction, bench
 
 __all__ = ["Bundle", "EdgeError", "Prediction", "bench"]

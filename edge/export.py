@@ -22,11 +22,14 @@ import onnxruntime as ort
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from client.data import ExampleSet, TaskSpec, encode
-from coordinator.checkpoint import load_run_model
-from edge.quantize import method, quantize_model
-from edge.runtime import MANIFEST, sha256_file
+from fedtune.atomic import staged_dir
 from fedtune.config import Config
+from fedtune.edge.quantize import method, quantize_model
+from fedtune.edge.runtime import MANIFEST, sha256_file
+from fedtune.engine.adapters import AdapterModel
+from fedtune.engine.checkpoint import load_run_model
+from fedtune.engine.data import ExampleSet, TaskSpec, encode
+from fedtune.engine.partition import server_eval_rows
 from fedtune.errors import UserError
 from fedtune.records import read_records
 from fedtune.rundir import RunDir
@@ -102,17 +105,20 @@ def export_bundle(
                 else f"min agreement {min_agreement}"
             )
             raise UserError(f"export refused: {quantize} quality check failed ({json.dumps(gate)}; {limit})")
-    bundle = staging / "bundle"
-    bundle.mkdir()
-    _save_model(final, bundle / "model.onnx")
-    adapter.tokenizer.save_pretrained(bundle)
-    manifest = _manifest(
-        config, adapter, merged, run, used_round, client, quantize, kept, parity, tolerance, gate, len(checks), bundle
-    )
-    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    bundle.rename(out)
+    with staged_dir(out) as bundle:
+        _save_model(final, bundle / "model.onnx")
+        adapter.tokenizer.save_pretrained(bundle)
+        manifest = _manifest(
+            bundle,
+            config,
+            adapter,
+            merged,
+            source={"run": str(run.path.resolve()), "round": used_round, "client": client},
+            quantization={"mode": quantize, "kept_full_precision": kept, "method": method(quantize, config.model.task)},
+            parity={"fp32_max_abs_diff": parity, "tolerance": tolerance, "examples": len(checks)},
+            gate=gate,
+        )
+        (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(staging)
     echo(f"bundle: {out} ({manifest['sizes']['model_bytes'] / 1e6:.1f} MB model)")
     return manifest
@@ -277,16 +283,14 @@ def _nll(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
 
 
 def _check_rows(config: Config, check_data: str | None, limit: int) -> list[dict]:
-    """Labeled rows for the parity and quality checks: --check-data, else the run's eval data."""
+    """Labeled rows for the parity and quality checks: --check-data, else the server's eval data,
+    else the run's training data."""
     if check_data:
         rows = list(read_records(check_data))
-    elif config.data.eval:
-        rows = list(read_records(config.data.eval))
+    elif found := server_eval_rows(config):
+        rows = found[0]
     elif config.data.train:
-        from simulations.partition import train_and_server_rows
-
-        pool, held = train_and_server_rows(config.data.train, config.data.server_holdout, config.seed)
-        rows = list(held or pool)
+        rows = list(read_records(config.data.train))
     else:
         raise UserError(
             "no data to verify the export against; pass --check-data FILE (labeled, like the training data)"
@@ -310,30 +314,38 @@ def _save_model(source: Path, target: Path) -> None:
 
 
 def _manifest(
-    config, adapter, merged, run, used_round, client, quantize, kept, parity, tolerance, gate, samples, bundle
+    bundle: Path,
+    config: Config,
+    adapter: AdapterModel,
+    merged: PreTrainedModel,
+    *,
+    source: dict,
+    quantization: dict,
+    parity: dict,
+    gate: dict,
 ) -> dict:
+    """What a runtime needs to use the bundle (task, labels, tokens, prompt), and how it was made and checked."""
     model_files = sorted(p.name for p in bundle.iterdir() if p.name.startswith("model.onnx"))
     tokenizer = adapter.tokenizer
     manifest = {
         "format": 1,
         "task": config.model.task,
         "labels": list(adapter.labels),
+        "label_words": config.data.label_words or {},
         "max_length": config.model.max_length,
         "fields": {"text": config.data.text_field, "label": config.data.label_field},
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "opset": OPSET,
-        "quantization": {"mode": quantize, "kept_full_precision": kept, "method": method(quantize, config.model.task)},
-        "parity": {"fp32_max_abs_diff": parity, "tolerance": tolerance, "examples": samples},
+        "quantization": quantization,
+        "parity": parity,
         "quality_check": gate,
         "sizes": {
             "model_bytes": sum((bundle / f).stat().st_size for f in model_files),
             "files": {p.name: p.stat().st_size for p in sorted(bundle.iterdir())},
         },
         "source": {
-            "run": str(run.path.resolve()),
-            "round": used_round,
-            "client": client,
+            **source,
             "model": config.model.name,
             "strategy": config.strategy.name,
             "trained_base_quantization": config.model.quantization,
@@ -345,7 +357,6 @@ def _manifest(
         manifest |= {
             "prompt": config.data.prompt,
             "response": config.data.response,
-            "label_words": config.data.label_words or {},
             "cache": cache_shape(merged),
         }
     return manifest

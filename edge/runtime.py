@@ -1,6 +1,6 @@
 """Running an exported bundle with onnxruntime, numpy and tokenizers only (no torch).
 
-    from edge import Bundle
+    from fedtune.edge import Bundle
     bundle = Bundle.load("bundles/sst2")
     bundle.classify(["a gripping, well acted film"])   # -> [Prediction(label, probabilities, name)]
     bundle.generate("Review: dull plot\\nSentiment:", max_new_tokens=8)   # causal LM, KV cache

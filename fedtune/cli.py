@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtune.config import Config, load_config
+from fedtune.config import STRATEGY_NAMES, Config, load_config
 from fedtune.errors import UserError
 from fedtune.rundir import RunDir
 
@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="run several strategies on identical seeds and partitions")
     compare.add_argument("config", metavar="CONFIG", help="YAML config file")
-    compare.add_argument("--strategies", default="fedit,ffa,fedsa,fair", help="comma-separated (default: all four)")
+    compare.add_argument(
+        "--strategies", default=",".join(STRATEGY_NAMES), help=f"comma-separated (default: all: {','.join(STRATEGY_NAMES)})"
+    )
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     compare.add_argument("--out", required=True, metavar="DIR", help="comparison directory")
     compare.add_argument("--central", action="store_true", help="also run the centralized reference (fedtune train)")
@@ -240,7 +242,7 @@ def _prepare_run(
     args: argparse.Namespace, need_train_data: bool, check: Callable[[Config], None] | None = None
 ) -> tuple[Config, RunDir]:
     """The resolved config and a new run directory, created only once every check passed."""
-    from fedtune.resolve import resolve
+    from fedtune.engine.resolve import resolve
 
     config = resolve(
         load_config(args.config, args.overrides), name_hint=Path(args.config).stem, need_train_data=need_train_data
@@ -260,7 +262,7 @@ def _prepare_run(
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import run_simulation
+    from fedtune.simulations.simulate import run_simulation
 
     config, run = _prepare_run(args, need_train_data=True)
     print(
@@ -272,7 +274,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from simulations.central import check_central, run_central, steps_per_round
+    from fedtune.simulations.central import check_central, run_central, steps_per_round
 
     config, run = _prepare_run(args, need_train_data=True, check=check_central)
     print(f"fedtune: centralized training, {config.federation.rounds} x {steps_per_round(config)} steps -> {run.path}")
@@ -292,9 +294,9 @@ def _report(summary: dict, run: RunDir) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedtune.resolve import resolve
-    from simulations.compare import markdown_table, run_comparison
-    from strategies import STRATEGIES
+    from fedtune.engine.resolve import resolve
+    from fedtune.simulations.compare import markdown_table, run_comparison
+    from fedtune.strategies import STRATEGIES
 
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
     unknown = [name for name in strategies if name not in STRATEGIES]
@@ -307,9 +309,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from client.data import TaskSpec, encode
-    from client.evaluate import evaluate
-    from coordinator.checkpoint import load_run_model
+    from fedtune.engine.checkpoint import load_run_model
+    from fedtune.engine.data import TaskSpec, encode
+    from fedtune.engine.evaluate import evaluate
     from fedtune.records import read_records
 
     run = RunDir.open(args.run_dir)
@@ -336,7 +338,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _coordinator(args: argparse.Namespace) -> int:
-    from coordinator.service import CoordinatorSettings, run_coordinator
+    from fedtune.coordinator.service import CoordinatorSettings, run_coordinator
 
     settings = CoordinatorSettings(args.address, args.certs, args.authorized_keys, args.insecure)
     if args.resume:
@@ -351,7 +353,7 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from client.agent import AgentSettings, run_agent
+    from fedtune.client.agent import AgentSettings, run_agent
 
     name = args.name or (args.key.name if args.key else args.data.stem)
     state_dir = args.state_dir or Path.home() / ".fedtune" / "agents" / name
@@ -412,8 +414,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _partition(args: argparse.Namespace) -> int:
-    from fedtune.resolve import resolve
-    from simulations.partition import client_partition
+    from fedtune.engine.partition import client_partition
+    from fedtune.engine.resolve import resolve
 
     config = resolve(load_config(args.config, args.overrides), name_hint="partition", need_train_data=True)
     out = Path(args.out or "partitions")
@@ -430,7 +432,7 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from edge.export import export_bundle
+    from fedtune.edge.export import export_bundle
 
     export_bundle(
         RunDir.open(args.run_dir),
@@ -448,7 +450,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _edge_run(args: argparse.Namespace) -> int:
-    from edge import Bundle
+    from fedtune.edge import Bundle
 
     bundle = Bundle.load(args.bundle)
     if bundle.task == "classification":
@@ -462,7 +464,7 @@ def _edge_run(args: argparse.Namespace) -> int:
 
 
 def _edge_bench(args: argparse.Namespace) -> int:
-    from edge import Bundle, bench
+    from fedtune.edge import Bundle, bench
     from fedtune.records import read_records
 
     bundle = Bundle.load(args.bundle)

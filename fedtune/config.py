@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedtune.errors import UserError
-from fedtune.models import describe_model_name
+from fedtune.model_catalog import describe_model_name
 from fedtune.records import HF_PREFIX, SYNTHETIC_PREFIX
 
 
@@ -70,15 +70,42 @@ class AdapterSection(Section):
     rslora: bool = False
 
 
-class StrategySection(Section):
-    name: Literal["fedit", "ffa", "fedsa", "fair"] = "fedit"
+class FedSaSection(Section):
+    """``strategy.fedsa``: what FedSA-LoRA keeps private besides B."""
+
     head: Literal["shared", "private"] = "shared"
-    fair_lambda: float = Field(0.01, ge=0.0)
-    fair_steps: int = Field(200, ge=1)
+
+
+class FairSection(Section):
+    """``strategy.fair``: LoRA-FAIR's correction solver."""
+
+    regularization: float = Field(0.01, ge=0.0)  # λ on ‖ΔB‖
+    max_steps: int = Field(200, ge=1)
+
+
+STRATEGY_NAMES = ("fedit", "ffa", "fedsa", "fair")  # fedtune.strategies.STRATEGIES has these (tested)
+MOVED_STRATEGY_KEYS = {"head": "fedsa.head", "fair_lambda": "fair.regularization", "fair_steps": "fair.max_steps"}
+
+
+class StrategySection(Section):
+    name: Literal[STRATEGY_NAMES] = "fedit"
     robust: Literal["none", "norm-bound", "trimmed-mean", "median"] = "norm-bound"
     max_weight_ratio: float = Field(3.0, ge=1.0)
     norm_bound: float = Field(3.0, ge=1.0)
     trim_fraction: float = Field(0.2, ge=0.0, lt=0.5)
+    fedsa: FedSaSection = FedSaSection()
+    fair: FairSection = FairSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        """Keys of one strategy live in its own section now: say where, instead of "extra input"."""
+        moved = [key for key in MOVED_STRATEGY_KEYS if isinstance(raw, dict) and key in raw]
+        if moved:
+            raise ValueError(
+                "; ".join(f"strategy.{key} is now strategy.{MOVED_STRATEGY_KEYS[key]}" for key in moved)
+            )
+        return raw
 
 
 class FederationSection(Section):
@@ -152,7 +179,7 @@ class DataSection(Section):
         if source is None or source.startswith(HF_PREFIX):
             return source
         if source.startswith(SYNTHETIC_PREFIX):
-            from simulations.synthetic import describe_synthetic
+            from fedtune.synthetic import describe_synthetic
 
             problem = describe_synthetic(source[len(SYNTHETIC_PREFIX) :])
             if problem:

@@ -27,7 +27,7 @@ csv.field_size_limit(2**31 - 1)
 def read_records(source: str) -> tuple[dict[str, Any], ...]:
     """All rows of a source, cached per process (simulated clients share one read)."""
     if source.startswith(SYNTHETIC_PREFIX):
-        from simulations.synthetic import generate
+        from fedtune.synthetic import generate
 
         return tuple(generate(source[len(SYNTHETIC_PREFIX) :]))
     if source.startswith(HF_PREFIX):

@@ -34,7 +34,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedtune.zo import ZOStep, pack, unpack
+from fedtune.spsa import ZOStep, pack, unpack
 
 Tensors = dict[str, torch.Tensor]
 CODECS = ("none", "fp16", "int8")

@@ -18,13 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedtune.config import Config  # noqa: E402
 from fedtune.errors import UserError  # noqa: E402
 from fedtune.rundir import RunDir  # noqa: E402
-
-PERSONALISED = {"fedsa"}  # strategies whose clients evaluate their own personalised model
+from fedtune.strategies import keeps_private_tensors  # noqa: E402
 
 
 def run_comparison(config: Config, strategies: list[str], out: Path, central: bool, echo=print) -> dict[str, Any]:
-    from simulations.central import run_central
-    from simulations.simulate import run_simulation
+    from fedtune.simulations.central import run_central
+    from fedtune.simulations.simulate import run_simulation
 
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
@@ -58,7 +57,7 @@ def describe(name: str, run: RunDir, summary: dict[str, Any]) -> dict[str, Any]:
         "best_accuracy": summary.get("best", {}).get("eval_accuracy"),
         "best_round": summary.get("best", {}).get("round"),
         "client_accuracy": final.get("client_accuracy"),
-        "personalized_accuracy": final.get("client_accuracy") if name in PERSONALISED else None,
+        "personalized_accuracy": final.get("client_accuracy") if keeps_private_tensors(name) else None,
         "bytes_up_per_client_round": summary.get("bytes_up_per_client_round"),
         "bytes_down_per_client_round": summary.get("bytes_down_per_client_round"),
         "bytes_up_per_round": [r.get("bytes_up") for r in records],
@@ -100,7 +99,7 @@ def plot_comparison(out: Path, names: list[str]) -> Path:
         points = [(r["round"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
         if points:
             (line,) = axis.plot(*zip(*points), marker="o", label=name)
-            if name in PERSONALISED:
+            if keeps_private_tensors(name):  # its clients evaluate their own personalised models
                 personal = [(r["round"], r["client_accuracy"]) for r in records if "client_accuracy" in r]
                 axis.plot(*zip(*personal), linestyle="--", color=line.get_color(), label=f"{name} (personalised)")
     axis.set(xlabel="round", ylabel="accuracy (server eval)", title=out.name)

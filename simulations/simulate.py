@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from coordinator.superlink import SuperLink, log_and_echo
 from fedtune.app import APP_DIR
 from fedtune.config import Config
+from fedtune.coordinator.superlink import SuperLink, log_and_echo
+from fedtune.engine.partition import partition_rows
 from fedtune.errors import UserError
 from fedtune.records import read_records, require_fields
 from fedtune.rundir import RunDir
-from simulations.partition import partition_rows
 
 
 def check_data(config: Config) -> None:

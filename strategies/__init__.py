@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from fedtune.config import Config
-from strategies.base import LoraStrategy
-from strategies.fair import LoraFair, SolverSettings
-from strategies.fedit import FedIT
-from strategies.fedsa import FedSaLora
-from strategies.ffa import FfaLora
-from strategies.privacy import ClientLevelDP
-from strategies.robust import RobustSettings
+from fedtune.strategies.base import LoraStrategy
+from fedtune.strategies.client_dp import ClientLevelDP
+from fedtune.strategies.fair import LoraFair
+from fedtune.strategies.fedit import FedIT
+from fedtune.strategies.fedsa import FedSaLora
+from fedtune.strategies.ffa import FfaLora
+from fedtune.strategies.robust import RobustSettings
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {"fedit": FedIT, "ffa": FfaLora, "fedsa": FedSaLora, "fair": LoraFair}
+STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, FfaLora, FedSaLora, LoraFair)}
+
+
+def keeps_private_tensors(name: str) -> bool:
+    """Whether a strategy's clients keep tensors of their own (their models are personalised)."""
+    return bool(STRATEGIES[name].plan.private)
 
 
 def build_strategy(config: Config) -> LoraStrategy:
@@ -21,14 +26,7 @@ def build_strategy(config: Config) -> LoraStrategy:
         "sample_seed": config.seed,
         "compression": config.federation.compression,
     }
-    name = config.strategy.name
-    if name == "fedsa":
-        strategy = FedSaLora(**common, private_head=config.strategy.head == "private")
-    elif name == "fair":
-        settings = SolverSettings(lam=config.strategy.fair_lambda, max_steps=config.strategy.fair_steps)
-        strategy = LoraFair(**common, settings=settings)
-    else:
-        strategy = STRATEGIES[name](**common)
+    strategy = STRATEGIES[config.strategy.name].from_config(config, **common)
     settings = config.strategy
     strategy.robust = RobustSettings(
         settings.robust, settings.max_weight_ratio, settings.norm_bound, settings.trim_fraction

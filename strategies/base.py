@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -29,14 +29,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedtune import faults, wire, zo
-from fedtune.wire import payload_bytes
+from fedtune import faults, spsa, wire
+from fedtune.config import Config
 from fedtune.plan import ParameterPlan, checksum, role_of
-from strategies.identity import NodeNames
-from strategies.robust import RobustSettings, aggregate_tensors, bound_updates
+from fedtune.strategies.identity import NodeNames
+from fedtune.strategies.robust import RobustSettings, aggregate_tensors, bound_updates
+from fedtune.wire import payload_bytes
 
 if TYPE_CHECKING:
-    from strategies.privacy import ClientLevelDP
+    from fedtune.strategies.client_dp import ClientLevelDP
 
 Tensors = dict[str, torch.Tensor]
 
@@ -200,7 +201,8 @@ class RoundLedger:
 class LoraStrategy(Strategy):
     """Base of fedtune's strategies (Flower Message-API ``Strategy``)."""
 
-    plan: ParameterPlan
+    name: ClassVar[str]  # strategy.name, and the key of STRATEGIES
+    plan: ParameterPlan  # the roles clients train, send, keep private, keep frozen
     weighted_by_key = "num-examples"
     robust = RobustSettings()  # strategy.robust (frozen, so sharing the default is safe); build_strategy sets it
 
@@ -219,6 +221,11 @@ class LoraStrategy(Strategy):
         self.budget_replies = False  # sample-level DP: clients may reply "privacy budget spent"
         self.retired: set[str] = set()  # clients whose privacy budget is spent: not sampled to train
         self._broadcast: Tensors = {}  # this round's sent tensors as clients decoded them
+
+    @classmethod
+    def from_config(cls, config: Config, **common: Any) -> LoraStrategy:
+        """The strategy with COMMON settings and those of its own config section (``strategy.NAME``)."""
+        return cls(**common)
 
     # -- method-specific math ------------------------------------------------------
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
@@ -432,7 +439,7 @@ class LoraStrategy(Strategy):
         """A ZO client's sent tensors, rebuilt from its seeds and the broadcast it started from."""
         steps, weight_decay = wire.decode_seeds(arrays, config)
         shapes = {n: tuple(v.shape) for n, v in self.current.items() if role_of(n) in self.plan.trained}
-        return zo.replay(self._broadcast, shapes, steps, weight_decay)
+        return spsa.replay(self._broadcast, shapes, steps, weight_decay)
 
     # -- state that must survive a coordinator restart ----------------------------
     def state_dict(self) -> dict:

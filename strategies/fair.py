@@ -30,12 +30,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from fedtune.config import Config
 from fedtune.plan import ROLES, ParameterPlan
-from strategies.base import ClientUpdate, LoraStrategy, Tensors
-from strategies.robust import aggregate_tensors, weighted_mean
+from fedtune.strategies.base import ClientUpdate, LoraStrategy, Tensors
+from fedtune.strategies.robust import aggregate_tensors, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -162,11 +164,17 @@ def product_name(a_name: str) -> str:
 
 
 class LoraFair(LoraStrategy):
+    name = "fair"
     plan = ParameterPlan(trained=frozenset(ROLES), sent=frozenset(ROLES))
 
     def __init__(self, *args, settings: SolverSettings = SolverSettings(), **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.settings = settings
+
+    @classmethod
+    def from_config(cls, config: Config, **common: Any) -> LoraFair:
+        section = config.strategy.fair
+        return cls(**common, settings=SolverSettings(lam=section.regularization, max_steps=section.max_steps))
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         """FAIR on the (bounded) clients; with ``strategy.robust: trimmed-mean`` / ``median`` Ā and B̄

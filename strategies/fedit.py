@@ -9,8 +9,8 @@ strategies exist to fix or avoid that.
 from __future__ import annotations
 
 from fedtune.plan import ROLES, ParameterPlan
-from strategies.base import LoraStrategy
-from strategies.robust import weighted_mean
+from fedtune.strategies.base import LoraStrategy
+from fedtune.strategies.robust import weighted_mean
 
 __all__ = ["FedIT", "weighted_mean"]
 
@@ -20,4 +20,5 @@ class FedIT(LoraStrategy):
     / ``median`` that statistic of A and of B per coordinate, separately (a heuristic: stat(B)·stat(A)
     is not a robust statistic of the products B_k·A_k; strategies/robust.py)."""
 
+    name = "fedit"
     plan = ParameterPlan(trained=frozenset(ROLES), sent=frozenset(ROLES))

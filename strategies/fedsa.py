@@ -2,7 +2,7 @@
 
 The paper finds that A learns general knowledge and B client-specific knowledge, so
 clients train both but only A is averaged; each client keeps its own B (and, with
-``strategy.head: private``, its own head) across rounds. The coordinator never
+``strategy.fedsa.head: private``, its own head) across rounds. The coordinator never
 receives a B. Each client's model is personalised (global A + own B); the global-only
 model is global A with B at its zero init, i.e. the base model plus the shared head.
 rsLoRA scaling (``adapter.rslora: true``) gives FedSA-rsLoRA.
@@ -10,8 +10,11 @@ rsLoRA scaling (``adapter.rslora: true``) gives FedSA-rsLoRA.
 
 from __future__ import annotations
 
+from typing import Any
+
+from fedtune.config import Config
 from fedtune.plan import ParameterPlan
-from strategies.base import LoraStrategy
+from fedtune.strategies.base import LoraStrategy
 
 
 def fedsa_plan(private_head: bool) -> ParameterPlan:
@@ -30,6 +33,13 @@ class FedSaLora(LoraStrategy):
     heuristic: each client's A works with its own private B, which the server never sees.
     """
 
+    name = "fedsa"
+    plan = fedsa_plan(private_head=False)  # B is private either way; strategy.fedsa.head decides the head
+
     def __init__(self, *args, private_head: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.plan = fedsa_plan(private_head)
+
+    @classmethod
+    def from_config(cls, config: Config, **common: Any) -> FedSaLora:
+        return cls(**common, private_head=config.strategy.fedsa.head == "private")

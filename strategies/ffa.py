@@ -10,7 +10,7 @@ of FedIT's traffic.
 from __future__ import annotations
 
 from fedtune.plan import ParameterPlan
-from strategies.base import LoraStrategy
+from fedtune.strategies.base import LoraStrategy
 
 
 class FfaLora(LoraStrategy):
@@ -22,6 +22,7 @@ class FfaLora(LoraStrategy):
     stat(B)·A is the product every client starts from. Exact, unlike FedIT's separate A and B.
     """
 
+    name = "ffa"
     plan = ParameterPlan(
         trained=frozenset({"lora_B", "head"}),
         sent=frozenset({"lora_B", "head"}),

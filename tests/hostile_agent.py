@@ -11,7 +11,7 @@ import sys
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import client.client_app as honest
+import fedtune.client.client_app as honest
 from fedtune.cli import main
 
 victim = sys.argv.pop(1)

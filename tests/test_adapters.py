@@ -6,10 +6,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from client.adapters import build_adapter_model, initial_state
-from client.model import load_base_model
-from coordinator.checkpoint import load_checkpoint, load_run_model, save_checkpoint
 from fedtune.config import Config
+from fedtune.engine.adapters import build_adapter_model, initial_state
+from fedtune.engine.base_model import load_base_model
+from fedtune.engine.checkpoint import load_checkpoint, load_run_model, save_checkpoint
 from fedtune.plan import ParameterPlan, checksum, role_of
 from fedtune.rundir import RunDir
 

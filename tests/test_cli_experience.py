@@ -72,7 +72,7 @@ def test_the_readme_coordinator_command_works_with_relative_paths_and_a_wildcard
     import time
 
     from conftest import REPO
-    from coordinator.superlink import free_port
+    from fedtune.processes import free_port
 
     assert run_cli("certs", "certs/", "--host", "coord.example.org", cwd=tmp_path).returncode == 0
     assert run_cli("keygen", "agent-key", cwd=tmp_path).returncode == 0

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from client.data import IGNORE_INDEX, TaskSpec, encode, infer_labels
-from client.model import load_tokenizer
 from conftest import shared_data
+from fedtune.engine.base_model import load_tokenizer
+from fedtune.engine.data import IGNORE_INDEX, TaskSpec, encode, infer_labels
 from fedtune.errors import UserError
 from fedtune.records import read_records
-from simulations.synthetic import generate
+from fedtune.synthetic import generate
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ import torch
 from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
-from client.data import holdout_split
 from conftest import REPO, run_cli
-from coordinator.superlink import free_port
+from fedtune.engine.data import holdout_split
+from fedtune.processes import free_port
 from fedtune.records import read_records
 
 pytestmark = pytest.mark.slow

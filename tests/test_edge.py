@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.adapters import build_adapter_model
 from conftest import REPO, run_cli
-from coordinator.checkpoint import load_run_model, save_checkpoint
-from edge import Bundle, EdgeError
-from edge.export import export_bundle
 from fedtune.config import Config
-from fedtune.resolve import resolve
+from fedtune.edge import Bundle, EdgeError
+from fedtune.edge.export import export_bundle
+from fedtune.engine.adapters import build_adapter_model
+from fedtune.engine.checkpoint import load_run_model, save_checkpoint
+from fedtune.engine.resolve import resolve
 from fedtune.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -163,7 +163,7 @@ def test_causal_lm_bundle_generates_like_pytorch(tmp_path):
 
 
 def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path):
-    from simulations.partition import client_rows
+    from fedtune.engine.partition import client_rows
 
     run = tmp_path / "fedsa"
     result = run_cli(

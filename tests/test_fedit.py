@@ -8,9 +8,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedtune.strategies.base import payload_bytes
+from fedtune.strategies.fedit import FedIT, weighted_mean
 from flower_helpers import StaticGrid, enter_run, reply, tensors_of
-from strategies.base import payload_bytes
-from strategies.fedit import FedIT, weighted_mean
 
 NAMES = ["m.q.lora_A.weight", "m.q.lora_B.weight", "m.classifier.weight"]
 SHAPES = [(4, 16), (16, 4), (3, 16)]

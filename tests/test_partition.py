@@ -7,12 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from client.data import holdout_split
 from conftest import shared_data
 from fedtune.config import Config
+from fedtune.engine.data import holdout_split
+from fedtune.engine.partition import client_rows, partition_rows
 from fedtune.errors import UserError
 from fedtune.records import read_records
-from simulations.partition import client_rows, partition_rows
 
 SYNTH = "synthetic:support/train"
 

@@ -16,25 +16,25 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from opacus.accountants import RDPAccountant
 
-from client.adapters import build_adapter_model
-from client.data import IGNORE_INDEX, TaskSpec, collate, encode
-from client.privacy import PrivacyLedger
-from client.trainers.backprop import BackpropTrainer, make_optimizer
-from client.trainers.base import seeded_torch
-from client.trainers.dpsgd import DPSGDTrainer, example_mean_loss
 from conftest import run_cli
-from coordinator.federation import PUBLIC_UNDER_CLIENT_DP
 from fedtune.config import load_config
+from fedtune.dp_accounting import torch_generator
+from fedtune.engine.adapters import build_adapter_model
+from fedtune.engine.data import IGNORE_INDEX, TaskSpec, collate, encode
+from fedtune.engine.dp_ledger import PrivacyLedger
+from fedtune.engine.partition import client_rows
+from fedtune.engine.resolve import resolve
+from fedtune.engine.rounds import PUBLIC_UNDER_CLIENT_DP
+from fedtune.engine.trainers.backprop import BackpropTrainer, make_optimizer
+from fedtune.engine.trainers.base import seeded_torch
+from fedtune.engine.trainers.dpsgd import DPSGDTrainer, example_mean_loss
 from fedtune.errors import UserError
-from fedtune.privacy import torch_generator
 from fedtune.records import read_records
-from fedtune.resolve import resolve
+from fedtune.strategies import build_strategy
+from fedtune.strategies.client_dp import ClientLevelDP
+from fedtune.strategies.fair import fair_aggregate
+from fedtune.strategies.fedit import weighted_mean
 from flower_helpers import StaticGrid, enter_run, reply, tensors_of
-from simulations.partition import client_rows
-from strategies import build_strategy
-from strategies.fair import fair_aggregate
-from strategies.fedit import weighted_mean
-from strategies.privacy import ClientLevelDP
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 SMALL = ["federation.clients=3", "federation.min_clients=3", "data.partition.kind=iid", "data.eval_max_examples=60"]

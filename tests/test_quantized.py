@@ -8,10 +8,10 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
-from client.adapters import build_adapter_model
 from conftest import run_cli, write_support_check
 from fedtune.config import load_config
-from fedtune.resolve import resolve
+from fedtune.engine.adapters import build_adapter_model
+from fedtune.engine.resolve import resolve
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import flwr.superlink.grid.http_grid as http_grid
 import pytest
 from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
 
-from coordinator.replies import collect_replies
+from fedtune.coordinator.replies import collect_replies
 
 
 class StalledUploadGrid:
@@ -39,6 +39,6 @@ def test_a_never_uploaded_reply_gives_up_at_the_round_deadline():
 
 def test_outside_a_collection_flower_keeps_its_own_bound(monkeypatch):
     seen = {}
-    monkeypatch.setattr("coordinator.replies.pull_objects", lambda *a, **k: seen.update(k) or {})
+    monkeypatch.setattr("fedtune.coordinator.replies.pull_objects", lambda *a, **k: seen.update(k) or {})
     http_grid.pull_objects(object_ids=[], pull_object_fn=lambda _: b"")
     assert seen["max_time"] == pytest.approx(float("inf"))

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 from fedtune import wire
 from fedtune.config import Config
-from fedtune.zo import ZOStep
+from fedtune.spsa import ZOStep
+from fedtune.strategies import STRATEGIES, build_strategy
+from fedtune.strategies.base import MAX_EXAMPLES, LoraStrategy, client_error, weighted_metrics
+from fedtune.strategies.fedit import FedIT
 from flower_helpers import StaticGrid, enter_run, reply, tensors_of
-from strategies import STRATEGIES, build_strategy
-from strategies.base import MAX_EXAMPLES, LoraStrategy, client_error, weighted_metrics
-from strategies.fedit import FedIT
 
 SHAPES = {
     "layer0.q.lora_A.weight": (2, 6),

@@ -16,12 +16,11 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from conftest import REPO, run_cli
 from fedtune.config import Config, load_config
+from fedtune.engine.resolve import resolve
 from fedtune.errors import UserError
-from fedtune.resolve import resolve
-from flower_helpers import StaticGrid, enter_run, reply, tensors_of
-from strategies import build_strategy
-from strategies.fair import fair_aggregate
-from strategies.robust import (
+from fedtune.strategies import build_strategy
+from fedtune.strategies.fair import fair_aggregate
+from fedtune.strategies.robust import (
     RobustSettings,
     clip_updates,
     coordinate_median,
@@ -29,6 +28,7 @@ from strategies.robust import (
     update_norms,
     weighted_mean,
 )
+from flower_helpers import StaticGrid, enter_run, reply, tensors_of
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 LAYERS = 3
@@ -304,7 +304,7 @@ def test_norm_bound_is_a_no_op_under_client_level_dp():
 
 
 def _final(run) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    from coordinator.checkpoint import load_checkpoint
+    from fedtune.engine.checkpoint import load_checkpoint
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     tensors, _ = load_checkpoint(run / "checkpoints" / f"round-{records[-1]['round']}")

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_deployment import CONFIG, SMALL, agent, fedtune, finish, stop, wait_for
 
 from conftest import REPO, run_cli
-from coordinator.superlink import SuperLink, free_port, quiet_environment, tool_path
+from fedtune.coordinator.superlink import SuperLink
+from fedtune.processes import free_port, quiet_environment, tool_path
 from hosts import Hosts
-from test_deployment import CONFIG, SMALL, agent, fedtune, finish, stop, wait_for
 
 pytestmark = pytest.mark.slow
 

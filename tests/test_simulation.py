@@ -9,8 +9,8 @@ import torch
 import yaml
 from peft import PeftModel
 
-from client.model import load_base_model
 from conftest import run_cli, write_support_check
+from fedtune.engine.base_model import load_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def test_checkpoint_loads_with_peft_and_matches_fedtune_evaluate(finished_run, t
 
     from transformers import AutoTokenizer
 
-    from client.model import model_dir
+    from fedtune.engine.base_model import model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir("minilm-l6"))
     with torch.no_grad():

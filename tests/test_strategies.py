@@ -6,16 +6,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from client import client_app
-from client.adapters import build_adapter_model
+from fedtune.client import client_app
 from fedtune.config import Config
+from fedtune.engine.adapters import build_adapter_model
 from fedtune.plan import role_of
 from fedtune.rundir import RunDir
+from fedtune.strategies import build_strategy
+from fedtune.strategies.base import payload_bytes
+from fedtune.strategies.fair import SolverSettings, fair_aggregate, fair_correction
+from fedtune.strategies.fedit import weighted_mean
 from flower_helpers import StaticGrid, enter_run, reply, tensors_of
-from strategies import build_strategy
-from strategies.base import payload_bytes
-from strategies.fair import SolverSettings, fair_aggregate, fair_correction
-from strategies.fedit import weighted_mean
 
 K, L, R, D_IN, D_OUT = 10, 3, 8, 96, 64
 
@@ -88,7 +88,7 @@ def test_fair_aggregate_batches_modules_and_keeps_fedit_means_elsewhere():
 
 
 def _config(strategy: str, tmp_path) -> Config:
-    from fedtune.resolve import resolve
+    from fedtune.engine.resolve import resolve
 
     raw = {
         "model": {"name": "minilm-l6", "max_length": 32},

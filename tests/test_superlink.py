@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from coordinator.superlink import SuperLink, free_port
+from fedtune.coordinator.superlink import SuperLink
+from fedtune.processes import free_port
 
 
 def pretend_flower_process(port: int) -> subprocess.Popen:

@@ -8,10 +8,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedtune import wire
-from fedtune.zo import ZOStep
+from fedtune.spsa import ZOStep
+from fedtune.strategies.base import payload_bytes
+from fedtune.strategies.fedit import FedIT
 from flower_helpers import StaticGrid, enter_run, reply
-from strategies.base import payload_bytes
-from strategies.fedit import FedIT
 
 
 def _adapter(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -10,18 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from client.adapters import build_adapter_model
-from client.data import TaskSpec, encode
-from client.job import simulated_mode
-from client.memory import choose_mode, estimate
-from client.trainers.zo import ZOTrainer, zo_learning_rate
 from conftest import run_cli
 from fedtune import wire
+from fedtune.client.job import simulated_mode
 from fedtune.config import load_config
+from fedtune.engine.adapters import build_adapter_model
+from fedtune.engine.data import TaskSpec, encode
+from fedtune.engine.memory import choose_mode, estimate
+from fedtune.engine.resolve import resolve
+from fedtune.engine.trainers.zo import ZOTrainer, zo_learning_rate
 from fedtune.plan import role_of
 from fedtune.records import read_records
-from fedtune.resolve import resolve
-from fedtune.zo import ZOStep, pack, replay, unpack
+from fedtune.spsa import ZOStep, pack, replay, unpack
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 
@@ -55,7 +55,7 @@ def test_replaying_the_seeds_rebuilds_what_the_client_trained(job, trained, sent
         assert delta.norm() > 0, name
         assert (value - params[name].detach()).norm() <= 1e-6 * delta.norm(), name
     assert [step.lr for step in steps] == pytest.approx(
-        [zo_learning_rate(settings, k, 2, 3) for k in range(20)], rel=1e-6
+        [zo_learning_rate(settings, k, 2, 3, 20) for k in range(20)], rel=1e-6
     )
 
 

@@ -19,8 +19,8 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import client_app
 from fedtune import wire
+from fedtune.client import client_app
 
 app = ClientApp()
 

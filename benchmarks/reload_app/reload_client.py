@@ -3,15 +3,15 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import client_app, job
+from fedtune.client import client_app, job
 
 app = ClientApp()
 
 
 def _fresh_model(context: Context) -> None:
     client_job = job.ClientJob.for_context(context)
-    job._MODELS.clear()
-    client_job.model = job.shared_model(client_job.config)
+    job.SHARED_MODEL.model = None  # forget it: the next get loads the base model again
+    client_job.model = job.SHARED_MODEL.get(client_job.config)
 
 
 @app.train()

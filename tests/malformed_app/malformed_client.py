@@ -11,7 +11,7 @@ import math
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import client_app
+from fedtune.client import client_app
 
 app = ClientApp()
 

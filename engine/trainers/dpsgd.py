@@ -18,13 +18,13 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from client.adapters import AdapterModel
-from client.data import IGNORE_INDEX, ExampleSet, collate, expected_batch_size, poisson_sample, sample_rate
-from client.privacy import PrivacyLedger
-from client.trainers.backprop import make_optimizer
-from client.trainers.base import TrainResult, to_device
 from fedtune.config import ClientSection, Config
-from fedtune.privacy import calibrated_noise, dp_random, torch_generator
+from fedtune.dp_accounting import calibrated_noise, dp_random, torch_generator
+from fedtune.engine.adapters import AdapterModel
+from fedtune.engine.data import IGNORE_INDEX, ExampleSet, collate, expected_batch_size, poisson_sample, sample_rate
+from fedtune.engine.dp_ledger import PrivacyLedger
+from fedtune.engine.trainers.backprop import make_optimizer
+from fedtune.engine.trainers.base import TrainResult, to_device
 
 
 class DPSGDTrainer:
@@ -43,13 +43,15 @@ class DPSGDTrainer:
         self.secret = secret  # Poisson draws and noise; unpredictable unless privacy.seed is set
 
     @classmethod
-    def for_client(cls, config: Config, ledger: PrivacyLedger, examples: int, name: str, round_number: int):
-        """σ from ``privacy.noise_multiplier``, or calibrated so the planned rounds reach target ε."""
+    def for_client(
+        cls, config: Config, ledger: PrivacyLedger, examples: int, name: str, round_number: int, steps: int
+    ) -> DPSGDTrainer:
+        """σ from ``privacy.noise_multiplier``, or calibrated so the planned rounds of STEPS reach target ε."""
         privacy, settings = config.privacy, config.client
         rate = sample_rate(settings.batch_size, examples)
         noise = privacy.noise_multiplier
         if noise is None:
-            planned = config.federation.rounds * settings.local_steps
+            planned = config.federation.rounds * steps
             noise = calibrated_noise(privacy.target_epsilon, privacy.delta, rate, planned)
         return cls(ledger, noise, privacy.max_grad_norm, rate, dp_random(privacy.seed, name, round_number))
 
@@ -72,7 +74,9 @@ class DPSGDTrainer:
         data: ExampleSet,
         settings: ClientSection,
         rng: random.Random,
+        steps: int | None = None,
     ) -> TrainResult:
+        steps = steps or settings.local_steps
         rate = self.sample_rate
         model.model.train()  # Opacus records activations only in training mode
         total_loss, examples = 0.0, 0
@@ -88,7 +92,7 @@ class DPSGDTrainer:
             )
             with warnings.catch_warnings():  # LoRA inputs are frozen activations: expected, not a problem
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                for _ in range(settings.local_steps):
+                for _ in range(steps):
                     chosen = poisson_sample(len(data), rate, self.secret)
                     if chosen:
                         batch = to_device(collate([data.examples[i] for i in chosen], data.pad_id), model.device)
@@ -107,9 +111,9 @@ class DPSGDTrainer:
                 module._close()  # remove the hooks and per-sample buffers from the shared model
             model.model.eval()
         return TrainResult(
-            steps=settings.local_steps,
+            steps=steps,
             examples=examples,
-            loss=total_loss / settings.local_steps,
+            loss=total_loss / steps,
             metrics={"noise_multiplier": self.noise_multiplier, "sample_rate": rate},
         )
 

@@ -17,8 +17,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from client.model import head_module_names, load_base_model, load_tokenizer, pick_device
 from fedtune.config import Config
+from fedtune.engine.base_model import head_module_names, load_base_model, load_tokenizer, pick_device
 from fedtune.plan import ROLES, role_of
 
 

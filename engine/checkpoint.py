@@ -10,33 +10,30 @@ checkpoint behind; ``fedtune.json`` is the completeness marker.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from client.adapters import AdapterModel, build_adapter_model
-from client.job import PRIVATE_FILE
+from fedtune.atomic import staged_dir
+from fedtune.engine.adapters import AdapterModel, build_adapter_model
 from fedtune.errors import UserError
 from fedtune.rundir import RunDir
 
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "fedtune.json"
+PRIVATE_FILE = "private.safetensors"  # a client's private tensors (FedSA's B), in its state dir and in a run's clients/
 
 
 def save_checkpoint(
     run: RunDir, round_number: int, model: AdapterModel, tensors: dict[str, torch.Tensor], state: dict[str, Any]
 ) -> Path:
     target = run.checkpoint(round_number)
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     model.load_state(tensors)
-    model.model.save_pretrained(staging)
-    (staging / STATE_FILE).write_text(json.dumps({"round": round_number, "labels": model.labels, **state}) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with staged_dir(target) as staging:
+        model.model.save_pretrained(staging)
+        (staging / STATE_FILE).write_text(json.dumps({"round": round_number, "labels": model.labels, **state}) + "\n")
     return target
 
 

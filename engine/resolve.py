@@ -16,8 +16,8 @@ from fedtune.errors import UserError
 
 
 def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
-    from client.data import infer_labels
-    from client.model import default_max_length, default_target_modules, unmatched_target_modules
+    from fedtune.engine.base_model import default_max_length, default_target_modules, unmatched_target_modules
+    from fedtune.engine.data import infer_labels
 
     config = config.model_copy(deep=True)
     fed = config.federation

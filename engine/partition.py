@@ -14,8 +14,8 @@ from typing import Any
 import datasets
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
-from client.data import holdout_split
 from fedtune.config import Config
+from fedtune.engine.data import holdout_split
 from fedtune.errors import UserError
 from fedtune.records import read_records, require_fields
 
@@ -47,6 +47,16 @@ def train_and_server_rows(
         return rows, ()
     pool, held = holdout_split(list(rows), server_holdout, seed=seed + 7919)
     return tuple(pool), tuple(held)
+
+
+def server_eval_rows(config: Config) -> tuple[list[dict[str, Any]], str] | None:
+    """(rows, source) the server evaluates on: data.eval, else the server's holdout of data.train."""
+    if config.data.eval:
+        return list(read_records(config.data.eval)), config.data.eval
+    if config.data.train and config.data.server_holdout:
+        held = train_and_server_rows(config.data.train, config.data.server_holdout, config.seed)[1]
+        return list(held), f"{config.data.train} (server holdout)"
+    return None
 
 
 @functools.lru_cache(maxsize=8)

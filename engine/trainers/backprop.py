@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import torch
 
-from client.adapters import AdapterModel
-from client.data import ExampleSet, collate, expected_batch_size, poisson_sample, sample_rate
-from client.trainers.base import TrainResult, to_device
 from fedtune.config import ClientSection
+from fedtune.engine.adapters import AdapterModel
+from fedtune.engine.data import ExampleSet, collate, expected_batch_size, poisson_sample, sample_rate
+from fedtune.engine.trainers.base import TrainResult, to_device
 
 
 def make_optimizer(params: dict[str, torch.nn.Parameter], settings: ClientSection) -> torch.optim.Optimizer:
@@ -48,12 +48,14 @@ class BackpropTrainer:
         data: ExampleSet,
         settings: ClientSection,
         rng: random.Random,
+        steps: int | None = None,
     ) -> TrainResult:
+        steps = steps or settings.local_steps
         optimizer = make_optimizer(params, settings)
         batches = weighted_batches(data, settings, rng)
         model.model.train()
         total_loss, examples = 0.0, 0
-        for _ in range(settings.local_steps):
+        for _ in range(steps):
             for _ in range(settings.grad_accum):
                 batch, weight = next(batches)
                 if batch is None:
@@ -66,4 +68,4 @@ class BackpropTrainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         model.model.eval()
-        return TrainResult(steps=settings.local_steps, examples=examples, loss=total_loss / settings.local_steps)
+        return TrainResult(steps=steps, examples=examples, loss=total_loss / steps)

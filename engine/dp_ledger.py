@@ -14,7 +14,8 @@ from pathlib import Path
 
 from opacus.accountants import RDPAccountant
 
-from fedtune.privacy import history_epsilon
+from fedtune.atomic import staged_file
+from fedtune.dp_accounting import history_epsilon
 
 LEDGER_FILE = "privacy.json"
 
@@ -42,7 +43,5 @@ class PrivacyLedger:
         return history_epsilon([*self.accountant.history, (noise_multiplier, sample_rate, steps)], self.delta)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_name(f".{LEDGER_FILE}.tmp")
-        staging.write_text(json.dumps({"accountant": "rdp", "delta": self.delta, "history": self.accountant.history}))
-        staging.replace(self.path)
+        with staged_file(self.path) as staging:
+            staging.write_text(json.dumps({"accountant": "rdp", "delta": self.delta, "history": self.accountant.history}))

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from client.adapters import AdapterModel
-from client.data import ExampleSet
-from client.trainers.base import to_device
 from fedtune.config import ClientSection
+from fedtune.engine.adapters import AdapterModel
+from fedtune.engine.data import ExampleSet
+from fedtune.engine.trainers.base import to_device
 from fedtune.plan import ROLES
 
 MB = 2**20

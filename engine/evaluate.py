@@ -8,12 +8,28 @@ without label words generates greedily and reports exact match.
 
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.nn.functional as F
 
-from client.adapters import AdapterModel
-from client.data import IGNORE_INDEX, ExampleSet, collate, encode_prompt_response
-from client.trainers.base import to_device
+from fedtune.config import Config
+from fedtune.engine.adapters import AdapterModel
+from fedtune.engine.data import IGNORE_INDEX, ExampleSet, TaskSpec, collate, encode, encode_prompt_response
+from fedtune.engine.partition import server_eval_rows
+from fedtune.engine.trainers.base import to_device
+
+
+def eval_set(config: Config, model: AdapterModel) -> ExampleSet | None:
+    """The server's evaluation data (``server_eval_rows``), at most ``data.eval_max_examples`` of it."""
+    found = server_eval_rows(config)
+    if found is None:
+        return None
+    rows, source = found
+    limit = config.data.eval_max_examples
+    if limit and limit < len(rows):
+        rows = random.Random(config.seed).sample(rows, limit)
+    return encode(rows, TaskSpec.from_config(config), model.tokenizer, source)
 
 
 @torch.no_grad()

@@ -14,16 +14,15 @@ import random
 
 import torch
 
-from client.adapters import AdapterModel
-from client.data import ExampleSet
-from client.trainers.base import TrainResult, to_device
 from fedtune.config import ClientSection
-from fedtune.zo import ZOStep, apply_step, exact, perturb
+from fedtune.engine.adapters import AdapterModel
+from fedtune.engine.data import ExampleSet
+from fedtune.engine.trainers.base import TrainResult, to_device
+from fedtune.spsa import ZOStep, apply_step, exact, perturb
 
 
-def zo_learning_rate(settings: ClientSection, step: int, round_number: int, rounds: int) -> float:
-    """``client.zo_lr`` under ``client.zo_schedule``, decaying over the run's ZO steps."""
-    steps = settings.zo_steps or settings.local_steps
+def zo_learning_rate(settings: ClientSection, step: int, round_number: int, rounds: int, steps: int) -> float:
+    """``client.zo_lr`` under ``client.zo_schedule``, decaying over the run's ZO steps (STEPS a round)."""
     progress = ((round_number - 1) * steps + step) / max(1, rounds * steps)
     if settings.zo_schedule == "linear":
         return settings.zo_lr * (1.0 - progress)
@@ -43,6 +42,7 @@ class ZOTrainer:
         data: ExampleSet,
         settings: ClientSection,
         rng: random.Random,
+        steps: int | None = None,
     ) -> TrainResult:
         for param in params.values():
             param.requires_grad_(False)  # no autograd anywhere in a ZO step
@@ -50,7 +50,7 @@ class ZOTrainer:
         shapes = {name: tuple(value.shape) for name, value in tensors.items()}
         saved = {name: value.clone() for name, value in tensors.items()}
         eps = settings.zo_eps
-        steps = settings.zo_steps or settings.local_steps
+        steps = steps or settings.zo_steps or settings.local_steps
         batches = data.batches(settings.batch_size, rng)
         model.model.eval()
         record: list[ZOStep] = []
@@ -58,7 +58,7 @@ class ZOTrainer:
         with torch.inference_mode():
             for k in range(steps):
                 batch = to_device(next(batches), model.device)
-                lr = exact(zo_learning_rate(settings, k, self.round_number, self.rounds))
+                lr = exact(zo_learning_rate(settings, k, self.round_number, self.rounds, steps))
                 step = ZOStep(lr, [], [])
                 for _ in range(settings.zo_samples):
                     seed = rng.getrandbits(63)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,11 +22,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedtune.atomic import staged_dir
 from fedtune.errors import UserError
-from fedtune.models import ALIASES, DEFAULT_TARGETS_BY_TYPE, ModelAlias
-
-# Number of base models this process has loaded: the "loads per client per run" figure.
-BASE_MODEL_LOADS = 0
+from fedtune.model_catalog import ALIASES, DEFAULT_TARGETS_BY_TYPE, ModelAlias
 
 
 def cache_dir() -> Path:
@@ -105,7 +101,6 @@ def load_base_model(
     is placed by ``device_map`` (bitsandbytes models cannot be moved afterwards); the
     task head stays in full precision because it is trained.
     """
-    global BASE_MODEL_LOADS
     source = model_dir(name)
     kwargs = {} if quantization == "none" else _quantized_loading(quantization, device)
     if task == "classification":
@@ -114,7 +109,6 @@ def load_base_model(
             model.config.pad_token_id = load_tokenizer(name).pad_token_id
     else:
         model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
-    BASE_MODEL_LOADS += 1
     for param in model.parameters():
         param.requires_grad_(False)
     if quantization == "none":
@@ -224,9 +218,6 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
         del config.quantization_config  # save_pretrained refuses GGUF-loaded models
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    with staged_dir(target) as staging:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)

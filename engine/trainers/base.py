@@ -11,10 +11,10 @@ from typing import Protocol
 
 import torch
 
-from client.adapters import AdapterModel
-from client.data import ExampleSet
 from fedtune.config import ClientSection
-from fedtune.zo import ZOStep
+from fedtune.engine.adapters import AdapterModel
+from fedtune.engine.data import ExampleSet
+from fedtune.spsa import ZOStep
 
 
 @dataclass
@@ -34,8 +34,10 @@ class Trainer(Protocol):
         data: ExampleSet,
         settings: ClientSection,
         rng: random.Random,
+        steps: int | None = None,
     ) -> TrainResult:
-        """Run ``settings.local_steps`` updates of ``params`` on batches drawn from ``data``."""
+        """Run STEPS updates of ``params`` (default: ``settings.local_steps``; a ZO trainer's
+        ``settings.zo_steps``) on batches drawn from ``data``."""
         ...
 
 

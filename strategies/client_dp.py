@@ -31,9 +31,9 @@ import torch
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from fedtune.config import Config
+from fedtune.dp_accounting import History, calibrated_noise, dp_random, history_epsilon, torch_generator
 from fedtune.errors import UserError
-from fedtune.privacy import History, calibrated_noise, dp_random, history_epsilon, torch_generator
-from strategies.base import ClientUpdate, Tensors
+from fedtune.strategies.base import ClientUpdate, Tensors
 
 
 @dataclass

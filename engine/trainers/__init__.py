@@ -1,0 +1,44 @@
+"""Local trainers: peers behind one interface (see ``base.Trainer``), chosen by ``make_trainer``."""
+
+from __future__ import annotations
+
+from fedtune.config import Config
+from fedtune.engine.dp_ledger import PrivacyLedger
+from fedtune.engine.trainers.backprop import BackpropTrainer
+from fedtune.engine.trainers.base import Trainer, TrainResult
+from fedtune.engine.trainers.dpsgd import DPSGDTrainer
+from fedtune.engine.trainers.zo import ZOTrainer
+from fedtune.errors import UserError
+
+
+class BudgetSpent(Exception):
+    """This round's DP-SGD steps would take the ledger past ``privacy.target_epsilon``."""
+
+
+def make_trainer(
+    config: Config,
+    mode: str,
+    round_number: int,
+    *,
+    name: str,
+    examples: int,
+    ledger: PrivacyLedger | None,
+    steps: int,
+) -> Trainer:
+    """The trainer for a client's MODE (``backprop`` or ``zo``) in this round of the run.
+
+    Under ``privacy.mode: sample`` it is DP-SGD charged to LEDGER, its noise calibrated to
+    the run's rounds of STEPS; a round that would exceed the target ε raises ``BudgetSpent``
+    (before any step is taken), and a ZO client is refused: DP-SGD needs gradients.
+    """
+    if config.privacy.mode != "sample":
+        return ZOTrainer(round_number, config.federation.rounds) if mode == "zo" else BackpropTrainer()
+    if mode != "backprop":
+        raise UserError(f"{name} trains with --mode {mode}; privacy.mode sample (DP-SGD) needs backprop")
+    trainer = DPSGDTrainer.for_client(config, ledger, examples, name, round_number, steps)
+    if refusal := trainer.refusal(config.privacy.target_epsilon, steps):
+        raise BudgetSpent(refusal)
+    return trainer
+
+
+__all__ = ["BackpropTrainer", "BudgetSpent", "DPSGDTrainer", "TrainResult", "Trainer", "ZOTrainer", "make_trainer"]

@@ -1,0 +1,84 @@
+"""Processes fedtune starts (Flower's SuperLink, SuperNodes, ``flwr``): their environment,
+their ports, and that they end with the fedtune process that started them.
+
+Shared by the coordinator, the agents and the simulation launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import psutil
+
+
+def quiet_environment(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process fedtune starts."""
+    env = dict(os.environ)
+    # Flower's processes start each other by name (the SuperLink runs flower-superexec): put
+    # this environment's scripts first on PATH even when fedtune was run as .venv/bin/fedtune.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
+    return env
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Run in a child before exec: the kernel sends it SIG when its parent dies (Linux).
+
+    A coordinator or agent killed with SIGKILL then leaves no SuperLink holding its port
+    and no SuperNode that still looks alive to the federation.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+def die_hard_with_parent() -> None:
+    """``die_with_parent`` with SIGKILL, for the SuperLink and ``flwr run``.
+
+    On SIGTERM Flower 1.41's SuperLink waits, without limit, for open connections to close,
+    and the orphaned ``flwr run --stream`` keeps one open: its superexec and ServerApp then
+    live on, reconnect to the next SuperLink on the same port (a resumed coordinator's) and
+    take over or fail its run. Killed outright, the SuperLink is gone at once, and Flower's
+    own parent monitors stop the superexec and ServerApp within seconds.
+    """
+    die_with_parent(signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def terminate(processes: list[psutil.Process], grace: float) -> None:
+    """SIGTERM to PROCESSES, SIGKILL to those still running GRACE seconds later."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    for process in psutil.wait_procs(processes, timeout=grace)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def tool_path(name: str) -> str:
+    """A Flower console script from the same environment as this Python."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
