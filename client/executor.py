@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable
 from logging import ERROR, WARNING
 
@@ -48,29 +49,32 @@ TASK_RETRY_SECONDS = 60.0  # give up on a vanished SuperNode instead of retrying
 
 
 class Deliveries:
-    """How many replies the SuperNode has handed on (or given up on), as its log says.
+    """How many replies the SuperNode has sent on (or given up on): one log line each.
 
     An agent that leaves the run waits for its last reply to go out first: the executor
-    only hands the reply to the local SuperNode, which sends it on its own schedule.
+    only hands a reply to the local SuperNode, which sends it on its own schedule, one
+    message at a time, and logs exactly one such line per reply.
     """
 
     def __init__(self) -> None:
         self._count = 0
         self._changed = threading.Condition()
 
-    @property
-    def count(self) -> int:
-        with self._changed:
-            return self._count
-
     def count_one(self) -> None:
         with self._changed:
             self._count += 1
             self._changed.notify_all()
 
-    def wait_beyond(self, count: int, timeout: float) -> bool:
+    def wait_for(self, count: int, timeout: float, stop: threading.Event) -> bool:
+        """Until COUNT replies are out, STOP is set (the SuperNode is gone) or TIMEOUT passes."""
+        deadline = time.monotonic() + timeout
         with self._changed:
-            return self._changed.wait_for(lambda: self._count > count, timeout)
+            while self._count < count and not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(min(left, 0.5))
+            return self._count >= count
 
 
 def serve_clientapps(
@@ -86,6 +90,7 @@ def serve_clientapps(
     single_try = make_simple_http_retry_invoker()
     single_try.max_tries = 1  # failures come back to this loop, where `stop` is checked
     dispatcher = _client(runtime_address, single_try, RuntimeVersionHttpInterceptor(component_name="flower-superexec"))
+    handed_over = 0  # replies given to the SuperNode
     try:
         while not stop.is_set():
             try:
@@ -96,11 +101,11 @@ def serve_clientapps(
                 stop.wait(1.0)
                 continue
             if response.HasField("task") and response.token:
-                sent_before = replies.count if replies else 0
-                problem, finished = run_task(runtime_address, response.token, say)
+                problem, finished, handed = run_task(runtime_address, response.token, say)
+                handed_over += handed
                 leaving = problem or (finished and not serve)
                 if leaving and replies:  # a reply half-sent when the SuperNode stops holds the coordinator up
-                    replies.wait_beyond(sent_before, LAST_REPLY_WAIT_SECONDS)
+                    replies.wait_for(handed_over, LAST_REPLY_WAIT_SECONDS, stop)
                 if problem:  # this agent cannot take part: its reply said so, now it leaves
                     raise UserError(problem)
                 if leaving:
@@ -111,12 +116,13 @@ def serve_clientapps(
         dispatcher.close()
 
 
-def run_task(runtime_address: str, token: str, say: Callable[[str], None] = print) -> tuple[str | None, bool]:
+def run_task(runtime_address: str, token: str, say: Callable[[str], None] = print) -> tuple[str | None, bool, bool]:
     """One ClientApp execution (a train, evaluate or end-of-run message) of fedtune's app, in this process.
 
     Error replies carry a code from ``fedtune.faults`` and no text: exception messages
     may quote the private data. Returns (the local reason when the agent cannot take
-    part in the run at all, e.g. its data does not fit it; whether the run is over).
+    part in the run at all, e.g. its data does not fit it; whether the run is over;
+    whether a reply was handed to the SuperNode).
     """
     patient = make_simple_http_retry_invoker()
     patient.max_time = TASK_RETRY_SECONDS
@@ -129,7 +135,7 @@ def run_task(runtime_address: str, token: str, say: Callable[[str], None] = prin
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     message = reply = context = problem = None
-    finished = False
+    finished = handed = False
     status, details = SubStatus.FAILED, "ClientApp failed"
     code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     try:
@@ -137,13 +143,13 @@ def run_task(runtime_address: str, token: str, say: Callable[[str], None] = prin
         if hashlib.sha256(fab.content).hexdigest() != app_fab_hash():
             code = faults.FOREIGN_APP
             say(f"fedtune: refused run {run.run_id}: its app is not fedtune's own ({_printable(run.fab_id)}); nothing of it ran")
-            return None, False
-        from fedtune.client.client_app import app  # the installed fedtune, never code from the FAB
+        else:
+            from fedtune.client.client_app import app  # the installed fedtune, never code from the FAB
 
-        reply = app(message=message, context=context)
-        status, details = SubStatus.COMPLETED, ""
-        line, finished = describe_task(message, reply)
-        say(line)
+            reply = app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+            line, finished = describe_task(message, reply)
+            say(line)
     except UserError as err:  # the data (or --mode) does not fit this run: it never will
         code, problem = faults.DATA_MISMATCH, str(err)
     except Exception as ex:  # the coordinator learns that training failed, not why; the agent keeps serving
@@ -155,13 +161,14 @@ def run_task(runtime_address: str, token: str, say: Callable[[str], None] = prin
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
+                handed = True
             push_task_output(client=client, context=context, sub_status=status, details=details)
         except Exception as ex:  # e.g. the coordinator restarted mid-round: that run's reply is moot
             log(WARNING, "could not deliver the reply (%s); waiting for the next task", ex)
         finally:
             heartbeat.stop()
             client.close()
-    return problem, finished
+    return problem, finished, handed
 
 
 def describe_task(message: Message, reply: Message) -> tuple[str, bool]:

@@ -6,8 +6,10 @@ with Flower's ``PULL_MAX_TIME`` (two hours) of retries, bounded in practice only
 SuperLink's 180 s object-push session. An agent that registers a reply and never uploads
 it (a hostile one, or one killed mid-upload) would hold every round for three minutes,
 past ``federation.round_timeout``. Here each pull waits at most until the deadline of
-the collection it belongs to; a reply not uploaded by then comes back as Flower's
-``MESSAGE_UNAVAILABLE`` error reply and is rejected like any failed reply.
+the collection it belongs to (Flower checks it between retries, so a pull may end up to
+its 10 s backoff cap later); a reply not uploaded by then comes back as Flower's
+``MESSAGE_UNAVAILABLE`` error reply and is rejected like any failed reply. Replies that
+arrived while a stalled one held the pull are fetched by one last pull at the deadline.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ _deadline = float("inf")  # of the collection in progress (the ServerApp collect
 
 
 def pull_objects_until_deadline(*args: Any, **kwargs: Any) -> dict[str, bytes]:
-    """Flower's ``pull_objects``, giving up at the current collection's deadline."""
-    kwargs["max_time"] = max(MIN_PULL_SECONDS, _deadline - time.time())
+    """Flower's ``pull_objects``, giving up at the current collection's deadline (if any)."""
+    if _deadline != float("inf"):
+        kwargs["max_time"] = max(MIN_PULL_SECONDS, _deadline - time.time())
     return pull_objects(*args, **kwargs)
 
 
@@ -49,10 +52,11 @@ def collect_replies(grid: Grid, message_ids: Iterable[str], timeout: float) -> l
     replies: list[Message] = []
     try:
         while pending:
+            past_deadline = time.time() >= _deadline  # checked before the pull: one more pull after it
             for reply in grid.pull_messages(list(pending)):
                 replies.append(reply)
                 pending.discard(reply.metadata.reply_to_message_id)
-            if not pending or time.time() >= _deadline:
+            if not pending or past_deadline:
                 break
             time.sleep(REPLY_POLL_SECONDS)
     finally:

@@ -69,7 +69,7 @@ def export_bundle(
     spec = TaskSpec.from_config(config)
     checks = encode(_check_rows(config, check_data, check_examples), spec, adapter.tokenizer, "check data")
     merged = adapter.model.merge_and_unload().eval()
-    staging = out.with_name(f".{out.name}.tmp")
+    staging = out.with_name(f".{out.name}.work")  # intermediate ONNX files; the bundle is staged by staged_dir
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "fp32").mkdir(parents=True)
     fp32 = staging / "fp32" / "model.onnx"
@@ -287,7 +287,7 @@ def _check_rows(config: Config, check_data: str | None, limit: int) -> list[dict
     else the run's training data."""
     if check_data:
         rows = list(read_records(check_data))
-    elif found := server_eval_rows(config):
+    elif (found := server_eval_rows(config)) and found[0]:
         rows = found[0]
     elif config.data.train:
         rows = list(read_records(config.data.train))

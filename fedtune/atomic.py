@@ -8,7 +8,6 @@ removal and a rename: a crash between the two leaves no target, never a mixed on
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +27,15 @@ def staged_file(target: Path) -> Iterator[Path]:
 
 @contextmanager
 def staged_dir(target: Path) -> Iterator[Path]:
-    """An empty directory to build TARGET in; it replaces TARGET when the block ends without error."""
+    """An empty directory to build TARGET in; it replaces TARGET when the block ends without error.
+
+    The staging name is fixed (``.NAME.tmp``), so what a crash leaves is cleared by the next
+    write, and the directory gets the usual permissions (a bundle is meant to be shipped).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
         yield staging
         shutil.rmtree(target, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +85,8 @@ class FairSection(Section):
 
 
 STRATEGY_NAMES = ("fedit", "ffa", "fedsa", "fair")  # fedtune.strategies.STRATEGIES has these (tested)
-MOVED_STRATEGY_KEYS = {"head": "fedsa.head", "fair_lambda": "fair.regularization", "fair_steps": "fair.max_steps"}
+# Keys that moved into a strategy's own section; still read (older configs and run directories hold them).
+MOVED_STRATEGY_KEYS = {"head": ("fedsa", "head"), "fair_lambda": ("fair", "regularization"), "fair_steps": ("fair", "max_steps")}
 
 
 class StrategySection(Section):
@@ -99,12 +101,16 @@ class StrategySection(Section):
     @model_validator(mode="before")
     @classmethod
     def _moved_keys(cls, raw: Any) -> Any:
-        """Keys of one strategy live in its own section now: say where, instead of "extra input"."""
-        moved = [key for key in MOVED_STRATEGY_KEYS if isinstance(raw, dict) and key in raw]
-        if moved:
-            raise ValueError(
-                "; ".join(f"strategy.{key} is now strategy.{MOVED_STRATEGY_KEYS[key]}" for key in moved)
-            )
+        """A key of one strategy, written where it used to be, goes to its section (which wins if both are set)."""
+        if not isinstance(raw, dict) or not any(key in raw for key in MOVED_STRATEGY_KEYS):
+            return raw
+        raw = dict(raw)
+        for old, (section, key) in MOVED_STRATEGY_KEYS.items():
+            if old in raw:
+                value = raw.pop(old)
+                target = raw.setdefault(section, {})
+                if isinstance(target, dict):
+                    raw[section] = {key: value, **target}
         return raw
 
 
@@ -304,7 +310,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml_mapping(Path(path))
-        for assignment in environment_overrides():
+        if from_environment := environment_overrides():  # said, so that a forgotten export is noticed
+            print(f"fedtune: {OVERRIDES_VARIABLE} overrides {path}: {'; '.join(from_environment)}", file=sys.stderr)
+        for assignment in from_environment:
             try:
                 apply_override(raw, assignment)
             except UserError as err:

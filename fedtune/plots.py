@@ -14,7 +14,15 @@ from fedtune.rundir import RunDir  # noqa: E402
 
 def plot_run(run: RunDir) -> Path:
     """Accuracy, loss and traffic against rounds: ``plots/metrics.png``."""
-    records = run.metrics()
+    fig = run_figure(run.metrics(), run.path.name)
+    run.plots.mkdir(parents=True, exist_ok=True)
+    target = run.plots / "metrics.png"
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target
+
+
+def run_figure(records: list[dict], title: str) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for key, axis in (("accuracy", axes[0]), ("loss", axes[1])):
         for prefix, label in (("eval_", "server eval"), ("client_", "client held-out"), ("train_", "train")):
@@ -37,10 +45,6 @@ def plot_run(run: RunDir) -> Path:
         axes[2].text(0.5, 0.5, "no federated traffic", ha="center", va="center", transform=axes[2].transAxes)
     for axis in axes:
         axis.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle(run.path.name)
+    fig.suptitle(title)
     fig.tight_layout()
-    run.plots.mkdir(parents=True, exist_ok=True)
-    target = run.plots / "metrics.png"
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
+    return fig

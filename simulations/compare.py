@@ -93,6 +93,15 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def plot_comparison(out: Path, names: list[str]) -> Path:
+    """Server accuracy per round of every run in OUT: ``OUT/accuracy.png``."""
+    fig = comparison_figure(out, names)
+    target = out / "accuracy.png"
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target
+
+
+def comparison_figure(out: Path, names: list[str]) -> plt.Figure:
     fig, axis = plt.subplots(figsize=(8, 5))
     for name in names:
         records = RunDir(out / name).metrics()
@@ -107,10 +116,7 @@ def plot_comparison(out: Path, names: list[str]) -> Path:
     axis.grid(alpha=0.3)
     axis.legend()
     fig.tight_layout()
-    target = out / "accuracy.png"
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
+    return fig
 
 
 def _pct(value: float | None) -> str:

@@ -15,8 +15,10 @@ STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, Ff
 
 
 def keeps_private_tensors(name: str) -> bool:
-    """Whether a strategy's clients keep tensors of their own (their models are personalised)."""
-    return bool(STRATEGIES[name].plan.private)
+    """Whether a strategy's clients keep tensors of their own (their models are personalised);
+    False for anything else that ran (``compare``'s centralised baseline)."""
+    strategy = STRATEGIES.get(name)
+    return strategy is not None and bool(strategy.plan.private)
 
 
 def build_strategy(config: Config) -> LoraStrategy:

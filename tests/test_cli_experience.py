@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 
@@ -71,7 +74,6 @@ def test_the_readme_coordinator_command_works_with_relative_paths_and_a_wildcard
     import sys
     import time
 
-    from conftest import REPO
     from fedtune.processes import free_port
 
     assert run_cli("certs", "certs/", "--host", "coord.example.org", cwd=tmp_path).returncode == 0
@@ -94,3 +96,41 @@ def test_the_readme_coordinator_command_works_with_relative_paths_and_a_wildcard
     finally:
         coordinator.terminate()
         coordinator.wait(timeout=60)
+
+
+def _rounds(count: int, **fields) -> list[dict]:
+    return [{"round": r, **fields} for r in range(1, count + 1)]
+
+
+def test_plots_show_traffic_honestly_and_rounds_as_whole_numbers(tmp_path):
+    """Issue 16: a constant traffic is a flat line from 0, a run without traffic says so, rounds are integers."""
+    import matplotlib.pyplot as plt
+
+    from fedtune.plots import run_figure
+    from fedtune.rundir import RunDir
+    from fedtune.simulations.compare import comparison_figure
+
+    federated = run_figure(_rounds(3, eval_accuracy=0.5, bytes_up=1_513_200, bytes_down=1_513_200), "fed")
+    traffic = federated.axes[2]
+    assert traffic.get_ylim()[0] == 0 and traffic.get_ylim()[1] > 1.5132  # not zoomed onto 1.5132-1.5142 MB
+    central = run_figure(_rounds(3, eval_accuracy=0.5, train_loss=0.7), "central")
+    assert [t.get_text() for t in central.axes[2].texts] == ["no federated traffic"]
+    for name, accuracy in (("fedit", 0.6), ("central", 0.7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in _rounds(3, eval_accuracy=accuracy, client_accuracy=accuracy))
+        )
+    assert RunDir(tmp_path / "fedit").metrics()
+    compared = comparison_figure(tmp_path, ["fedit", "central"])
+    for figure in (federated, central, compared):
+        figure.canvas.draw()
+        ticks = [tick for axis in figure.axes for tick in axis.get_xticks()]
+        assert ticks and all(float(tick).is_integer() for tick in ticks)
+        plt.close(figure)
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
+def test_what_the_readme_creates_in_a_checkout_is_ignored_by_git():
+    created = ["parts/", "partitions/", "agents/", "certs/", "keys/", "bundles/", "runs/"]
+    result = subprocess.run(["git", "check-ignore", *created], cwd=REPO, capture_output=True, text=True)
+    assert result.stdout.split() == created, result.stdout

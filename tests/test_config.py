@@ -140,14 +140,16 @@ def test_fedtune_set_shrinks_a_config_file_before_the_command_line(tmp_path, mon
         load_config(path)
 
 
-def test_strategy_names_are_the_registrys_and_moved_keys_say_where_they_went(tmp_path):
+def test_strategy_names_are_the_registrys_and_moved_keys_are_still_read(tmp_path):
     from fedtune.config import STRATEGY_NAMES
     from fedtune.strategies import STRATEGIES
 
     assert STRATEGY_NAMES == tuple(STRATEGIES)  # the schema's names are the registry's, in its order
-    path = _write(tmp_path, {"strategy": {"name": "fair", "fair_lambda": 0.1, "head": "private"}})
-    with pytest.raises(UserError, match=r"strategy.head is now strategy.fedsa.head; strategy.fair_lambda is now "):
-        load_config(path)
+    # a config (or a run directory's config.yaml) from before the per-strategy sections
+    path = _write(tmp_path, {"strategy": {"name": "fair", "fair_lambda": 0.1, "fair_steps": 7, "head": "private"}})
+    config = load_config(path)
+    assert (config.strategy.fair.regularization, config.strategy.fair.max_steps) == (0.1, 7)
+    assert config.strategy.fedsa.head == "private" and "fair_lambda" not in config.to_yaml()
     path = _write(tmp_path, {"strategy": {"name": "fair"}})
     config = load_config(path, ["strategy.fair.regularization=0.1", "strategy.fedsa.head=private"])
     assert (config.strategy.fair.regularization, config.strategy.fedsa.head) == (0.1, "private")

@@ -50,12 +50,13 @@ def classifier_bundle(tmp_path_factory):
             },
         },
     )
-    manifest = export_bundle(run, tmp / "bundle", check_examples=64, echo=lambda *_: None)
-    return run, tmp / "bundle", manifest
+    said: list[str] = []
+    manifest = export_bundle(run, tmp / "bundle", check_examples=64, echo=said.append)
+    return run, tmp / "bundle", manifest, said
 
 
 def test_classifier_bundle_matches_pytorch(classifier_bundle):
-    run, path, manifest = classifier_bundle
+    run, path, manifest, said = classifier_bundle
     assert manifest["parity"]["fp32_max_abs_diff"] < 1e-4 and manifest["parity"]["examples"] == 64
     assert set(manifest["sha256"]) == {"model.onnx"} and manifest["labels"] == ["complaint", "praise", "question"]
     bundle = Bundle.load(path)
@@ -68,12 +69,17 @@ def test_classifier_bundle_matches_pytorch(classifier_bundle):
     assert [p.label for p in predictions] == [model.labels[i] for i in expected.argmax(-1)]
     assert [p.name for p in predictions] == [CLASS_NAMES[p.label] for p in predictions]
     assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)
+    phases = ("loading run's model", "exporting minilm-l6 (classification) round 1", "parity fp32:", "bundle:")
+    assert all(any(phase in line for line in said) for phase in phases), said  # issue 16: phase lines
+    # the run has a checkpoint but no summary.json: the export says what it exported
+    assert any("has no summary.json: the run is still going or was stopped; exporting its checkpoint of round 1"
+               in line for line in said), said
     printed = json.loads(run_cli("edge", "run", str(path), "--text", TEXTS[0], timeout=120).stdout)
     assert (printed["label"], printed["name"]) == (predictions[0].label, predictions[0].name)
 
 
 def test_edge_runtime_runs_with_torch_unimportable(classifier_bundle):
-    _, path, _ = classifier_bundle
+    _, path, _, _ = classifier_bundle
     blocker = (
         "import sys\n"
         "for name in ('torch', 'transformers', 'peft', 'flwr'):\n"
@@ -90,7 +96,7 @@ def test_edge_runtime_runs_with_torch_unimportable(classifier_bundle):
 
 
 def test_bad_bundles_are_one_clear_line(classifier_bundle, tmp_path):
-    _, path, _ = classifier_bundle
+    _, path, _, _ = classifier_bundle
     result = run_cli("edge", "run", str(tmp_path / "nowhere"), "--text", "x", timeout=120)
     assert result.returncode == 2 and "not a fedtune bundle" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -112,7 +118,7 @@ def test_bad_bundles_are_one_clear_line(classifier_bundle, tmp_path):
 
 
 def test_quantized_bundles_are_smaller_and_checked(classifier_bundle, tmp_path):
-    run, path, fp32 = classifier_bundle
+    run, path, fp32, _ = classifier_bundle
     int8 = export_bundle(run, tmp_path / "int8", quantize="int8", check_examples=64, echo=lambda *_: None)
     assert int8["sizes"]["model_bytes"] <= 0.3 * fp32["sizes"]["model_bytes"]
     assert int8["quality_check"]["accuracy_drop_points"] <= 1.0 and int8["quantization"]["mode"] == "int8"
@@ -206,7 +212,7 @@ def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path
 
 def test_bundle_api_and_bench_treat_a_user_kindly(classifier_bundle, tmp_path):
     """Issue 16: one string is one text, print(bundle) is one line, a file without the text column is one line."""
-    _, path, manifest = classifier_bundle
+    _, path, manifest, _ = classifier_bundle
     bundle = Bundle.load(path)
     assert len(bundle.classify("How do I change my seat?")) == 1
     assert repr(bundle) == f"Bundle({str(path)!r}, task='classification', quantization='none')"

@@ -90,6 +90,8 @@ def test_checkpoint_loads_with_peft_and_matches_fedtune_evaluate(finished_run, t
     assert result.returncode == 0, result.stderr
     reported = json.loads(result.stdout)
     assert reported["round"] == 2 and reported["num_examples"] == 3
+    phases = [line for line in result.stderr.splitlines() if line.startswith("fedtune:")]  # issue 16: not silent
+    assert phases[:1] == [f"fedtune: loading {run.name}'s model"] and "evaluating round 2 on 3 examples" in phases[-1]
 
     from transformers import AutoTokenizer
 
