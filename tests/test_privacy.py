@@ -419,3 +419,35 @@ def test_centralized_reference_trains_with_dp_sgd_and_reports_epsilon(tmp_path):
     )  # fmt: skip
     assert refused.returncode != 0 and "fedtune train has none" in refused.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_logical_batch_in_physical_chunks_takes_the_same_dp_sgd_steps(job, tmp_path):
+    """client.max_physical_batch: the Poisson batch is computed in chunks, each example clipped,
+    the noise added once per logical step: the same steps as the whole batch at once (real
+    clipping and noise here; dropout off, since chunks would draw other dropout masks)."""
+    config, model, train, _ = job
+    settings = config.client.model_copy(update={"optimizer": "adamw", "lr": 0.002, "local_steps": 6})
+    rate = 24 / len(train)
+    start = model.state()
+    dropouts = [m for m in model.model.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in dropouts]
+
+    def trained(physical: int | None, ledger_dir) -> dict[str, torch.Tensor]:
+        model.load_state(start)
+        trainer = DPSGDTrainer(PrivacyLedger.load(ledger_dir, 1e-5), 0.7, 0.5, rate, random.Random(11))
+        chunked = settings.model_copy(update={"max_physical_batch": physical})
+        result = trainer.train(model, model.trainable({"lora_A", "lora_B", "head"}), train, chunked, random.Random(0))
+        assert trainer.ledger.accountant.history == [(0.7, rate, 6)]  # accounted per logical step, chunks or not
+        return model.state() | {"loss": torch.tensor(result.loss)}
+
+    try:
+        for module in dropouts:
+            module.p = 0.0
+        whole, chunked = trained(None, tmp_path / "whole"), trained(5, tmp_path / "chunked")
+    finally:
+        for module, p in zip(dropouts, saved):
+            module.p = p
+    update = math.sqrt(sum(float((whole[k] - start[k]).square().sum()) for k in start))
+    mismatch = math.sqrt(sum(float((chunked[k] - whole[k]).square().sum()) for k in start))
+    assert update > 1e-2 and mismatch <= 1e-4 * update, (mismatch, update)
+    assert float(chunked["loss"]) == pytest.approx(float(whole["loss"]), rel=1e-5)

@@ -94,17 +94,21 @@ class DPSGDTrainer:
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 for _ in range(steps):
                     chosen = poisson_sample(len(data), rate, self.secret)
-                    if chosen:
-                        batch = to_device(collate([data.examples[i] for i in chosen], data.pad_id), model.device)
-                        loss = example_mean_loss(module, batch, model.task)
-                        loss.backward()
-                        total_loss += loss.item()
-                        examples += len(chosen)
-                    else:  # an empty Poisson draw is still a step: noise only
-                        for param in params.values():
-                            param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    chunks = physical_chunks(chosen, settings.max_physical_batch)
+                    for index, chunk in enumerate(chunks):
+                        if chunk:
+                            batch = to_device(collate([data.examples[i] for i in chunk], data.pad_id), model.device)
+                            loss = example_mean_loss(module, batch, model.task)
+                            loss.backward()
+                            total_loss += loss.item() * len(chunk) / len(chosen)  # the logical batch's mean
+                            examples += len(chunk)
+                        else:  # an empty Poisson draw is still a step: noise only
+                            for param in params.values():
+                                param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
+                        if index < len(chunks) - 1:  # clip and add up only: one noisy step per logical batch
+                            optimizer.signal_skip_step(do_skip=True)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                     self.ledger.step(self.noise_multiplier, rate)
         finally:
             if module is not None:
@@ -116,6 +120,13 @@ class DPSGDTrainer:
             loss=total_loss / steps,
             metrics={"noise_multiplier": self.noise_multiplier, "sample_rate": rate},
         )
+
+
+def physical_chunks(chosen: list[int], limit: int | None) -> list[list[int]]:
+    """A logical (Poisson) batch as the physical batches it is computed in; an empty draw is one empty chunk."""
+    if not chosen or not limit:
+        return [chosen]
+    return [chosen[start : start + limit] for start in range(0, len(chosen), limit)]
 
 
 def example_mean_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
