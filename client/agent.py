@@ -10,6 +10,7 @@ authentication are on unless ``--insecure`` is given.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from fedtune.records import read_records
 
 if TYPE_CHECKING:
     from fedtune.client.executor import Deliveries
+
 
 class Fatal(NamedTuple):
     """A SuperNode log line that means the agent cannot work, and what to tell the user."""
@@ -60,6 +62,11 @@ FATAL_PATTERNS = [
         "--key {key}: not an OpenSSH EC private key (make one with fedtune keygen)",
     ),
     Fatal(
+        "port-taken",
+        re.compile(r"address already in use", re.I),
+        "the SuperNode's local runtime port was taken by another program each time it started",
+    ),
+    Fatal(
         "unreachable",
         re.compile(r"Exit Code: 305", re.I),
         "cannot connect to the coordinator at {coordinator} (is it running, at that address and port?)",
@@ -88,8 +95,11 @@ RETRYING = re.compile(r"Connection attempt failed, retrying in ([\d.]+) seconds"
 DELIVERED = re.compile(r"Sent successfully|Failed to send message|Ignoring reply message")  # one per reply
 RETRY_NOTE_EVERY_S = 60.0  # the SuperNode retries every few seconds; the terminal hears of it once a minute
 
-REFUSAL_RETRIES = 3  # a coordinator registers keys just after it starts listening
-REFUSAL_WAIT_S = 5.0
+# Failures worth another SuperNode life, and the pause before it: a coordinator registers keys
+# just after it starts listening; the local runtime port is chosen free, but another process (a
+# second agent on the machine) can take it before the SuperNode binds it.
+RETRIED = {"key-refused": 5.0, "port-taken": 0.0}
+RETRIES = 3
 
 
 def run_agent(settings: AgentSettings, echo=print) -> int:
@@ -111,15 +121,16 @@ def run_agent(settings: AgentSettings, echo=print) -> int:
     )
     if settings.insecure:
         echo("fedtune: WARNING: --insecure: plain-text connection, no TLS")
-    for attempt in range(REFUSAL_RETRIES + 1):
+    for attempt in range(RETRIES + 1):
         failure = _serve(settings, home)
         if failure is None:
             return 0
         kind, message = failure
-        if kind != "key-refused" or attempt == REFUSAL_RETRIES:  # a key registered just after we knocked
+        if kind not in RETRIED or attempt == RETRIES:
             raise UserError(message)
-        echo(f"fedtune: the coordinator refused this agent's key; trying again in {REFUSAL_WAIT_S:.0f}s")
-        time.sleep(REFUSAL_WAIT_S)
+        if kind == "key-refused":
+            echo(f"fedtune: the coordinator refused this agent's key; trying again in {RETRIED[kind]:.0f}s")
+        time.sleep(RETRIED[kind])
     return 0
 
 
@@ -174,10 +185,14 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[str, str] | None:
     watcher = threading.Thread(target=_watch, args=(node, log_path, settings, failure, stop, replies), daemon=True)
     watcher.start()
     try:
-        _wait_for_port(port, node, stop)
+        _wait_for_listener(port, node, stop)
         if not stop.is_set():
             serve_clientapps(
-                f"127.0.0.1:{port}", stop, say=lambda line: print(line, flush=True), serve=settings.serve, replies=replies
+                f"127.0.0.1:{port}",
+                stop,
+                say=lambda line: print(line, flush=True),
+                serve=settings.serve,
+                replies=replies,
             )
     finally:
         stop.set()
@@ -252,13 +267,18 @@ def _watch(
         stop.set()
 
 
-def _wait_for_port(port: int, node: subprocess.Popen, stop: threading.Event, timeout: float = 60.0) -> None:
-    import socket
+def _wait_for_listener(port: int, node: subprocess.Popen, stop: threading.Event, timeout: float = 60.0) -> None:
+    """Wait until NODE itself listens on PORT: another agent's SuperNode that took the port first
+    must never receive this agent's executor (it would hand it the other agent's tasks)."""
+    import psutil
 
     deadline = time.time() + timeout
     while time.time() < deadline and not stop.is_set():
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+        with contextlib.suppress(psutil.Error):
+            if any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                for c in psutil.Process(node.pid).net_connections(kind="tcp")
+            ):
                 return
         time.sleep(0.2)
     if not stop.is_set():

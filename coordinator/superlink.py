@@ -77,6 +77,7 @@ class SuperLink:
     home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fedtune-flwr-")))
     process: subprocess.Popen | None = None
     local_port: int = 0  # Control and Runtime APIs (the public port itself in simulation)
+    environment: dict[str, str] = field(default_factory=dict)  # for the SuperLink and what it starts
 
     def __enter__(self) -> SuperLink:
         self.port = self.port or free_port()
@@ -117,7 +118,7 @@ class SuperLink:
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(
             args,
-            env=quiet_environment(self.home),
+            env={**quiet_environment(self.home), **self.environment},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -237,6 +237,9 @@ class PrivacySection(Section):
 class SimulationSection(Section):
     client_cpus: int | None = Field(None, ge=1)
     client_gpus: float | None = Field(None, ge=0.0)
+    # An existing Ray cluster (``ray start --head`` prints it): HOST:PORT, or "auto" for the
+    # cluster this machine belongs to. None: Flower starts a private Ray on this machine.
+    ray_address: str | None = Field(None, pattern=r"^(auto|[\w.-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5})$")
 
 
 class OutputSection(Section):
