@@ -7,6 +7,7 @@ planned rounds; ε = ∞ is the same run without DP. ``--wiring`` adds two runs 
 Writes ``results.json``, ``table.md`` and ``dp-tradeoff.png`` under ``--out``.
 
     python benchmarks/dp_tradeoff.py --out /tmp/dp --rounds 12
+    python benchmarks/dp_tradeoff.py --config simulations/configs/sst2-dp.yaml --levels sample --rounds 10 --out /tmp/dp-recipe
 """
 
 from __future__ import annotations
@@ -24,23 +25,23 @@ EPSILONS = (1.0, 3.0, 8.0)
 LEVELS = {"sample": ["privacy.max_grad_norm=1.0"], "client": ["privacy.clip_norm=1.0"]}
 
 
-def runs(strategies: list[str], wiring: bool) -> list[tuple[str, list[str]]]:
+def runs(strategies: list[str], levels: list[str], wiring: bool) -> list[tuple[str, list[str]]]:
     """(name, overrides) of every point, baselines first."""
-    points = [(f"{strategy}-none-inf", [f"strategy.name={strategy}"]) for strategy in strategies]
-    for level, clip in LEVELS.items():
+    points = [(f"{strategy}-none-inf", [f"strategy.name={strategy}", "privacy.mode=none"]) for strategy in strategies]
+    for level, clip in ((level, LEVELS[level]) for level in levels):
         for epsilon in EPSILONS:
             for strategy in strategies:
                 overrides = [f"strategy.name={strategy}", f"privacy.mode={level}", f"privacy.target_epsilon={epsilon}"]
                 points.append((f"{strategy}-{level}-{epsilon:g}", overrides + clip))
-    for level in LEVELS if wiring else ():  # the wiring check: DP machinery on, no noise, no clipping
+    for level in levels if wiring else ():  # the wiring check: DP machinery on, no noise, no clipping
         unclipped = "privacy.max_grad_norm=1e6" if level == "sample" else "privacy.clip_norm=1e6"
         overrides = ["strategy.name=fedit", f"privacy.mode={level}", "privacy.noise_multiplier=0", unclipped]
         points.append((f"fedit-{level}-noise0", overrides))
     return points
 
 
-def simulate(name: str, overrides: list[str], common: list[str], out: Path) -> dict:
-    args = [sys.executable, "-m", "fedtune.cli", "simulate", CONFIG, "--out", str(out / name)]
+def simulate(config: str, name: str, overrides: list[str], common: list[str], out: Path) -> dict:
+    args = [sys.executable, "-m", "fedtune.cli", "simulate", config, "--out", str(out / name)]
     for assignment in [*common, *overrides]:
         args += ["--set", assignment]
     started = time.time()
@@ -59,15 +60,15 @@ def simulate(name: str, overrides: list[str], common: list[str], out: Path) -> d
     }
 
 
-def table(results: dict[str, dict], strategies: list[str]) -> str:
+def table(results: dict[str, dict], strategies: list[str], levels: list[str]) -> str:
     lines = ["| strategy | DP level | ε = 1 | ε = 3 | ε = 8 | ε = ∞ (no DP) |", "|---|---|---|---|---|---|"]
     for strategy in strategies:
         baseline = results[f"{strategy}-none-inf"]["accuracy"]
-        for level in LEVELS:
+        for level in levels:
             points = [results.get(f"{strategy}-{level}-{e:g}") for e in EPSILONS]
             cells = [f"{point['accuracy']:.2%}" if point else "not run" for point in points]
             lines.append(f"| {strategy} | {level} | {' | '.join(cells)} | {baseline:.2%} |")
-    for level in LEVELS:  # --wiring: noise 0, no clipping, against the same strategy without DP
+    for level in levels:  # --wiring: noise 0, no clipping, against the same strategy without DP
         point = results.get(f"fedit-{level}-noise0")
         if point:
             baseline = results["fedit-none-inf"]["accuracy"]
@@ -75,15 +76,16 @@ def table(results: dict[str, dict], strategies: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict], strategies: list[str], target: Path) -> None:
+def plot(results: dict[str, dict], strategies: list[str], levels: list[str], target: Path) -> None:
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for axis, level in zip(axes, LEVELS):
+    fig, axes = plt.subplots(1, len(levels), figsize=(5.5 * len(levels), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for axis, level in zip(axes, levels):
         for strategy in strategies:
             points = [(e, results.get(f"{strategy}-{level}-{e:g}")) for e in EPSILONS]
             epsilons, accuracy = zip(*[(e, point["accuracy"]) for e, point in points if point]) or ((), ())
@@ -104,6 +106,8 @@ def plot(results: dict[str, dict], strategies: list[str], target: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--levels", default="sample,client")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--strategies", default="fedit,ffa")
     parser.add_argument("--eval-examples", type=int, default=2000)
@@ -119,15 +123,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "results.json"
     results = json.loads(store.read_text()) if store.exists() else {}
-    for name, overrides in runs(strategies, args.wiring):
+    levels = args.levels.split(",")
+    for name, overrides in runs(strategies, levels, args.wiring):
         if name in results or args.report:  # finished in an earlier invocation
             continue
-        results[name] = simulate(name, overrides, common, args.out)
+        results[name] = simulate(args.config, name, overrides, common, args.out)
         store.write_text(json.dumps(results, indent=1))
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-    (args.out / "table.md").write_text(table(results, strategies) + "\n")
-    plot(results, strategies, args.out / "dp-tradeoff.png")
-    print(table(results, strategies))
+    (args.out / "table.md").write_text(table(results, strategies, levels) + "\n")
+    plot(results, strategies, levels, args.out / "dp-tradeoff.png")
+    print(table(results, strategies, levels))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from fedtune import wire
 from fedtune.client.job import SHARED_MODEL, ClientJob, process_tag
 from fedtune.engine.dp_ledger import PrivacyLedger
 from fedtune.engine.evaluate import evaluate as evaluate_model
-from fedtune.engine.trainers import BudgetSpent, make_trainer
+from fedtune.engine.trainers import BudgetSpent, DPSGDTrainer, make_trainer
 from fedtune.engine.trainers.base import seeded_torch
 from fedtune.plan import ParameterPlan
 
@@ -33,7 +33,9 @@ def train(msg: Message, context: Context) -> Message:
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
     rng = job.rng(round_number)
-    ledger = PrivacyLedger.load(job.state_dir, job.config.privacy.delta) if job.config.privacy.mode == "sample" else None
+    ledger = (
+        PrivacyLedger.load(job.state_dir, job.config.privacy.delta) if job.config.privacy.mode == "sample" else None
+    )
     try:
         trainer = make_trainer(
             job.config, job.mode, round_number, name=job.name, examples=len(job.train), ledger=ledger,
@@ -44,6 +46,10 @@ def train(msg: Message, context: Context) -> Message:
         metrics = {"num-examples": len(job.train), "epsilon": ledger.epsilon()}
         info = {"name": job.name, "privacy-spent": str(spent)}
         return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)}), reply_to=msg)
+    if isinstance(trainer, DPSGDTrainer) and not ledger.accountant.history:  # its first DP-SGD round
+        coordinates = sum(param.numel() for param in params.values())
+        if warning := trainer.utility_warning(coordinates, len(job.train)):
+            print(f"fedtune: WARNING: {job.name}: {warning}", flush=True)
     with seeded_torch(rng.getrandbits(63), job.model.device):
         result = trainer.train(job.model, params, job.train, job.config.client, rng)
     job.save_private(plan)
@@ -76,7 +82,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The coordinator's end-of-run notice: acknowledged (the agent's executor acts on it)."""
-    return Message(RecordDict({"info": ConfigRecord({"event": str(msg.content["config"].get("event", ""))})}), reply_to=msg)
+    return Message(
+        RecordDict({"info": ConfigRecord({"event": str(msg.content["config"].get("event", ""))})}), reply_to=msg
+    )
 
 
 @app.evaluate()

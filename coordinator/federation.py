@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.config import Config
+from fedtune.coordinator.dp_preflight import privacy_warnings
 from fedtune.coordinator.replies import collect_replies, send_and_receive
 from fedtune.coordinator.report import say
 from fedtune.dp_accounting import json_epsilon
@@ -51,13 +52,20 @@ class RoundRunner:
 
     @classmethod
     def prepare(
-        cls, config: Config, run: RunDir, registered: Callable[[], dict[int, str]] | None = None
+        cls,
+        config: Config,
+        run: RunDir,
+        registered: Callable[[], dict[int, str]] | None = None,
+        *,
+        simulated: bool = False,
     ) -> RoundRunner:
         """The round runner of RUN; REGISTERED looks up agents' registered names (authenticated agents)."""
         say(f"loading {config.model.name} for the server's evaluation and checkpoints")
         model = build_adapter_model(config, list(config.data.labels or []))
         strategy = build_strategy(config)
         strategy.identity = NodeNames(registered)
+        for warning in privacy_warnings(config, strategy, model, simulated):
+            say(f"WARNING: {warning}")
         federation = cls(config, run, strategy, model, eval_set(config, model), ArrayRecord(model.state()))
         rounds = run.completed_rounds()
         if rounds:

@@ -22,4 +22,5 @@ def main(grid: Grid, context: Context) -> None:
     config = parse_config_text(str(context.run_config["fedtune-config"]))
     run = RunDir.open(str(context.run_config["run-dir"]))
     registered = registered_names if context.run_config.get("agent-identity") == "registered" else None
-    RoundRunner.prepare(config, run, registered).run_rounds(grid)
+    simulated = "agent-identity" not in context.run_config  # fedtune coordinator always sets it
+    RoundRunner.prepare(config, run, registered, simulated=simulated).run_rounds(grid)

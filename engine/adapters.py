@@ -130,3 +130,26 @@ def _params_by_state_name(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     if missing:
         raise RuntimeError(f"cannot map peft state names to parameters: {missing[:3]}")
     return {name: live[name] for name in expected}
+
+
+def coordinates_by_role(config: Config, labels: list[str]) -> dict[str, int]:
+    """How many numbers each adapter role holds, from the model's config alone (meta device:
+    no weights are read), for estimates made before anything loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedtune.engine.base_model import model_dir
+
+    classify = config.model.task == "classification"
+    with torch.device("meta"):
+        settings = AutoConfig.from_pretrained(model_dir(config.model.name), num_labels=max(len(labels), 1))
+        base = (AutoModelForSequenceClassification if classify else AutoModelForCausalLM).from_config(settings)
+        lora = LoraConfig(
+            r=config.adapter.r,
+            target_modules=list(config.adapter.target_modules or []),
+            modules_to_save=head_module_names(base) if classify else None,
+        )
+        model = get_peft_model(base, lora)
+    sizes = dict.fromkeys(ROLES, 0)
+    for name, param in _params_by_state_name(model).items():
+        sizes[role_of(name)] += param.numel()
+    return sizes

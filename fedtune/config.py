@@ -138,7 +138,7 @@ class ClientSection(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)
     grad_accum: int = Field(1, ge=1)
-    max_physical_batch: int | None = Field(None, ge=1)  # DP-SGD: a logical batch runs in chunks of this size
+    max_physical_batch: int | None = Field(None, ge=1)  # a (logical) batch runs in chunks of at most this size
     sampling: Literal["shuffle", "poisson"] = "shuffle"
     mode: Literal["backprop", "zo", "auto"] = "backprop"
     zo_clients: list[int] | float | None = None

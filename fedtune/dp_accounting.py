@@ -57,3 +57,43 @@ def torch_generator(source: random.Random, device: torch.device | str = "cpu") -
 def json_epsilon(epsilon: float) -> float | None:
     """ε for metrics.jsonl: ``null`` stands for infinite (no noise)."""
     return None if math.isinf(epsilon) else round(epsilon, 6)
+
+
+# Above this noise-to-signal ratio a DP run is very likely to learn nothing (BENCHMARKS.md,
+# "DP recipes": the ratio of every measured setting against whether it learned).
+NOISE_TO_SIGNAL_LIMIT = 1.0
+
+
+def noise_to_signal(noise_multiplier: float, coordinates: int, denominator: float) -> float:
+    """One step's noise against the most signal it can carry, as norms.
+
+    DP-SGD (DP-FedAvg) averages clipped per-example gradients (client updates) of norm at most
+    C over an expected batch (clients per round) of DENOMINATOR and adds N(0, (σC/denominator)²)
+    to each of the COORDINATES: the noise's norm is σ·C·√d/denominator, the average's at most
+    C. Above ~1 the noise outweighs even perfectly aligned examples; more examples per step
+    (clients per round), fewer noised coordinates or a smaller σ (a larger ε) lower it.
+    """
+    return noise_multiplier * math.sqrt(coordinates) / max(denominator, 1e-12)
+
+
+def utility_warning(level: str, noise_multiplier: float, coordinates: int, denominator: float) -> str | None:
+    """One line when a DP configuration is very likely to learn nothing, saying which knobs help."""
+    ratio = noise_to_signal(noise_multiplier, coordinates, denominator)
+    if ratio <= NOISE_TO_SIGNAL_LIMIT:
+        return None
+    if level == "sample":
+        what = f"expected batch {denominator:.0f}"
+        knobs = (
+            "raise client.batch_size (client.max_physical_batch keeps memory low), train fewer coordinates "
+            "(strategy ffa, a smaller adapter.r) or raise privacy.target_epsilon"
+        )
+    else:
+        what = f"{denominator:.1f} expected clients per round"
+        knobs = (
+            "put more clients in each round (federation.clients x federation.fraction), send fewer coordinates "
+            "(strategy ffa, a smaller adapter.r) or raise privacy.target_epsilon"
+        )
+    return (
+        f"privacy: the noise is {ratio:.1f}x the largest signal per step (σ {noise_multiplier:.2f}, "
+        f"{coordinates:,} noised coordinates, {what}); this run is very likely to learn nothing: {knobs}"
+    )

@@ -3,7 +3,8 @@
 It runs as many optimizer steps as the federated run would in total
 (rounds × clients per round × local steps: ``steps_per_round``), recorded in ``rounds`` chunks so its
 metrics line up with a federated run's rounds. The optimizer restarts each chunk, as
-it does on every client each round, so the only difference left is the federation.
+it does on every client each round, and the strategy's trained roles are trained (FFA-LoRA's
+A stays at its seeded init), so the only difference left is the federation.
 ``client.mode`` picks the trainer as on a client; ``privacy.mode: sample`` trains with
 DP-SGD on the pooled data (what the privacy costs without a federation), its ledger in
 the run directory.
@@ -26,8 +27,8 @@ from fedtune.engine.partition import client_pool
 from fedtune.engine.rounds import RoundBook, finish_run
 from fedtune.engine.trainers import BudgetSpent, make_trainer
 from fedtune.errors import UserError
-from fedtune.plan import ROLES
 from fedtune.rundir import RunDir
+from fedtune.strategies import STRATEGIES
 
 
 def steps_per_round(config: Config) -> int:
@@ -49,7 +50,7 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
     steps = steps_per_round(config)
     if mode == "zo" and config.client.zo_steps:
         steps = config.client.zo_steps * config.federation.clients_per_round()
-    params = model.trainable(ROLES)
+    params = model.trainable(STRATEGIES[config.strategy.name].plan.trained)  # FFA-LoRA's A stays frozen here too
     ledger = PrivacyLedger.load(run.path, config.privacy.delta) if config.privacy.mode == "sample" else None
     book = RoundBook(config, run, echo)
     extra: dict[str, Any] = {"total_steps": steps * config.federation.rounds}
@@ -65,7 +66,7 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
         record: dict[str, Any] = {"round": rnd, "train_loss": result.loss, "steps": result.steps}
         if ledger is not None:
             ledger.save()
-            record.update(epsilon=json_epsilon(ledger.epsilon()), delta=config.privacy.delta)
+            record.update(epsilon=json_epsilon(ledger.epsilon()), delta=config.privacy.delta, **result.metrics)
         if evaluation is not None and book.evaluates(rnd):
             metrics = evaluate(model, evaluation)
             record.update(eval_accuracy=metrics["accuracy"], eval_loss=metrics["loss"])

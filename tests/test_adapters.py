@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 
 from fedtune.config import Config
-from fedtune.engine.adapters import build_adapter_model, initial_state
+from fedtune.engine.adapters import build_adapter_model, coordinates_by_role, initial_state
 from fedtune.engine.base_model import load_base_model
 from fedtune.engine.checkpoint import load_checkpoint, load_run_model, save_checkpoint
 from fedtune.plan import ParameterPlan, checksum, role_of
@@ -37,6 +37,14 @@ def test_roles_cover_lora_factors_and_head(adapter):
     assert roles == {"lora_A", "lora_B", "head"}
     assert len(adapter.names(["lora_A"])) == len(adapter.names(["lora_B"])) == 12  # 6 layers x (query, value)
     assert all(name.endswith(("lora_A.weight", "lora_B.weight")) or ".classifier." in name for name in adapter.params)
+
+
+def test_coordinates_by_role_are_counted_without_weights_as_the_built_model_holds_them(config, adapter):
+    built = {role: 0 for role in ("lora_A", "lora_B", "head")}
+    for name, tensor in adapter.state().items():
+        built[role_of(name)] += tensor.numel()
+    assert coordinates_by_role(config, LABELS) == built
+    assert built == {"lora_A": 6 * 2 * 4 * 384, "lora_B": 6 * 2 * 384 * 4, "head": 384 * 3 + 3}
 
 
 def test_initial_state_is_seeded_and_peft_shaped(adapter):

@@ -16,10 +16,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from opacus.accountants import RDPAccountant
 
-from conftest import run_cli
+from conftest import run_cli, shared_data
 from fedtune.config import load_config
 from fedtune.dp_accounting import torch_generator
 from fedtune.engine.adapters import build_adapter_model
+from fedtune.engine.checkpoint import load_checkpoint
 from fedtune.engine.data import IGNORE_INDEX, TaskSpec, collate, encode
 from fedtune.engine.dp_ledger import PrivacyLedger
 from fedtune.engine.partition import client_rows
@@ -29,7 +30,9 @@ from fedtune.engine.trainers.backprop import BackpropTrainer, make_optimizer
 from fedtune.engine.trainers.base import seeded_torch
 from fedtune.engine.trainers.dpsgd import DPSGDTrainer, example_mean_loss
 from fedtune.errors import UserError
+from fedtune.plan import role_of
 from fedtune.records import read_records
+from fedtune.rundir import RunDir
 from fedtune.strategies import build_strategy
 from fedtune.strategies.client_dp import ClientLevelDP
 from fedtune.strategies.fair import fair_aggregate
@@ -408,11 +411,15 @@ def test_centralized_reference_trains_with_dp_sgd_and_reports_epsilon(tmp_path):
     common = ["--set", "federation.rounds=2", "--set", "client.local_steps=1", "--set", "data.eval_max_examples=60"]
     result = run_cli(
         "train", QUICKSTART, *common, "--set", "privacy.mode=sample", "--set", "privacy.target_epsilon=2",
-        "--out", str(tmp_path / "central"),
+        "--set", "strategy.name=ffa", "--out", str(tmp_path / "central"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     records = _records(tmp_path / "central")
     assert 0 < records[0]["epsilon"] < records[1]["epsilon"] <= 2.0
+    assert records[0]["noise_multiplier"] == records[1]["noise_multiplier"] > 0
+    first, last = (load_checkpoint(RunDir(tmp_path / "central").checkpoint(k))[0] for k in (1, 2))
+    assert all(torch.equal(first[n], last[n]) for n in first if role_of(n) == "lora_A")  # FFA's A stays frozen
+    assert not all(torch.equal(first[n], last[n]) for n in first if role_of(n) == "lora_B")
     refused = run_cli(
         "train", QUICKSTART, "--set", "privacy.mode=client", "--set", "privacy.noise_multiplier=1",
         "--out", str(tmp_path / "refused"),
@@ -451,3 +458,91 @@ def test_a_logical_batch_in_physical_chunks_takes_the_same_dp_sgd_steps(job, tmp
     mismatch = math.sqrt(sum(float((chunked[k] - whole[k]).square().sum()) for k in start))
     assert update > 1e-2 and mismatch <= 1e-4 * update, (mismatch, update)
     assert float(chunked["loss"]) == pytest.approx(float(whole["loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("sampling", ["shuffle", "poisson"])
+def test_without_dp_a_batch_in_physical_chunks_takes_the_same_steps(job, sampling):
+    """The same recipe without DP at a large batch: chunks of the batch sum to its gradient."""
+    config, model, train, _ = job
+    settings = config.client.model_copy(
+        update={"optimizer": "adamw", "lr": 0.002, "local_steps": 4, "batch_size": 24, "sampling": sampling}
+    )
+    start = model.state()
+    dropouts = [m for m in model.model.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in dropouts]
+
+    def trained(physical: int | None) -> dict[str, torch.Tensor]:
+        model.load_state(start)
+        chunked = settings.model_copy(update={"max_physical_batch": physical})
+        result = BackpropTrainer().train(
+            model, model.trainable({"lora_A", "lora_B", "head"}), train, chunked, random.Random(0)
+        )
+        return model.state() | {"loss": torch.tensor(result.loss), "examples": torch.tensor(result.examples)}
+
+    try:
+        for module in dropouts:
+            module.p = 0.0
+        whole, chunked = trained(None), trained(5)
+    finally:
+        for module, p in zip(dropouts, saved):
+            module.p = p
+        model.load_state(start)
+    update = math.sqrt(sum(float((whole[k] - start[k]).square().sum()) for k in start))
+    mismatch = math.sqrt(sum(float((chunked[k] - whole[k]).square().sum()) for k in start))
+    assert update > 1e-2 and mismatch <= 1e-4 * update, (mismatch, update)
+    assert float(chunked["loss"]) == pytest.approx(float(whole["loss"]), rel=1e-5)
+    assert int(chunked["examples"]) == int(whole["examples"])
+
+
+def test_physical_chunks_hold_the_logical_batch_once_grouped_by_length():
+    """Chunks in order of length pad each example only to its neighbours' lengths; every
+    drawn example is computed exactly once, so the clipped sum is the same."""
+    from fedtune.engine.trainers.dpsgd import physical_chunks
+
+    lengths = {i: (i * 37) % 61 + 1 for i in range(200)}
+    chosen = random.Random(3).sample(range(200), 90)
+    chunks = physical_chunks(chosen, 16, lengths.__getitem__)
+    assert sorted(i for chunk in chunks for i in chunk) == sorted(chosen)
+    assert [len(chunk) for chunk in chunks] == [16] * 5 + [10]
+    padded = sum(len(chunk) * max(lengths[i] for i in chunk) for chunk in chunks)
+    unsorted = sum(len(c) * max(lengths[i] for i in c) for c in (chosen[s : s + 16] for s in range(0, 90, 16)))
+    assert padded < 0.75 * unsorted
+    assert physical_chunks(chosen, None, lengths.__getitem__) == [chosen]  # whole: untouched
+    assert physical_chunks([], 16, lengths.__getitem__) == [[]]  # an empty draw is still a step
+
+
+def test_noise_to_signal_is_the_noise_norm_over_the_clip_norm():
+    """σ·C/B on each of d coordinates has norm σ·C·√d/B; the averaged clipped signal at most C."""
+    from fedtune.dp_accounting import NOISE_TO_SIGNAL_LIMIT, noise_to_signal, utility_warning
+
+    assert noise_to_signal(0.5, 10_000, 50) == pytest.approx(1.0)
+    assert noise_to_signal(2.0, 40_000, 100) == pytest.approx(4.0)
+    noise = torch.randn(40_000, generator=torch.Generator().manual_seed(0)) * 2.0 / 100  # σ=2, C=1, B=100
+    assert float(noise.norm()) == pytest.approx(noise_to_signal(2.0, 40_000, 100), rel=0.02)
+    assert utility_warning("sample", 0.5, 10_000, 50 / NOISE_TO_SIGNAL_LIMIT) is None
+    warning = utility_warning("sample", 2.0, 40_000, 100)
+    assert "4.0x" in warning and "client.batch_size" in warning and "ffa" in warning
+    warning = utility_warning("client", 2.0, 40_000, 10)
+    assert "40.0x" in warning and "clients per round" in warning and "federation.fraction" in warning
+
+
+def test_the_dp_preflight_warns_where_dp_learned_nothing_and_not_for_the_recipe():
+    """BENCHMARKS.md: sst2-minilm's settings under DP (batch 32, fedit) stayed at the majority
+    class at every ε, and client-level DP with 10 clients too; the sst2-dp recipe learns."""
+    from fedtune.coordinator.dp_preflight import privacy_warnings
+
+    shared_data("sst2", "train.tsv")
+
+    def warnings(path: str, overrides: list[str], simulated: bool = True) -> list[str]:
+        config = resolve(load_config(path, overrides), name_hint="preflight", need_train_data=True)
+        model = build_adapter_model(config, list(config.data.labels))
+        return privacy_warnings(config, build_strategy(config), model, simulated)
+
+    old = ["privacy.mode=sample", "privacy.target_epsilon=8", "federation.rounds=12"]
+    (warning,) = warnings("simulations/configs/sst2-minilm.yaml", old)
+    assert "very likely to learn nothing" in warning and "the median client" in warning
+    assert warnings("simulations/configs/sst2-minilm.yaml", old, simulated=False) == []  # agents judge themselves
+    client_level = ["privacy.mode=client", "privacy.target_epsilon=8", "federation.rounds=12"]
+    (warning,) = warnings("simulations/configs/sst2-minilm.yaml", client_level, simulated=False)
+    assert "10.0 expected clients per round" in warning
+    assert warnings("simulations/configs/sst2-dp.yaml", []) == []

@@ -4,6 +4,8 @@ Batches are shuffled epochs by default. ``client.sampling: poisson`` draws them 
 DP-SGD does (each example independently at rate batch_size / examples, the batch's mean
 loss weighted by its size over the expected size), so that non-private training on the
 same sampling separates what DP-SGD's noise and clipping cost from what its sampling costs.
+``client.max_physical_batch`` computes each batch in length-sorted chunks, as DP-SGD does, so
+the same recipe without DP runs at large batches too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from fedtune.config import ClientSection
 from fedtune.engine.adapters import AdapterModel
-from fedtune.engine.data import ExampleSet, collate, expected_batch_size, poisson_sample, sample_rate
+from fedtune.engine.data import ExampleSet, expected_batch_size, physical_chunks, poisson_sample, sample_rate
 from fedtune.engine.trainers.base import TrainResult, to_device
 
 
@@ -27,17 +29,16 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], settings: ClientSectio
 
 def weighted_batches(
     data: ExampleSet, settings: ClientSection, rng: random.Random
-) -> Iterator[tuple[dict[str, torch.Tensor] | None, float]]:
-    """Endless (batch, loss weight) pairs; a Poisson draw may be empty (None)."""
+) -> Iterator[tuple[list[int], float]]:
+    """Endless (example indices, loss weight) pairs; a Poisson draw may be empty."""
     if settings.sampling == "shuffle":
-        yield from ((batch, 1.0) for batch in data.batches(settings.batch_size, rng))
+        yield from ((chosen, 1.0) for chosen in data.shuffled(settings.batch_size, rng))
         return
     rate = sample_rate(settings.batch_size, len(data))
     expected = expected_batch_size(rate, len(data))
     while True:
         chosen = poisson_sample(len(data), rate, rng)
-        batch = collate([data.examples[i] for i in chosen], data.pad_id) if chosen else None
-        yield batch, len(chosen) / expected
+        yield chosen, len(chosen) / expected
 
 
 class BackpropTrainer:
@@ -57,14 +58,15 @@ class BackpropTrainer:
         total_loss, examples = 0.0, 0
         for _ in range(steps):
             for _ in range(settings.grad_accum):
-                batch, weight = next(batches)
-                if batch is None:
-                    continue
-                batch = to_device(batch, model.device)
-                loss = model.model(**batch).loss * weight / settings.grad_accum
-                loss.backward()
-                total_loss += loss.item()
-                examples += len(batch["input_ids"])
+                chosen, weight = next(batches)
+                for chunk in physical_chunks(chosen, settings.max_physical_batch, data.length):
+                    if not chunk:
+                        continue
+                    share = weight * len(chunk) / len(chosen) / settings.grad_accum
+                    loss = model.model(**to_device(data.collate(chunk), model.device)).loss * share
+                    loss.backward()
+                    total_loss += loss.item()
+                    examples += len(chunk)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         model.model.eval()

@@ -19,9 +19,16 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedtune.config import ClientSection, Config
-from fedtune.dp_accounting import calibrated_noise, dp_random, torch_generator
+from fedtune.dp_accounting import calibrated_noise, dp_random, torch_generator, utility_warning
 from fedtune.engine.adapters import AdapterModel
-from fedtune.engine.data import IGNORE_INDEX, ExampleSet, collate, expected_batch_size, poisson_sample, sample_rate
+from fedtune.engine.data import (
+    IGNORE_INDEX,
+    ExampleSet,
+    expected_batch_size,
+    physical_chunks,
+    poisson_sample,
+    sample_rate,
+)
 from fedtune.engine.dp_ledger import PrivacyLedger
 from fedtune.engine.trainers.backprop import make_optimizer
 from fedtune.engine.trainers.base import TrainResult, to_device
@@ -47,13 +54,26 @@ class DPSGDTrainer:
         cls, config: Config, ledger: PrivacyLedger, examples: int, name: str, round_number: int, steps: int
     ) -> DPSGDTrainer:
         """σ from ``privacy.noise_multiplier``, or calibrated so the planned rounds of STEPS reach target ε."""
-        privacy, settings = config.privacy, config.client
-        rate = sample_rate(settings.batch_size, examples)
+        noise, rate = cls.noise_for(config, examples, steps)
+        return cls(
+            ledger, noise, config.privacy.max_grad_norm, rate, dp_random(config.privacy.seed, name, round_number)
+        )
+
+    @staticmethod
+    def noise_for(config: Config, examples: int, steps: int) -> tuple[float, float]:
+        """(σ, Poisson rate) of a client with EXAMPLES training examples taking STEPS per round."""
+        privacy = config.privacy
+        rate = sample_rate(config.client.batch_size, examples)
         noise = privacy.noise_multiplier
         if noise is None:
-            planned = config.federation.rounds * steps
-            noise = calibrated_noise(privacy.target_epsilon, privacy.delta, rate, planned)
-        return cls(ledger, noise, privacy.max_grad_norm, rate, dp_random(privacy.seed, name, round_number))
+            noise = calibrated_noise(privacy.target_epsilon, privacy.delta, rate, config.federation.rounds * steps)
+        return noise, rate
+
+    def utility_warning(self, coordinates: int, examples: int) -> str | None:
+        """fedtune/dp_accounting.py's warning for this client's σ, trained COORDINATES and expected batch."""
+        return utility_warning(
+            "sample", self.noise_multiplier, coordinates, expected_batch_size(self.sample_rate, examples)
+        )
 
     def refusal(self, target_epsilon: float | None, steps: int) -> str | None:
         """Why this client must not train this round (its budget would be exceeded), else None."""
@@ -94,10 +114,10 @@ class DPSGDTrainer:
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 for _ in range(steps):
                     chosen = poisson_sample(len(data), rate, self.secret)
-                    chunks = physical_chunks(chosen, settings.max_physical_batch)
+                    chunks = physical_chunks(chosen, settings.max_physical_batch, data.length)
                     for index, chunk in enumerate(chunks):
                         if chunk:
-                            batch = to_device(collate([data.examples[i] for i in chunk], data.pad_id), model.device)
+                            batch = to_device(data.collate(chunk), model.device)
                             loss = example_mean_loss(module, batch, model.task)
                             loss.backward()
                             total_loss += loss.item() * len(chunk) / len(chosen)  # the logical batch's mean
@@ -120,13 +140,6 @@ class DPSGDTrainer:
             loss=total_loss / steps,
             metrics={"noise_multiplier": self.noise_multiplier, "sample_rate": rate},
         )
-
-
-def physical_chunks(chosen: list[int], limit: int | None) -> list[list[int]]:
-    """A logical (Poisson) batch as the physical batches it is computed in; an empty draw is one empty chunk."""
-    if not chosen or not limit:
-        return [chosen]
-    return [chosen[start : start + limit] for start in range(0, len(chosen), limit)]
 
 
 def example_mean_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""Before round 1: is this DP configuration likely to learn anything at all?
+
+fedtune/dp_accounting.py estimates one step's noise against the most signal it can carry
+(``noise_to_signal``). The coordinator knows everything that estimate needs for client-level
+DP (σ, the sent coordinates, the expected clients per round). For sample-level DP each
+client's σ depends on its own number of examples: in a simulation the coordinator computes
+the partitions and judges the median client; a deployed agent judges itself when it first
+trains (client/client_app.py).
+"""
+
+from __future__ import annotations
+
+from fedtune.config import Config
+from fedtune.dp_accounting import utility_warning
+from fedtune.engine.adapters import AdapterModel
+from fedtune.engine.data import expected_batch_size
+from fedtune.engine.partition import client_rows
+from fedtune.engine.trainers import DPSGDTrainer
+from fedtune.plan import role_of
+from fedtune.strategies import LoraStrategy
+
+
+def privacy_warnings(config: Config, strategy: LoraStrategy, model: AdapterModel, simulated: bool) -> list[str]:
+    tensors = model.state()
+
+    def coordinates(roles: frozenset[str]) -> int:
+        return sum(tensor.numel() for name, tensor in tensors.items() if role_of(name) in roles)
+
+    if strategy.privacy is not None:  # client level
+        dp = strategy.privacy
+        warning = utility_warning("client", dp.update_noise, coordinates(strategy.plan.sent), dp.expected_clients)
+        return [warning] if warning else []
+    if config.privacy.mode != "sample" or not simulated:
+        return []
+    sizes = sorted(len(client_rows(config, index)[0]) for index in range(config.federation.clients))
+    examples = sizes[len(sizes) // 2]
+    noise, rate = DPSGDTrainer.noise_for(config, examples, config.client.local_steps)
+    warning = utility_warning("sample", noise, coordinates(strategy.plan.trained), expected_batch_size(rate, examples))
+    return [f"{warning} (the median client, {examples} examples)"] if warning else []
