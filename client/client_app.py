@@ -46,7 +46,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics = {"num-examples": len(job.train), "epsilon": ledger.epsilon()}
         info = {"name": job.name, "privacy-spent": str(spent)}
         return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)}), reply_to=msg)
-    if isinstance(trainer, DPSGDTrainer) and not ledger.accountant.history:  # its first DP-SGD round
+    agent = "data-path" in context.node_config  # simulated clients: the coordinator judged the median one
+    if agent and isinstance(trainer, DPSGDTrainer) and not ledger.accountant.history:  # its first DP-SGD round
         coordinates = sum(param.numel() for param in params.values())
         if warning := trainer.utility_warning(coordinates, len(job.train)):
             print(f"fedtune: WARNING: {job.name}: {warning}", flush=True)

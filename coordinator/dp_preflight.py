@@ -27,13 +27,21 @@ def privacy_warnings(config: Config, strategy: LoraStrategy, model: AdapterModel
         return sum(tensor.numel() for name, tensor in tensors.items() if role_of(name) in roles)
 
     if strategy.privacy is not None:  # client level
-        dp = strategy.privacy
-        warning = utility_warning("client", dp.update_noise, coordinates(strategy.plan.sent), dp.expected_clients)
+        dp, released = strategy.privacy, coordinates(strategy.plan.sent)
+        if strategy.name == "fair":  # FAIR's release adds each module's change of B·A (d_out x d_in)
+            released += sum(
+                tensor.shape[1] * tensors[name.replace(".lora_A.", ".lora_B.")].shape[0]
+                for name, tensor in tensors.items()
+                if role_of(name) == "lora_A"
+            )
+        warning = utility_warning("client", dp.update_noise, released, dp.expected_clients)
         return [warning] if warning else []
     if config.privacy.mode != "sample" or not simulated:
         return []
     sizes = sorted(len(client_rows(config, index)[0]) for index in range(config.federation.clients))
     examples = sizes[len(sizes) // 2]
+    if examples == 0:
+        return []  # the partitioner's own checks say what is wrong with empty partitions
     noise, rate = DPSGDTrainer.noise_for(config, examples, config.client.local_steps)
     warning = utility_warning("sample", noise, coordinates(strategy.plan.trained), expected_batch_size(rate, examples))
     return [f"{warning} (the median client, {examples} examples)"] if warning else []

@@ -2,6 +2,7 @@
 
 ``agent-identity = "registered"`` (set by ``fedtune coordinator`` with agent keys): each
 node's name is the one its key was registered under; otherwise names are as claimed.
+``"simulated"`` (set by ``fedtune simulate``): the coordinator may read the partitions.
 """
 
 from __future__ import annotations
@@ -22,5 +23,5 @@ def main(grid: Grid, context: Context) -> None:
     config = parse_config_text(str(context.run_config["fedtune-config"]))
     run = RunDir.open(str(context.run_config["run-dir"]))
     registered = registered_names if context.run_config.get("agent-identity") == "registered" else None
-    simulated = "agent-identity" not in context.run_config  # fedtune coordinator always sets it
+    simulated = context.run_config.get("agent-identity") == "simulated"  # fedtune simulate says so
     RoundRunner.prepare(config, run, registered, simulated=simulated).run_rounds(grid)

@@ -241,6 +241,15 @@ class SimulationSection(Section):
     # cluster this machine belongs to. None: Flower starts a private Ray on this machine.
     ray_address: str | None = Field(None, pattern=r"^(auto|[\w.-]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5})$")
 
+    @model_validator(mode="after")
+    def _cluster_needs_cores(self) -> SimulationSection:
+        if self.ray_address is not None and self.client_cpus is None:
+            raise ValueError(
+                "with ray_address set client_cpus too (CPU cores per simulated client on the cluster's nodes; "
+                "this machine's core count says nothing about them)"
+            )
+        return self
+
 
 class OutputSection(Section):
     dir: str = "runs"

@@ -43,11 +43,15 @@ def backend_resources(config: Config) -> dict[str, int | float]:
     """Ray resources per simulated client: all cores unless configured, a GPU if present."""
     import torch
 
+    simulation = config.simulation
+    if simulation.ray_address is not None:  # the cluster's nodes count, not this machine (client_cpus: config)
+        return {
+            "client-resources-num-cpus": simulation.client_cpus,
+            "client-resources-num-gpus": simulation.client_gpus or 0.0,
+        }
     cores = os.cpu_count() or 1
-    cpus = config.simulation.client_cpus or cores
-    if config.simulation.ray_address is None:  # on a cluster the nodes' cores count, not this machine's
-        cpus = min(cpus, cores)
-    gpus = config.simulation.client_gpus
+    cpus = min(simulation.client_cpus or cores, cores)
+    gpus = simulation.client_gpus
     if gpus is None:
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     return {"client-resources-num-cpus": cpus, "client-resources-num-gpus": gpus}
@@ -59,13 +63,14 @@ def run_simulation(config: Config, run: RunDir, echo=print, app_dir: Path = APP_
     check_data(config)
     echo(f"fedtune: starting Flower's Simulation Engine (Ray) for {config.federation.clients} clients")
     log_path = run.logs / "flower.log"
+    resources = backend_resources(config)
     environment = {"RAY_ADDRESS": config.simulation.ray_address} if config.simulation.ray_address else {}
     if environment:
         echo(f"fedtune: clients run on the Ray cluster at {config.simulation.ray_address}")
     superlink = SuperLink(simulation=True, log_file=run.logs / "superlink.log", environment=environment)
     with open(log_path, "a") as log, superlink as link:
-        federation = {"num-supernodes": config.federation.clients, **backend_resources(config)}
-        run_config = {"fedtune-config": config.to_yaml(), "run-dir": str(run.path)}
+        federation = {"num-supernodes": config.federation.clients, **resources}
+        run_config = {"fedtune-config": config.to_yaml(), "run-dir": str(run.path), "agent-identity": "simulated"}
         link.submit(run_config, federation, log_and_echo(log, echo), app_dir)
     try:
         return run.summary()

@@ -224,6 +224,9 @@ def test_sample_level_run_accounts_each_client_like_opacus_and_stops_at_its_budg
         assert record["epsilon"] == max(record["client_epsilon"].values()) <= target
     assert "privacy budget spent" in result.stdout
     assert "fewer than federation.min_clients=3 can still train" in result.stdout
+    # batch 16 against ~74k noised coordinates at σ = 1: the preflight says so once, before round 1
+    assert result.stdout.count("very likely to learn nothing") == 1, result.stdout
+    assert "(the median client" in result.stdout and "round   1/" not in result.stdout.split("learn nothing")[0]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "budget-reached" and summary["privacy"]["epsilon"] <= target
     for name in rates:  # the ledger a restarted agent would continue from
@@ -373,6 +376,7 @@ def test_client_level_run_accounts_like_opacus_and_stops_at_its_budget(tmp_path)
     assert "train_loss" not in summary["final"] and "client_accuracy" not in summary["final"]
     assert "before round 3: privacy budget reached" in result.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "budget-reached"
+    assert result.stdout.count("3.0 expected clients per round") == 1, result.stdout  # the preflight, once
 
 
 @pytest.mark.parametrize(
@@ -492,6 +496,33 @@ def test_without_dp_a_batch_in_physical_chunks_takes_the_same_steps(job, samplin
     assert update > 1e-2 and mismatch <= 1e-4 * update, (mismatch, update)
     assert float(chunked["loss"]) == pytest.approx(float(whole["loss"]), rel=1e-5)
     assert int(chunked["examples"]) == int(whole["examples"])
+
+
+def test_without_dp_causal_lm_chunks_weigh_tokens_as_the_whole_batch_does():
+    """A causal LM's loss is a mean over the batch's predicted tokens; chunks of responses of
+    different lengths (grouped by length) are weighted by their token counts to match it."""
+    overrides = ["client.optimizer=sgd", "client.lr=1.0", "client.local_steps=1", "client.batch_size=6"]
+    config = resolve(load_config(LM_UNEVEN[0], [*overrides, *LM_UNEVEN[1]]), name_hint="lm", need_train_data=True)
+    model = build_adapter_model(config, list(config.data.labels or []))
+    for module in model.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    data = encode(list(read_records(config.data.train))[:6], TaskSpec.from_config(config), model.tokenizer, "t")
+    assert len({sum(t != IGNORE_INDEX for t in e["labels"]) for e in data.examples}) > 1
+    generator = torch.Generator().manual_seed(0)
+    model.load_state({k: 0.01 * torch.randn(v.shape, generator=generator) for k, v in model.state(["lora_B"]).items()})
+    start = model.state()
+
+    def trained(physical: int | None) -> dict[str, torch.Tensor]:
+        model.load_state(start)
+        settings = config.client.model_copy(update={"max_physical_batch": physical})
+        BackpropTrainer().train(model, model.trainable({"lora_A", "lora_B"}), data, settings, random.Random(0))
+        return model.state()
+
+    whole, chunked = trained(None), trained(2)
+    update = math.sqrt(sum(float((whole[k] - start[k]).square().sum()) for k in start))
+    mismatch = math.sqrt(sum(float((chunked[k] - whole[k]).square().sum()) for k in start))
+    assert update > 1e-4 and mismatch <= 1e-3 * update, (mismatch, update)
 
 
 def test_physical_chunks_hold_the_logical_batch_once_grouped_by_length():

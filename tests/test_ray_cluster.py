@@ -104,3 +104,9 @@ def test_a_malformed_ray_address_is_one_line(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "simulation.ray_address" in result.stderr, result.stderr
+    result = run_cli(
+        "simulate", "simulations/configs/quickstart.yaml", "--out", str(tmp_path / "run"),
+        "--set", "simulation.ray_address=127.0.0.1:6379",
+    )  # fmt: skip
+    assert result.returncode == 2 and "set client_cpus too" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()

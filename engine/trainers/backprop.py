@@ -17,7 +17,14 @@ import torch
 
 from fedtune.config import ClientSection
 from fedtune.engine.adapters import AdapterModel
-from fedtune.engine.data import ExampleSet, expected_batch_size, physical_chunks, poisson_sample, sample_rate
+from fedtune.engine.data import (
+    IGNORE_INDEX,
+    ExampleSet,
+    expected_batch_size,
+    physical_chunks,
+    poisson_sample,
+    sample_rate,
+)
 from fedtune.engine.trainers.base import TrainResult, to_device
 
 
@@ -41,6 +48,13 @@ def weighted_batches(
         yield chosen, len(chosen) / expected
 
 
+def averaged_over(batch: dict[str, torch.Tensor], task: str) -> int:
+    """What a batch's loss is the mean over: examples, or a causal LM's predicted tokens."""
+    if task == "causal-lm":
+        return max(1, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    return len(batch["input_ids"])
+
+
 class BackpropTrainer:
     def train(
         self,
@@ -59,14 +73,16 @@ class BackpropTrainer:
         for _ in range(steps):
             for _ in range(settings.grad_accum):
                 chosen, weight = next(batches)
-                for chunk in physical_chunks(chosen, settings.max_physical_batch, data.length):
-                    if not chunk:
-                        continue
-                    share = weight * len(chunk) / len(chosen) / settings.grad_accum
-                    loss = model.model(**to_device(data.collate(chunk), model.device)).loss * share
+                chunks = [
+                    data.collate(c) for c in physical_chunks(chosen, settings.max_physical_batch, data.length) if c
+                ]
+                counted = [averaged_over(batch, model.task) for batch in chunks]
+                for batch, count in zip(chunks, counted):
+                    share = weight * count / sum(counted) / settings.grad_accum  # chunk means -> the batch's mean
+                    loss = model.model(**to_device(batch, model.device)).loss * share
                     loss.backward()
                     total_loss += loss.item()
-                    examples += len(chunk)
+                    examples += len(batch["input_ids"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         model.model.eval()
