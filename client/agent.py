@@ -88,6 +88,7 @@ class AgentSettings:
     mode: str = ""  # backprop, zo or auto; empty: the run's client.mode
     memory_budget_mb: float = 0.0  # for auto; 0: what the machine has available
     serve: bool = False  # keep serving after a run ends (for later runs); default: exit 0 with the run
+    rank: int = 0  # this agent's LoRA rank (strategies with per-client ranks); 0: the run's adapter.r
 
 
 CONNECTED = re.compile(r"SuperNode ID: ")  # the SuperNode registered with the coordinator
@@ -148,6 +149,7 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[str, str] | None:
             ("device", settings.device),
             ("mode", settings.mode),
             ("memory-budget-mb", settings.memory_budget_mb),
+            ("rank", settings.rank),
         )
     )
     args = [

@@ -29,7 +29,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     plan = ParameterPlan.from_record(dict(config))
     round_number = int(config["round"])
-    job.model.load_state(job.start_state(plan, wire.decode(msg.content["arrays"], msg.content["layout"])))
+    received = job.fit_rank(plan, wire.decode(msg.content["arrays"], msg.content["layout"]))
+    job.model.load_state(job.start_state(plan, received))
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
     rng = job.rng(round_number)
@@ -71,6 +72,7 @@ def train(msg: Message, context: Context) -> Message:
         "model-loads": SHARED_MODEL.loads,
         "frozen-checksum": job.frozen_checksum(plan),
         "mode": job.mode,
+        "rank": job.rank,
     }
     if result.zo_steps and job.config.client.zo_upload == "seeds":
         update = wire.encode_seeds(result.zo_steps, job.config.client.weight_decay)
@@ -92,7 +94,8 @@ def query(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     job = ClientJob.for_context(context)
     plan = ParameterPlan.from_record(dict(msg.content["config"]))
-    job.model.load_state(job.start_state(plan, wire.decode(msg.content["arrays"], msg.content["layout"])))
+    received = job.fit_rank(plan, wire.decode(msg.content["arrays"], msg.content["layout"]))
+    job.model.load_state(job.start_state(plan, received))
     metrics = evaluate_model(job.model, job.holdout)
     content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"name": job.name})})
     return Message(content=content, reply_to=msg)

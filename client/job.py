@@ -20,12 +20,13 @@ from flwr.app import Context
 from safetensors.torch import load_file, save_file
 
 from fedtune.atomic import staged_file
-from fedtune.config import Config, parse_config_text
-from fedtune.engine.adapters import AdapterModel, build_adapter_model, initial_state
+from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config, parse_config_text
+from fedtune.engine.adapters import AdapterModel, build_adapter_model, initial_state, with_rank
 from fedtune.engine.checkpoint import PRIVATE_FILE
 from fedtune.engine.data import ExampleSet, TaskSpec, encode, holdout_split
 from fedtune.errors import UserError
 from fedtune.plan import ParameterPlan, checksum
+from fedtune.ranks import rank_of, resize
 from fedtune.records import read_records
 from fedtune.rundir import RunDir
 
@@ -34,18 +35,26 @@ parse_config = functools.lru_cache(maxsize=4)(parse_config_text)
 
 class SharedModel:
     """The process's adapter model, one per model definition, so the base model loads once;
-    ``loads`` counts the loads (replies report it: the coordinator checks "once per process")."""
+    clients of other LoRA ranks add an adapter of their rank to it. ``loads`` counts the loads
+    (replies report it: the coordinator checks "once per process")."""
 
     def __init__(self) -> None:
-        self.key, self.model, self.loads = "", None, 0
+        self.key, self.by_rank, self.loads = "", {}, 0
 
     def get(self, config: Config) -> AdapterModel:
-        key = "|".join((config.model.model_dump_json(), config.adapter.model_dump_json(), repr(config.data.labels)))
-        if key != self.key or self.model is None:
-            self.model = None  # a new run with another model: free the old one first
-            self.model = build_adapter_model(config, list(config.data.labels or []))
+        """The adapter model of ``config.adapter.r``, made the active one."""
+        adapter = config.adapter.model_dump_json(exclude={"r"})
+        key = "|".join((config.model.model_dump_json(), adapter, repr(config.data.labels)))
+        rank = config.adapter.r
+        if key != self.key or not self.by_rank:
+            self.by_rank = {}  # a new run with another model: free the old one first
+            self.by_rank[rank] = build_adapter_model(config, list(config.data.labels or []))
             self.key, self.loads = key, self.loads + 1
-        return self.model
+        elif rank not in self.by_rank:
+            self.by_rank[rank] = with_rank(next(iter(self.by_rank.values())), config)
+        model = self.by_rank[rank]
+        model.activate()
+        return model
 
 
 SHARED_MODEL = SharedModel()
@@ -88,10 +97,30 @@ class ClientJob:
                 str(node.get("device", "")),
                 str(node.get("mode", "")),
                 float(node.get("memory-budget-mb", 0.0)),
+                int(node.get("rank", 0)),
             )
         else:
-            key = (text, f"partition-{int(node['partition-id'])}", "", str(context.run_config["run-dir"]), "", "", 0.0)
-        return _job(*key)
+            partition = f"partition-{int(node['partition-id'])}"
+            key = (text, partition, "", str(context.run_config["run-dir"]), "", "", 0.0, 0)
+        job = _job(*key)
+        job.model.activate()  # the process may serve clients of other ranks in between
+        return job
+
+    @property
+    def rank(self) -> int:
+        return self.config.adapter.r
+
+    def fit_rank(self, plan: ParameterPlan, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """RECEIVED at this client's rank: cut (or refused, when the strategy trains one shared rank)."""
+        sent_rank = rank_of(received)
+        if sent_rank is None or sent_rank == self.rank:
+            return received
+        if not plan.per_client_ranks:
+            raise UserError(
+                f"rank {self.rank}: this run trains every client at rank {sent_rank}; "
+                f"clients may have ranks of their own only with {', '.join(PER_CLIENT_RANK_STRATEGIES)}"
+            )
+        return resize(received, self.rank, self.config.adapter.alpha, self.config.adapter.rslora)
 
     def start_state(self, plan: ParameterPlan, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Seeded init, overlaid with this client's private tensors, then the global ones."""
@@ -141,16 +170,22 @@ def resolve_mode(mode: str, model: AdapterModel, train: ExampleSet, config: Conf
 
 
 @functools.lru_cache(maxsize=64)
-def _job(config_text: str, data: str, name: str, location: str, device: str, mode: str, budget_mb: float) -> ClientJob:
+def _job(
+    config_text: str, data: str, name: str, location: str, device: str, mode: str, budget_mb: float, rank: int
+) -> ClientJob:
     config = parse_config(config_text)
     if device:  # an agent's --device overrides the coordinator's model.device
         config = config.model_copy(update={"model": config.model.model_copy(update={"device": device})})
+    partition_id = int(data.removeprefix("partition-")) if data.startswith("partition-") else None
+    if partition_id is not None and config.client.ranks:  # client.ranks, cycled over the simulated clients
+        rank = config.client.ranks[partition_id % len(config.client.ranks)]
+    if rank and rank != config.adapter.r:  # this client's rank (an agent's --rank)
+        config = config.model_copy(update={"adapter": config.adapter.model_copy(update={"r": rank})})
     model = SHARED_MODEL.get(config)
     spec = TaskSpec.from_config(config)
-    if data.startswith("partition-"):
+    if partition_id is not None:
         from fedtune.engine.partition import client_rows
 
-        partition_id = int(data.removeprefix("partition-"))
         name = f"client-{partition_id}"
         mode = simulated_mode(config, partition_id)
         train_rows, held_rows = client_rows(config, partition_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -33,6 +33,12 @@ class AdapterModel:
     device: torch.device
     params: dict[str, torch.nn.Parameter]  # peft state-dict name -> live parameter
     quantization: str = "none"  # how the frozen base is stored (model.quantization)
+    adapter_name: str = "default"  # the peft adapter these params belong to (one per rank, see with_rank)
+
+    def activate(self) -> None:
+        """Make this adapter the one the shared peft model runs (a no-op with a single adapter)."""
+        if self.model.active_adapter != self.adapter_name:
+            self.model.set_adapter(self.adapter_name)
 
     def names(self, roles: Iterable[str]) -> list[str]:
         wanted = set(roles)
@@ -65,15 +71,7 @@ def build_adapter_model(config: Config, labels: list[str]) -> AdapterModel:
     num_labels = len(labels) if config.model.task == "classification" else 0
     base = load_base_model(config.model.name, config.model.task, num_labels, device, config.model.quantization)
     heads = head_module_names(base) if config.model.task == "classification" else None
-    lora = LoraConfig(
-        r=config.adapter.r,
-        lora_alpha=config.adapter.alpha,
-        lora_dropout=config.adapter.dropout,
-        target_modules=list(config.adapter.target_modules),
-        use_rslora=config.adapter.rslora,
-        modules_to_save=heads,
-    )
-    model = get_peft_model(base, lora)
+    model = get_peft_model(base, _lora_config(config, heads))
     model.eval()  # trainers switch to train mode for their steps and back
     adapter = AdapterModel(
         model=model,
@@ -86,6 +84,30 @@ def build_adapter_model(config: Config, labels: list[str]) -> AdapterModel:
     )
     adapter.load_state(initial_state(adapter.model, config.seed, adapter.params))
     return adapter
+
+
+def with_rank(adapter: AdapterModel, config: Config) -> AdapterModel:
+    """Another LoRA adapter of rank ``config.adapter.r`` on ADAPTER's base model, active, at its seeded
+    init: a process serving clients of several ranks loads the base model once."""
+    name = f"rank{config.adapter.r}"
+    heads = head_module_names(adapter.model.base_model.model) if adapter.task == "classification" else None
+    adapter.model.add_adapter(name, _lora_config(config, heads))
+    ranked = replace(adapter, params=_params_by_state_name(adapter.model, name), adapter_name=name)
+    ranked.activate()
+    ranked.model.eval()
+    ranked.load_state(initial_state(ranked.model, config.seed, ranked.params))
+    return ranked
+
+
+def _lora_config(config: Config, heads: list[str] | None) -> LoraConfig:
+    return LoraConfig(
+        r=config.adapter.r,
+        lora_alpha=config.adapter.alpha,
+        lora_dropout=config.adapter.dropout,
+        target_modules=list(config.adapter.target_modules),
+        use_rslora=config.adapter.rslora,
+        modules_to_save=heads,
+    )
 
 
 def initial_state(
@@ -118,14 +140,15 @@ def _name_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
-def _params_by_state_name(model: PeftModel) -> dict[str, torch.nn.Parameter]:
-    """Map ``get_peft_model_state_dict`` names to the live parameters they come from."""
+def _params_by_state_name(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.nn.Parameter]:
+    """Map ``get_peft_model_state_dict`` names of ADAPTER_NAME to the live parameters they come from."""
+    tag = f".{adapter_name}."
     live = {
-        name.replace(".default", "").replace(".modules_to_save", ""): param
+        name.replace(tag, ".").replace(".modules_to_save", ""): param
         for name, param in model.named_parameters()
-        if ".lora_" in name or ".modules_to_save." in name
+        if tag in name and (".lora_" in name or ".modules_to_save." in name)
     }
-    expected = list(get_peft_model_state_dict(model))
+    expected = list(get_peft_model_state_dict(model, adapter_name=adapter_name))
     missing = [name for name in expected if name not in live]
     if missing:
         raise RuntimeError(f"cannot map peft state names to parameters: {missing[:3]}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fedtune.config import Config
+from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config
 from fedtune.errors import UserError
 
 
@@ -27,6 +27,7 @@ def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
     if isinstance(zo_clients, list) and any(i >= fed.clients for i in zo_clients):
         raise UserError(f"client.zo_clients: {zo_clients} names clients beyond 0..{fed.clients - 1}")
     check_privacy(config)
+    check_ranks(config)
     if config.model.device == "cuda":
         import torch
 
@@ -90,3 +91,23 @@ def check_privacy(config: Config) -> None:
             "and equal weights already bound each client, and a statistic across clients would break DP-FedAvg's "
             "sensitivity bound); use strategy.robust norm-bound (a no-op under client-level DP) or none"
         )
+
+
+def check_ranks(config: Config) -> None:
+    """Per-client ranks: only with a strategy that combines them, each at most adapter.r, and not with
+    what needs one shared rank (client-level DP's common broadcast, coordinate-wise statistics, seed replay)."""
+    ranks, name = config.client.ranks, config.strategy.name
+    allowed = ", ".join(PER_CLIENT_RANK_STRATEGIES)
+    if ranks and name not in PER_CLIENT_RANK_STRATEGIES:
+        raise UserError(f"client.ranks: strategy {name} trains every client at one rank; per-client ranks need {allowed}")
+    if ranks and max(ranks) > config.adapter.r:
+        raise UserError(f"client.ranks: {max(ranks)} exceeds adapter.r ({config.adapter.r}), the global rank")
+    if name not in PER_CLIENT_RANK_STRATEGIES:
+        return
+    if config.privacy.mode == "client":
+        raise UserError(f"strategy.name {name}: not with privacy.mode client yet (clients start from different broadcasts)")
+    if config.strategy.robust in ("trimmed-mean", "median"):
+        raise UserError(f"strategy.robust {config.strategy.robust}: not with {name}, whose factors differ in rank; use norm-bound or none")
+    zo = config.client.mode != "backprop" or config.client.zo_clients
+    if zo and config.client.zo_upload == "seeds":
+        raise UserError(f"client.zo_upload seeds: not with {name} (the coordinator replays seeds from one broadcast); use delta")

@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the run's client.mode)",
     )
     agent.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="this agent's LoRA rank, at most the run's adapter.r; for strategies with per-client ranks "
+        "(flexlora, hetlora) (default: adapter.r)",
+    )
+    agent.add_argument(
         "--memory-budget",
         default=None,
         metavar="SIZE",
@@ -302,7 +310,11 @@ def _compare(args: argparse.Namespace) -> int:
     unknown = [name for name in strategies if name not in STRATEGIES]
     if unknown or not strategies:
         raise UserError(f"--strategies: unknown {unknown}; allowed: {', '.join(STRATEGIES)}")
-    config = resolve(load_config(args.config, args.overrides), name_hint="compare", need_train_data=True)
+    loaded = load_config(args.config, args.overrides)
+    ranks = loaded.client.ranks  # for the strategies that take them (run_comparison checks each)
+    loaded.client.ranks = None
+    config = resolve(loaded, name_hint="compare", need_train_data=True)
+    config.client.ranks = ranks
     results = run_comparison(config, strategies, Path(args.out), args.central)
     print(markdown_table(results), end="")
     return 0 if all(r.get("status") == "completed" for r in results.values()) else 1
@@ -364,6 +376,8 @@ def _client(args: argparse.Namespace) -> int:
         )
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
+    if args.rank is not None and args.rank < 1:
+        raise UserError(f"--rank {args.rank}: must be at least 1")
     settings = AgentSettings(
         args.coordinator,
         args.data,
@@ -377,6 +391,7 @@ def _client(args: argparse.Namespace) -> int:
         mode=args.mode or "",
         memory_budget_mb=_megabytes(args.memory_budget) if args.memory_budget else 0.0,
         serve=args.serve,
+        rank=args.rank or 0,
     )
     return run_agent(settings)
 

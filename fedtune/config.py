@@ -84,7 +84,8 @@ class FairSection(Section):
     max_steps: int = Field(200, ge=1)
 
 
-STRATEGY_NAMES = ("fedit", "ffa", "fedsa", "fair")  # fedtune.strategies.STRATEGIES has these (tested)
+STRATEGY_NAMES = ("fedit", "ffa", "fedsa", "fair", "flexlora", "hetlora")  # = fedtune.strategies.STRATEGIES (tested)
+PER_CLIENT_RANK_STRATEGIES = ("flexlora", "hetlora")  # their plans have per_client_ranks (tested)
 # Keys that moved into a strategy's own section; still read (older configs and run directories hold them).
 MOVED_STRATEGY_KEYS = {"head": ("fedsa", "head"), "fair_lambda": ("fair", "regularization"), "fair_steps": ("fair", "max_steps")}
 
@@ -148,6 +149,7 @@ class ClientSection(Section):
     zo_eps: float = Field(1e-3, gt=0.0)
     zo_samples: int = Field(1, ge=1, le=64)
     zo_upload: Literal["delta", "seeds"] = "delta"
+    ranks: list[int] | None = Field(None, min_length=1)  # per-client LoRA ranks, cycled over simulated clients
 
     @field_validator("zo_clients")
     @classmethod
@@ -156,6 +158,13 @@ class ClientSection(Section):
             raise ValueError("a fraction of clients must be between 0 and 1")
         if isinstance(value, list) and any(i < 0 for i in value):
             raise ValueError("client indices start at 0")
+        return value
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(r < 1 for r in value):
+            raise ValueError("ranks are at least 1")
         return value
 
 

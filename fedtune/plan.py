@@ -31,6 +31,7 @@ class ParameterPlan:
     sent: frozenset[str]  # roles clients upload (and the server broadcasts back)
     private: frozenset[str] = frozenset()  # roles each client keeps across rounds
     frozen: frozenset[str] = frozenset()  # roles fixed at the shared seeded init
+    per_client_ranks: bool = False  # clients may train LoRA factors at ranks of their own (fedtune/ranks.py)
 
     def __post_init__(self) -> None:
         for group in (self.trained, self.sent, self.private, self.frozen):
@@ -41,7 +42,8 @@ class ParameterPlan:
             raise ValueError("a role cannot be both frozen and trained, or both private and sent")
 
     def to_record(self) -> dict[str, str]:
-        return {f"plan.{k}": ",".join(sorted(getattr(self, k))) for k in ("trained", "sent", "private", "frozen")}
+        record = {f"plan.{k}": ",".join(sorted(getattr(self, k))) for k in ("trained", "sent", "private", "frozen")}
+        return {**record, "plan.ranks": "per-client" if self.per_client_ranks else "shared"}
 
     @classmethod
     def from_record(cls, record: dict) -> ParameterPlan:
@@ -49,7 +51,8 @@ class ParameterPlan:
             text = str(record.get(f"plan.{key}", ""))
             return frozenset(filter(None, text.split(",")))
 
-        return cls(roles("trained"), roles("sent"), roles("private"), roles("frozen"))
+        per_client = record.get("plan.ranks") == "per-client"
+        return cls(roles("trained"), roles("sent"), roles("private"), roles("frozen"), per_client)
 
 
 def checksum(tensors: Mapping[str, torch.Tensor]) -> str:

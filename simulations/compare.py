@@ -1,7 +1,10 @@
 """``fedtune compare``: several strategies on identical seeds and partitions, side by side.
 
 Writes ``DIR/<strategy>/`` run directories (plus ``DIR/central/`` with ``--central``),
-``DIR/summary.json``, ``DIR/summary.md`` and ``DIR/accuracy.png``.
+``DIR/summary.json``, ``DIR/summary.md`` and ``DIR/accuracy.png``. ``client.ranks`` applies to
+the strategies that take per-client ranks; the others (and the centralised baseline) train
+every client at ``adapter.r``, which is how a heterogeneous federation is compared with a
+homogeneous one.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedtune.config import Config  # noqa: E402
+from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config  # noqa: E402
+from fedtune.engine.resolve import check_ranks  # noqa: E402
 from fedtune.errors import UserError  # noqa: E402
 from fedtune.rundir import RunDir  # noqa: E402
 from fedtune.strategies import keeps_private_tensors  # noqa: E402
@@ -29,11 +33,11 @@ def run_comparison(config: Config, strategies: list[str], out: Path, central: bo
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     results: dict[str, Any] = {}
     jobs = [(name, False) for name in strategies] + ([("central", True)] if central else [])
+    variants = {name: _variant(config, name, is_central, out) for name, is_central in jobs}  # refused before any runs
     for name, is_central in jobs:
-        variant = config.model_copy(deep=True)
-        if not is_central:
-            variant.strategy.name = name
-        variant.output.dir, variant.output.name = str(out.resolve()), name
+        variant = variants[name]
+        if config.client.ranks and not variant.client.ranks:
+            echo(f"{name}: every client at rank {variant.adapter.r} (client.ranks is for {', '.join(PER_CLIENT_RANK_STRATEGIES)})")
         run = RunDir.create(out / name, variant)
         echo(f"== {name} ==")
         try:
@@ -46,6 +50,18 @@ def run_comparison(config: Config, strategies: list[str], out: Path, central: bo
     (out / "summary.md").write_text(markdown_table(results))
     plot_comparison(out, [name for name, _ in jobs if results[name].get("status") == "completed"])
     return results
+
+
+def _variant(config: Config, name: str, is_central: bool, out: Path) -> Config:
+    """CONFIG for one strategy of the comparison (or the centralised baseline)."""
+    variant = config.model_copy(deep=True)
+    if not is_central:
+        variant.strategy.name = name
+    if is_central or name not in PER_CLIENT_RANK_STRATEGIES:
+        variant.client.ranks = None
+    check_ranks(variant)
+    variant.output.dir, variant.output.name = str(out.resolve()), name
+    return variant
 
 
 def describe(name: str, run: RunDir, summary: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,13 @@ from fedtune.strategies.fair import LoraFair
 from fedtune.strategies.fedit import FedIT
 from fedtune.strategies.fedsa import FedSaLora
 from fedtune.strategies.ffa import FfaLora
+from fedtune.strategies.flexlora import FlexLora
+from fedtune.strategies.hetlora import HetLora
 from fedtune.strategies.robust import RobustSettings
 
-STRATEGIES: dict[str, type[LoraStrategy]] = {cls.name: cls for cls in (FedIT, FfaLora, FedSaLora, LoraFair)}
+STRATEGIES: dict[str, type[LoraStrategy]] = {
+    cls.name: cls for cls in (FedIT, FfaLora, FedSaLora, LoraFair, FlexLora, HetLora)
+}
 
 
 def keeps_private_tensors(name: str) -> bool:

@@ -50,6 +50,7 @@ Tensors = dict[str, torch.Tensor]
 MAX_EXAMPLES = 10**9  # a client's num-examples: far above any partition, far below float trouble
 MAX_STEPS = 10**7  # local steps a client reports for one round
 MAX_MODEL_LOADS = 10**6
+MAX_RANK = 4096  # adapter.r's limit
 
 
 class ReplyError(ValueError):
@@ -142,6 +143,7 @@ INFO_FIELDS: dict[str, Callable[[str, object], str | int | float]] = {
     "model-loads": Bounds(0, MAX_MODEL_LOADS, integer=True).check,
     "frozen-checksum": _matching(r"(?:[0-9a-f]{64})?", "64 lowercase hex digits or empty"),
     "mode": _matching(r"backprop|zo", "backprop or zo"),
+    "rank": Bounds(1, MAX_RANK, integer=True).check,  # the client's LoRA rank (strategies/per_client_rank.py)
     "privacy-spent": _matching(r"(?s).{0,4096}", "a text of at most 4096 characters"),  # never copied
 }
 
@@ -236,6 +238,10 @@ class LoraStrategy(Strategy):
         """
         return aggregate_tensors([u.tensors for u in updates], [u.num_examples for u in updates], self.robust)
 
+    def starts(self, updates: list[ClientUpdate]) -> list[Tensors]:
+        """Where each client started this round (what its update is measured from): the broadcast."""
+        return [self._broadcast] * len(updates)
+
     def released(self, update: ClientUpdate) -> Tensors:
         """What client-level DP clips and noises for one client: its change from the broadcast."""
         return {k: v - self._broadcast[k].float() for k, v in update.tensors.items()}
@@ -276,7 +282,7 @@ class LoraStrategy(Strategy):
             return None, None
         if self.privacy is None and self.robust.bounded:  # client-level DP's clip bounds every client itself
             counts = [u.num_examples for u in updates]
-            bounded = bound_updates([u.tensors for u in updates], counts, self._broadcast, self.robust)
+            bounded = bound_updates([u.tensors for u in updates], counts, self.starts(updates), self.robust)
             self.ledger.clipped_updates, self.ledger.capped_weights = bounded.clipped, bounded.capped
             bounds = zip(updates, bounded.tensors, bounded.weights)
             updates = [replace(update, tensors=t, num_examples=w) for update, t, w in bounds]
@@ -353,17 +359,22 @@ class LoraStrategy(Strategy):
         config = ConfigRecord(
             {**dict(config), "round": server_round, "compression": self.compression, **self.plan.to_record()}
         )
-        payload = wire.encode({name: self.current[name] for name in self.sent_names()}, self.compression)
+        shared = wire.encode({name: self.current[name] for name in self.sent_names()}, self.compression)
+        payloads = self.payloads(chosen, shared)
         messages = []
         for node_id in chosen:
-            content = RecordDict({**payload, "config": config})
+            content = RecordDict({**payloads[node_id], "config": config})
             messages.append(Message(content=content, message_type=kind, dst_node_id=node_id))
             if kind == MessageType.TRAIN:
                 self.ledger.bytes_down += payload_bytes(content)
         if kind == MessageType.TRAIN:
             self.ledger.sent_to = len(messages)
-            self._broadcast = wire.decode(**payload)  # the codec's rounding included: clients start here
+            self._broadcast = wire.decode(**shared)  # the codec's rounding included: clients start here
         return messages
+
+    def payloads(self, nodes: list[int], shared: dict) -> dict[int, dict]:
+        """What each chosen node receives: the SHARED encoding of the sent tensors, for every node."""
+        return dict.fromkeys(nodes, shared)
 
     def _accept(self, reply: Message) -> None:
         """Decode a train reply into the ledger, or record why it was rejected; no reply fails the round."""
@@ -425,15 +436,22 @@ class LoraStrategy(Strategy):
             if seeds:
                 tensors = self.replay_seeds(content["zo"], content["zo-config"])
             else:
-                expected = {n: tuple(self.current[n].shape) for n in self.sent_names()}
-                tensors = wire.decode(content["arrays"], content["layout"], expected)
+                tensors = wire.decode(content["arrays"], content["layout"], self.expected_shapes(info))
         except (ReplyError, wire.WireError) as err:
             return str(err), None
         for key, value in tensors.items():
             if not torch.isfinite(value).all():
                 return f"{key}: contains NaN or Inf", None
         tensors = {k: v.float() for k, v in tensors.items()}
-        return None, ClientUpdate(node, name, tensors, int(num_examples), metrics, info)
+        return None, ClientUpdate(node, name, self.lifted(tensors, info), int(num_examples), metrics, info)
+
+    def expected_shapes(self, info: Mapping[str, object]) -> dict[str, tuple[int, ...]]:
+        """The names and shapes a reply must send: the sent tensors, as the coordinator holds them."""
+        return {n: tuple(self.current[n].shape) for n in self.sent_names()}
+
+    def lifted(self, tensors: Tensors, info: Mapping[str, object]) -> Tensors:
+        """A checked reply's tensors in the coordinator's own shapes (they already are, with one rank)."""
+        return tensors
 
     def replay_seeds(self, arrays: ArrayRecord, config: ConfigRecord) -> Tensors:
         """A ZO client's sent tensors, rebuilt from its seeds and the broadcast it started from."""

@@ -97,20 +97,22 @@ def cap_weights(counts: Sequence[float], ratio: float) -> tuple[list[float], int
     return [min(float(n), limit) for n in counts], sum(n > limit for n in counts)
 
 
-def update_norms(tensors: Sequence[Tensors], reference: Tensors) -> list[float]:
-    """‖T_k − reference‖ over all of T_k's tensors as one vector, in float64."""
+def update_norms(tensors: Sequence[Tensors], references: Sequence[Tensors]) -> list[float]:
+    """‖T_k − R_k‖ over all of T_k's tensors as one vector, in float64; R_k is where client k started."""
     return [
-        math.sqrt(sum(float((t.double() - reference[name].double()).square().sum()) for name, t in update.items()))
-        for update in tensors
+        math.sqrt(sum(float((t.double() - start[name].double()).square().sum()) for name, t in update.items()))
+        for update, start in zip(tensors, references, strict=True)
     ]
 
 
-def clip_updates(tensors: Sequence[Tensors], reference: Tensors, bound: float) -> tuple[list[Tensors], int]:
-    """Updates (T_k − reference) longer than ``bound`` × the median update norm scaled to that length."""
-    norms = update_norms(tensors, reference)
+def clip_updates(
+    tensors: Sequence[Tensors], references: Sequence[Tensors], bound: float
+) -> tuple[list[Tensors], int]:
+    """Updates (T_k − R_k) longer than ``bound`` × the median update norm scaled to that length."""
+    norms = update_norms(tensors, references)
     limit = bound * statistics.median(norms)
     result, clipped = [], 0
-    for update, norm in zip(tensors, norms):
+    for update, reference, norm in zip(tensors, references, norms):
         if norm <= limit:
             result.append(dict(update))
             continue
@@ -121,11 +123,14 @@ def clip_updates(tensors: Sequence[Tensors], reference: Tensors, bound: float) -
 
 
 def bound_updates(
-    tensors: Sequence[Tensors], counts: Sequence[float], reference: Tensors, settings: RobustSettings
+    tensors: Sequence[Tensors], counts: Sequence[float], references: Sequence[Tensors], settings: RobustSettings
 ) -> Bounded:
-    """Both bounds of ``norm-bound`` (also applied before ``trimmed-mean`` and ``median``)."""
+    """Both bounds of ``norm-bound`` (also applied before ``trimmed-mean`` and ``median``).
+
+    ``references[k]`` is what client k started from: the round's broadcast, or with per-client
+    ranks the broadcast at that client's rank (strategies/per_client_rank.py)."""
     weights, capped = cap_weights(counts, settings.max_weight_ratio)
-    clipped_tensors, clipped = clip_updates(tensors, reference, settings.norm_bound)
+    clipped_tensors, clipped = clip_updates(tensors, references, settings.norm_bound)
     return Bounded(clipped_tensors, weights, clipped, capped)
 
 

@@ -70,7 +70,7 @@ def _messages(strategy: LoraStrategy, nodes: list[int] = NODES) -> dict[int, Mes
 def _good(strategy: LoraStrategy, message: Message, num_examples: int = 10, scale: float = 0.01) -> Message:
     node = message.metadata.dst_node_id
     sent = {name: value + scale for name, value in tensors_of(message).items()}
-    info = {"frozen-checksum": strategy.frozen_checksum or "", "mode": "backprop", "process": f"p{node}:1"}
+    info = {"frozen-checksum": strategy.frozen_checksum or "", "mode": "backprop", "process": f"p{node}:1", "rank": 2}
     return reply(message, sent, num_examples, f"client-{node}", **info)
 
 

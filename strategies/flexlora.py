@@ -1,0 +1,64 @@
+"""FlexLoRA (Bai et al., NeurIPS 2024): aggregate the products, hand each client an SVD at its rank.
+
+Clients of different ranks cannot average factors of different shapes, and averaging factors
+is not averaging updates anyway. FlexLoRA averages what the factors stand for: per LoRA layer
+the server forms ΔW = Σ_k w_k·s(r_k)·B_k·A_k (example weights w_k, peft's scale s), takes its
+SVD U·S·Vᵀ and keeps the top R = ``adapter.r`` components as the global factors
+B = U·√S, A = √S·Vᵀ (over s(R)). Cutting those to a client's rank r is the best rank-r
+approximation of ΔW (Eckart–Young), which is what each client starts the next round from.
+With every client at rank R and R at least the rank of ΔW, the global product is ΔW exactly.
+Heads are averaged by examples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.plan import ParameterPlan, role_of
+from fedtune.ranks import factor_pairs
+from fedtune.strategies.base import ClientUpdate, Tensors
+from fedtune.strategies.per_client_rank import PerClientRankStrategy
+from fedtune.strategies.robust import weighted_mean
+
+
+def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of shapes (d_out, rank), (rank, d_in) with B·A the best rank-``rank`` approximation of DELTA.
+
+    The singular values are split evenly (B = U√S, A = √S Vᵀ), so both factors are on the same
+    scale for the clients' next steps; components beyond the matrix's own rank are zero."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    kept = min(rank, s.numel())
+    root = s[:kept].sqrt()
+    b = delta.new_zeros((delta.shape[0], rank), dtype=torch.float64)
+    a = delta.new_zeros((rank, delta.shape[1]), dtype=torch.float64)
+    b[:, :kept] = u[:, :kept] * root
+    a[:kept] = root[:, None] * vh[:kept]
+    return b.float(), a.float()
+
+
+def flexlora_combine(tensors: list[Tensors], weights: list[float], rank: int) -> Tensors:
+    """Global factors at RANK from client factors already lifted to that rank's scale."""
+    total = float(sum(weights))
+    share = [w / total for w in weights]
+    names = list(tensors[0])
+    pairs = factor_pairs(names)
+    combined: Tensors = {}
+    for a_name, b_name in pairs:
+        delta = sum(p * (t[b_name].double() @ t[a_name].double()) for t, p in zip(tensors, share))
+        combined[b_name], combined[a_name] = svd_factors(delta, rank)
+    rest = [n for n in names if role_of(n) == "head"]
+    if rest:
+        combined.update(weighted_mean([{n: t[n] for n in rest} for t in tensors], weights))
+    return combined
+
+
+class FlexLora(PerClientRankStrategy):
+    name = "flexlora"
+    plan = ParameterPlan(
+        trained=frozenset({"lora_A", "lora_B", "head"}),
+        sent=frozenset({"lora_A", "lora_B", "head"}),
+        per_client_ranks=True,
+    )
+
+    def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
+        return flexlora_combine([u.tensors for u in updates], [u.num_examples for u in updates], self.rank)

@@ -1,0 +1,60 @@
+"""HetLoRA (Cho et al., EMNLP 2024): zero-pad to the largest rank, weight by norm, cut back.
+
+Each client of rank r trains the first r components of the global factors (the server cuts
+them for it, fedtune/ranks.py). The server zero-pads every client's B_k and A_k to the global
+rank R (rescaled to peft's scale at R, so s(R)·B_k·A_k is still the client's product) and
+averages them with *sparsity weights*: per LoRA layer, p_k ∝ ‖B_k·A_k‖_F, so a client whose
+update is small, as the tail components of a low-rank client are, counts less than one that
+moved the layer. The averages are the new global factors; the next round cuts them again.
+If every client's product of a layer is zero (nothing trained), the example weights are used.
+Heads are averaged by examples.
+
+Norm weights let a client with a large product weigh more: the default ``strategy.robust:
+norm-bound`` clips each client's update to 3× the round's median norm before this runs.
+Not built: HetLoRA's rank self-pruning on the clients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedtune.plan import ParameterPlan, role_of
+from fedtune.ranks import factor_pairs
+from fedtune.strategies.base import ClientUpdate, Tensors
+from fedtune.strategies.per_client_rank import PerClientRankStrategy
+from fedtune.strategies.robust import weighted_mean
+
+
+def sparsity_weights(products: list[torch.Tensor], fallback: list[float]) -> list[float]:
+    """p_k = ‖P_k‖_F / Σ_j ‖P_j‖_F, or the normalised FALLBACK when every P_k is zero."""
+    norms = [float(torch.linalg.matrix_norm(p.double())) for p in products]
+    weights = norms if sum(norms) > 0 else [float(w) for w in fallback]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def hetlora_combine(tensors: list[Tensors], weights: list[float]) -> Tensors:
+    """Global factors from client factors already zero-padded to the global rank."""
+    names = list(tensors[0])
+    combined: Tensors = {}
+    for a_name, b_name in factor_pairs(names):
+        products = [t[b_name] @ t[a_name] for t in tensors]
+        share = sparsity_weights(products, weights)
+        combined[a_name] = sum(p * t[a_name] for t, p in zip(tensors, share))
+        combined[b_name] = sum(p * t[b_name] for t, p in zip(tensors, share))
+    rest = [n for n in names if role_of(n) == "head"]
+    if rest:
+        combined.update(weighted_mean([{n: t[n] for n in rest} for t in tensors], weights))
+    return combined
+
+
+class HetLora(PerClientRankStrategy):
+    name = "hetlora"
+    plan = ParameterPlan(
+        trained=frozenset({"lora_A", "lora_B", "head"}),
+        sent=frozenset({"lora_A", "lora_B", "head"}),
+        per_client_ranks=True,
+    )
+
+    def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
+        return hetlora_combine([u.tensors for u in updates], [u.num_examples for u in updates])

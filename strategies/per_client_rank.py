@@ -1,0 +1,82 @@
+"""What strategies with per-client LoRA ranks share: each client its own rank, one global rank R.
+
+The coordinator holds the global factors at ``adapter.r`` = R, the largest rank any client may
+use. A client of rank r receives them cut to r (``fedtune.ranks.resize``: the first r
+components, rescaled for peft's α/r), trains, and replies at rank r with ``info.rank`` = r. The
+reply is checked at the rank it declares (1 ≤ r ≤ R, every factor of that rank, nothing else)
+and lifted back to R (zero-padded, rescaled) before anything is combined, so a strategy's
+``combine`` sees every client in one shape and s(R)·B_k·A_k is exactly client k's product.
+The coordinator remembers each node's declared rank and sends it factors of that rank from
+then on (before its first reply: rank R, which the client cuts itself), so bytes down follow
+the client's rank.
+
+A client's rank is its own say: declaring R only gets it the global model at full rank (every
+participant receives the global model anyway) and an update of full rank, whose weight the
+usual bounds limit. The norm bound measures a client's update from the broadcast cut to its
+rank, lifted to R: where that client really started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedtune import wire
+from fedtune.config import Config
+from fedtune.ranks import lora_scale, rank_of, resize, shapes_at_rank
+from fedtune.strategies.base import ClientUpdate, LoraStrategy, ReplyError, Tensors
+
+
+class PerClientRankStrategy(LoraStrategy):
+    """Rank bookkeeping, per-rank broadcasts and reply shapes; ``combine`` is the subclass's."""
+
+    def __init__(self, *args: Any, alpha: float = 16.0, rslora: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.alpha, self.rslora = alpha, rslora
+        self.ranks: dict[int, int] = {}  # node -> the rank its last accepted reply declared
+
+    @classmethod
+    def from_config(cls, config: Config, **common: Any) -> PerClientRankStrategy:
+        return cls(**common, alpha=config.adapter.alpha, rslora=config.adapter.rslora)
+
+    @property
+    def rank(self) -> int:
+        """R: the rank of the global factors."""
+        return rank_of(self.current) or 0
+
+    def scale(self, rank: int) -> float:
+        return lora_scale(self.alpha, rank, self.rslora)
+
+    def at_rank(self, tensors: Mapping[str, Any], rank: int) -> Tensors:
+        return resize(tensors, rank, self.alpha, self.rslora)
+
+    def payloads(self, nodes: list[int], shared: dict) -> dict[int, dict]:
+        """Each node gets the sent tensors at the rank it last declared (R if it has not yet)."""
+        sent = {name: self.current[name] for name in self.sent_names()}
+        encoded = {self.rank: shared}
+        for rank in {self.ranks.get(node, self.rank) for node in nodes} - {self.rank}:
+            encoded[rank] = wire.encode(self.at_rank(sent, rank), self.compression)
+        return {node: encoded[self.ranks.get(node, self.rank)] for node in nodes}
+
+    def expected_shapes(self, info: Mapping[str, object]) -> dict[str, tuple[int, ...]]:
+        rank = info.get("rank")
+        if not isinstance(rank, int) or not 1 <= rank <= self.rank:
+            raise ReplyError(f"'rank' must be an integer between 1 and {self.rank}")
+        return shapes_at_rank(super().expected_shapes(info), rank)
+
+    def lifted(self, tensors: Tensors, info: Mapping[str, object]) -> Tensors:
+        return self.at_rank(tensors, self.rank)
+
+    def decode(self, content, node: int, name: str) -> tuple[str | None, ClientUpdate | None]:
+        problem, update = super().decode(content, node, name)
+        if update is not None:
+            self.ranks[node] = int(update.info["rank"])
+        return problem, update
+
+    def starts(self, updates: list[ClientUpdate]) -> list[Tensors]:
+        """Client k started from the broadcast cut to its rank; lifted to R, that is the broadcast
+        with the components beyond its rank set to zero."""
+        cut = {}
+        for rank in {int(u.info["rank"]) for u in updates}:
+            cut[rank] = self.at_rank(self.at_rank(self._broadcast, rank), self.rank)
+        return [cut[int(u.info["rank"])] for u in updates]

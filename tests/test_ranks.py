@@ -1,0 +1,265 @@
+"""Clients of different LoRA ranks: the rank arithmetic, FlexLoRA and HetLoRA, and their replies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config
+from fedtune.engine.resolve import check_ranks
+from fedtune.errors import UserError
+from fedtune.plan import ParameterPlan
+from fedtune.ranks import lora_scale, rank_of, resize
+from fedtune.strategies import STRATEGIES, build_strategy
+from fedtune.strategies.flexlora import flexlora_combine, svd_factors
+from fedtune.strategies.hetlora import hetlora_combine, sparsity_weights
+from flower_helpers import StaticGrid, enter_run, reply, tensors_of
+
+LAYERS = {"q": (5, 6), "v": (4, 6)}  # (d_out, d_in) of two targeted layers
+ALPHA = 16.0
+
+
+def _factors(rank: int, seed: int, head: bool = True) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer, (d_out, d_in) in LAYERS.items():
+        tensors[f"m.{layer}.lora_A.weight"] = torch.randn(rank, d_in, generator=generator)
+        tensors[f"m.{layer}.lora_B.weight"] = torch.randn(d_out, rank, generator=generator)
+    if head:
+        tensors["m.classifier.weight"] = torch.randn(2, 5, generator=generator)
+    return tensors
+
+
+def _products(tensors: dict[str, torch.Tensor], rslora: bool = False) -> dict[str, torch.Tensor]:
+    rank = rank_of(tensors)
+    return {
+        layer: lora_scale(ALPHA, rank, rslora) * tensors[f"m.{layer}.lora_B.weight"] @ tensors[f"m.{layer}.lora_A.weight"]
+        for layer in LAYERS
+    }
+
+
+# -- resize -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_padding_keeps_the_product_and_cutting_back_restores_the_factors(rslora):
+    small = _factors(2, seed=0)
+    padded = resize(small, 8, ALPHA, rslora)
+    assert rank_of(padded) == 8 and padded["m.q.lora_A.weight"].shape == (8, 6)
+    for layer, product in _products(small, rslora).items():
+        torch.testing.assert_close(_products(padded, rslora)[layer], product, rtol=1e-5, atol=1e-5)
+    back = resize(padded, 2, ALPHA, rslora)
+    for name, value in small.items():
+        torch.testing.assert_close(back[name], value, rtol=1e-5, atol=1e-6)
+    assert torch.equal(padded["m.classifier.weight"], small["m.classifier.weight"])  # heads untouched
+
+
+def test_cutting_keeps_the_first_components_product():
+    big = _factors(6, seed=1, head=False)
+    cut = resize(big, 3, ALPHA)
+    for layer in LAYERS:
+        b, a = big[f"m.{layer}.lora_B.weight"], big[f"m.{layer}.lora_A.weight"]
+        expected = lora_scale(ALPHA, 6) * b[:, :3] @ a[:3]
+        torch.testing.assert_close(_products(cut)[layer], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_factors_of_two_ranks_are_refused():
+    mixed = {"x.lora_A.weight": torch.zeros(2, 4), "x.lora_B.weight": torch.zeros(3, 4)}
+    with pytest.raises(ValueError, match="several ranks"):
+        rank_of(mixed)
+
+
+# -- FlexLoRA ---------------------------------------------------------------------------
+
+
+def test_flexlora_at_full_svd_rank_reproduces_the_exact_weighted_product():
+    """Equal client ranks (4), global rank ≥ rank of Σ w_k B_k A_k: the global product is exact."""
+    clients = [_factors(4, seed=k) for k in range(3)]
+    weights = [10.0, 30.0, 60.0]
+    global_rank = 5  # min(d_out, d_in) of both layers: every product fits
+    lifted = [resize(c, global_rank, ALPHA) for c in clients]
+    combined = flexlora_combine(lifted, weights, global_rank)
+    total = sum(weights)
+    for layer in LAYERS:
+        exact = sum(w / total * _products(c)[layer] for c, w in zip(clients, weights))
+        torch.testing.assert_close(_products(combined)[layer], exact, rtol=1e-4, atol=1e-4)
+    head = sum(w / total * c["m.classifier.weight"] for c, w in zip(clients, weights))
+    torch.testing.assert_close(combined["m.classifier.weight"], head)
+
+
+def test_flexlora_cut_is_the_best_low_rank_approximation():
+    delta = torch.randn(7, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    b, a = svd_factors(delta, 3)
+    singular = torch.linalg.svdvals(delta)
+    error = torch.linalg.matrix_norm(delta - (b @ a).double())
+    assert float(error) == pytest.approx(float(singular[3:].square().sum().sqrt()), rel=1e-5)  # Eckart–Young
+    b, a = svd_factors(delta[:2], 4)  # rank 4 asked of a rank-2 matrix: the rest is zero
+    assert b.shape == (2, 4) and a.shape == (4, 9) and not b[:, 2:].any() and not a[2:].any()
+
+
+# -- HetLoRA ----------------------------------------------------------------------------
+
+
+def test_hetlora_pads_weights_by_norm_and_cuts_back_to_each_clients_shapes():
+    ranks = [2, 4, 8]
+    clients = [_factors(r, seed=r) for r in ranks]
+    lifted = [resize(c, 8, ALPHA) for c in clients]
+    combined = hetlora_combine(lifted, [1.0, 1.0, 1.0])
+    for layer in LAYERS:
+        products = [t[f"m.{layer}.lora_B.weight"] @ t[f"m.{layer}.lora_A.weight"] for t in lifted]
+        share = sparsity_weights(products, [1.0] * 3)
+        norms = [float(torch.linalg.matrix_norm(p)) for p in products]
+        assert share == pytest.approx([n / sum(norms) for n in norms])
+        expected = sum(p * t[f"m.{layer}.lora_A.weight"] for p, t in zip(share, lifted))
+        torch.testing.assert_close(combined[f"m.{layer}.lora_A.weight"], expected)
+    for rank, client in zip(ranks, clients):
+        back = resize(combined, rank, ALPHA)
+        assert {n: tuple(v.shape) for n, v in back.items()} == {n: tuple(v.shape) for n, v in client.items()}
+
+
+def test_hetlora_without_any_product_falls_back_to_example_weights():
+    assert sparsity_weights([torch.zeros(3, 3), torch.zeros(3, 3)], [1.0, 3.0]) == pytest.approx([0.25, 0.75])
+
+
+# -- the strategies on the wire ---------------------------------------------------------
+
+
+def _strategy(name: str, global_rank: int = 8):
+    config = Config.model_validate(
+        {"strategy": {"name": name}, "adapter": {"r": global_rank, "alpha": ALPHA}, "federation": {"clients": 3}}
+    )
+    return build_strategy(config)
+
+
+@pytest.mark.parametrize("name", PER_CLIENT_RANK_STRATEGIES)
+def test_each_client_gets_and_sends_factors_of_its_own_rank(name):
+    strategy = _strategy(name)
+    start = _factors(8, seed=9)
+    enter_run()
+    first = strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), StaticGrid([1, 2, 3]))
+    assert all(rank_of(tensors_of(m)) == 8 for m in first)  # ranks not known yet: the global rank
+    assert ParameterPlan.from_record(dict(first[0].content["config"])).per_client_ranks
+    ranks = {1: 2, 2: 4, 3: 8}
+    replies = []
+    for message in first:
+        node = message.metadata.dst_node_id
+        mine = resize(tensors_of(message), ranks[node], ALPHA)  # what the client does (ClientJob.fit_rank)
+        trained = {k: v + 0.01 * (node + 1) for k, v in mine.items()}
+        replies.append(reply(message, trained, 10, f"client-{node}", rank=ranks[node]))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and not strategy.ledger.rejected
+    new = arrays.to_torch_state_dict()
+    assert rank_of(new) == 8
+    down_first = strategy.ledger.bytes_down
+    second = strategy.configure_train(2, arrays, ConfigRecord(), StaticGrid([1, 2, 3]))
+    assert {m.metadata.dst_node_id: rank_of(tensors_of(m)) for m in second} == ranks
+    assert strategy.ledger.bytes_down < down_first  # smaller ranks download less
+
+
+@pytest.mark.parametrize("name", PER_CLIENT_RANK_STRATEGIES)
+def test_a_reply_is_checked_at_the_rank_it_declares(name):
+    strategy = _strategy(name)
+    enter_run()
+    messages = strategy.configure_train(1, ArrayRecord(_factors(8, seed=2)), ConfigRecord(), StaticGrid([1, 2, 3, 4]))
+    at_4 = resize(tensors_of(messages[0]), 4, ALPHA)
+    replies = [
+        reply(messages[0], at_4, 10, "client-1", rank=4),  # fine
+        reply(messages[1], at_4, 10, "client-2", rank=2),  # declares 2, sends 4
+        reply(messages[2], _factors(9, seed=1), 10, "client-3", rank=9),  # above the global rank
+        reply(messages[3], at_4, 10, "client-4"),  # no rank
+    ]
+    strategy.aggregate_train(1, replies)
+    reasons = sorted(strategy.ledger.rejected)
+    assert len(reasons) == 3 and reasons[0].startswith("client-2: ") and "shape" in reasons[0]
+    assert all("'rank' must be an integer between 1 and 8" in r for r in reasons[1:]), reasons
+
+
+def test_the_registry_knows_which_strategies_take_per_client_ranks():
+    assert PER_CLIENT_RANK_STRATEGIES == tuple(n for n, s in STRATEGIES.items() if s.plan.per_client_ranks)
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"strategy": {"name": "fedit"}, "client": {"ranks": [2, 4]}}, "client.ranks: strategy fedit trains every client at one rank"),
+        ({"strategy": {"name": "flexlora"}, "client": {"ranks": [2, 16]}}, "client.ranks: 16 exceeds adapter.r (8)"),
+        ({"strategy": {"name": "hetlora", "robust": "median"}}, "strategy.robust median: not with hetlora"),
+        ({"strategy": {"name": "flexlora"}, "client": {"mode": "zo", "zo_upload": "seeds"}}, "client.zo_upload seeds"),
+    ],
+)
+def test_what_per_client_ranks_cannot_do_is_one_line(settings, words):
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        check_ranks(Config.model_validate(settings))
+
+
+def test_a_client_whose_rank_the_strategy_cannot_take_is_told_so():
+    from fedtune.client.job import ClientJob
+
+    job = ClientJob.__new__(ClientJob)
+    job.config = Config.model_validate({"adapter": {"r": 4}})
+    with pytest.raises(UserError, match="rank 4: this run trains every client at rank 8"):
+        job.fit_rank(STRATEGIES["fedit"].plan, _factors(8, seed=0))
+    assert rank_of(job.fit_rank(STRATEGIES["flexlora"].plan, _factors(8, seed=0))) == 4
+
+
+
+def test_compare_runs_homogeneous_strategies_at_the_global_rank(tmp_path):
+    from fedtune.simulations.compare import _variant
+
+    config = Config.model_validate({"adapter": {"r": 16}, "client": {"ranks": [2, 4, 8, 16]}})
+    assert _variant(config, "flexlora", False, tmp_path).client.ranks == [2, 4, 8, 16]
+    assert _variant(config, "fedit", False, tmp_path).client.ranks is None  # every client at rank 16
+    assert _variant(config, "central", True, tmp_path).client.ranks is None
+    assert config.client.ranks == [2, 4, 8, 16]  # the comparison's own config is left alone
+
+
+@pytest.mark.slow
+def test_agents_choose_their_rank_and_one_process_keeps_one_base_model(tmp_path):
+    """Two agents (``fedtune client --rank 2`` and ``--rank 8``) served by one process, driven through
+    the real ClientApp: each trains and replies at its rank, the base model is loaded once."""
+    from flwr.app import Context, RecordDict
+
+    from conftest import write_support_check
+    from fedtune.client import client_app
+    from fedtune.client.job import SHARED_MODEL
+    from fedtune.engine.adapters import build_adapter_model
+    from test_strategies import _config
+
+    def contexts(config):
+        data = tmp_path / "ours.jsonl"
+        write_support_check(data)
+        return {
+            rank: Context(
+                run_id=1,
+                node_id=rank,
+                state=RecordDict(),
+                node_config={"data-path": str(data), "name": f"agent-{rank}", "state-dir": str(tmp_path), "rank": rank},
+                run_config={"fedtune-config": config.to_yaml(), "run-dir": str(tmp_path)},
+            )
+            for rank in (2, 4)
+        }
+
+    config = _config("flexlora", tmp_path)  # adapter.r = 4
+    strategy = build_strategy(config)
+    arrays = ArrayRecord(build_adapter_model(config, config.data.labels).state())
+    agents = contexts(config)
+    enter_run()
+    loads = None
+    for round_number in (1, 2):
+        messages = strategy.configure_train(round_number, arrays, ConfigRecord(), StaticGrid([2, 4]))
+        replies = []
+        for message in messages:
+            replies.append(client_app.train(message, agents[message.metadata.dst_node_id]))
+            loads = SHARED_MODEL.loads if loads is None else loads
+        assert {r.content["info"]["name"]: r.content["info"]["rank"] for r in replies} == {"agent-2": 2, "agent-4": 4}
+        arrays, _ = strategy.aggregate_train(round_number, replies)
+        assert arrays is not None and not strategy.ledger.rejected, strategy.ledger.rejected
+    assert SHARED_MODEL.loads == loads  # the second rank added an adapter, not a base model
+
+    fedit = _config("fedit", tmp_path)
+    message = build_strategy(fedit).configure_train(
+        1, ArrayRecord(build_adapter_model(fedit, fedit.data.labels).state()), ConfigRecord(), StaticGrid([2])
+    )[0]
+    with pytest.raises(UserError, match="rank 2: this run trains every client at rank 4"):
+        client_app.train(message, contexts(fedit)[2])
