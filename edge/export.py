@@ -24,7 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from fedtune.atomic import staged_dir
 from fedtune.config import Config
-from fedtune.edge.quantize import method, quantize_model
+from fedtune.edge.quantize import int8_classifier, method, quantize_model
 from fedtune.edge.runtime import MANIFEST, sha256_file
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.checkpoint import load_run_model
@@ -36,6 +36,7 @@ from fedtune.rundir import RunDir
 
 OPSET = 17
 EXTERNAL_DATA_ABOVE = 512 * 1024**2  # bytes; larger models keep weights in model.onnx.data
+CALIBRATION_EXAMPLES = 128  # static int8's activation ranges come from this many examples after the check's
 
 
 def export_bundle(
@@ -67,7 +68,10 @@ def export_bundle(
             f"of round {used_round} (of {config.federation.rounds} planned)"
         )
     spec = TaskSpec.from_config(config)
-    checks = encode(_check_rows(config, check_data, check_examples), spec, adapter.tokenizer, "check data")
+    rows = _check_rows(config, check_data, check_examples + CALIBRATION_EXAMPLES)
+    checks = encode(rows[:check_examples], spec, adapter.tokenizer, "check data")
+    # static int8 calibrates on examples the check does not score (the check's own when there are no others)
+    calibration = encode(rows[check_examples:] or rows[:check_examples], spec, adapter.tokenizer, "calibration data")
     merged = adapter.model.merge_and_unload().eval()
     staging = out.with_name(f".{out.name}.work")  # intermediate ONNX files; the bundle is staged by staged_dir
     shutil.rmtree(staging, ignore_errors=True)
@@ -85,19 +89,30 @@ def export_bundle(
         shutil.rmtree(staging)
         raise UserError(f"export refused: fp32 ONNX differs from PyTorch by {parity:.2e} > tolerance {tolerance:g}")
 
-    final, kept, gate = fp32, [], {}
+    final, kept, gate, record = fp32, [], {}, {}
     if quantize != "none":
         final = staging / "model.onnx"
-        kept = quantize_model(fp32, final, quantize, config.model.task, _large(fp32))
-        gate = _quality_gate(config.model.task, reference, _ort_outputs(final, checks, merged), checks)
-        gate["quantized_max_abs_diff"] = _max_abs_diff(reference, _ort_outputs(final, checks, merged))
-        echo(f"{quantize} check: {json.dumps(gate)}")
-        failed = (
-            gate["accuracy_drop_points"] > max_drop
-            if config.model.task == "classification"
-            else gate["next_token_agreement"] < min_agreement
-        )
-        if failed:
+
+        def check(path: Path) -> tuple[bool, dict]:
+            gate = _quality_gate(config.model.task, reference, _ort_outputs(path, checks, merged), checks)
+            gate["quantized_max_abs_diff"] = _max_abs_diff(reference, _ort_outputs(path, checks, merged))
+            drop_ok = gate.get("accuracy_drop_points", 0.0) <= max_drop
+            return drop_ok and gate.get("next_token_agreement", 1.0) >= min_agreement, gate
+
+        if quantize == "int8" and config.model.task == "classification":
+            echo("int8: trying dynamic, static, static per-channel, then sensitive MatMuls in float until the check holds")
+            record = int8_classifier(fp32, final, _calibration_feeds(calibration), check, _large(fp32))
+            apart = len(rows) > check_examples
+            record["calibration_examples"] = f"{len(calibration)} ({'apart from' if apart else 'the same as'} the check's)"
+            for tried in record["attempts"]:
+                echo(f"int8 {tried['scheme']}: {json.dumps({k: v for k, v in tried.items() if k != 'scheme'})}")
+            passed, kept = record["passed"], record["kept_full_precision"]
+            gate = {k: v for k, v in record["attempts"][-1].items() if k not in ("scheme", "passed")}
+        else:
+            kept = quantize_model(fp32, final, quantize, config.model.task, _large(fp32))
+            passed, gate = check(final)
+            echo(f"{quantize} check: {json.dumps(gate)}")
+        if not passed:
             shutil.rmtree(staging)
             limit = (
                 f"max drop {max_drop} points"
@@ -114,7 +129,12 @@ def export_bundle(
             adapter,
             merged,
             source={"run": str(run.path.resolve()), "round": used_round, "client": client},
-            quantization={"mode": quantize, "kept_full_precision": kept, "method": method(quantize, config.model.task)},
+            quantization={
+                "mode": quantize,
+                "kept_full_precision": kept,
+                "method": method(quantize, config.model.task),
+                **{k: record[k] for k in ("scheme", "attempts", "why_kept", "calibration_examples") if k in record},
+            },
             parity={"fp32_max_abs_diff": parity, "tolerance": tolerance, "examples": len(checks)},
             gate=gate,
         )
@@ -202,6 +222,10 @@ def _export(model: PreTrainedModel, task: str, path: Path) -> None:
         opset_version=OPSET,
         dynamo=False,
     )
+
+
+def _calibration_feeds(examples: ExampleSet) -> list[dict[str, np.ndarray]]:
+    return [{k: v for k, v in feed.items() if k != "labels"} for feed in _inputs(examples)]
 
 
 def _inputs(checks: ExampleSet) -> list[dict[str, np.ndarray]]:

@@ -122,6 +122,9 @@ def test_quantized_bundles_are_smaller_and_checked(classifier_bundle, tmp_path):
     int8 = export_bundle(run, tmp_path / "int8", quantize="int8", check_examples=64, echo=lambda *_: None)
     assert int8["sizes"]["model_bytes"] <= 0.3 * fp32["sizes"]["model_bytes"]
     assert int8["quality_check"]["accuracy_drop_points"] <= 1.0 and int8["quantization"]["mode"] == "int8"
+    scheme = int8["quantization"]["scheme"]  # the first int8 scheme that passed, after those that did not
+    assert [a["scheme"] for a in int8["quantization"]["attempts"]][-1] == scheme
+    assert int8["quantization"]["attempts"][-1]["passed"] and "calibration_examples" in int8["quantization"]
     assert Bundle.load(tmp_path / "int8").classify(TEXTS)
     # a gate that nothing can pass refuses to write the bundle
     from fedtune.errors import UserError
