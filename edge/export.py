@@ -123,7 +123,7 @@ def export_bundle(
     with staged_dir(out) as bundle:
         _save_model(final, bundle / "model.onnx")
         adapter.tokenizer.save_pretrained(bundle)
-        manifest = _manifest(
+        manifest = manifest_record(
             bundle,
             config,
             adapter,
@@ -248,14 +248,17 @@ def _torch_outputs(model: PreTrainedModel, checks: ExampleSet) -> list[np.ndarra
     return outputs
 
 
-def _ort_outputs(path: Path, checks: ExampleSet, model: PreTrainedModel) -> list[np.ndarray]:
+def _ort_outputs(
+    path: Path, checks: ExampleSet, model: PreTrainedModel, adapter: dict[str, np.ndarray] | None = None
+) -> list[np.ndarray]:
+    """onnxruntime's logits for the check examples (ADAPTER: extra inputs of an adapter bundle)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     outputs = []
     for feed in _inputs(checks):
-        inputs = {"input_ids": feed["input_ids"], "attention_mask": feed["attention_mask"]}
+        inputs = {"input_ids": feed["input_ids"], "attention_mask": feed["attention_mask"], **(adapter or {})}
         if "position_ids" in names:
             batch, width = feed["input_ids"].shape
             inputs["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
@@ -337,7 +340,7 @@ def _save_model(source: Path, target: Path) -> None:
         onnx.save(model, str(target))
 
 
-def _manifest(
+def manifest_record(
     bundle: Path,
     config: Config,
     adapter: AdapterModel,
@@ -347,9 +350,12 @@ def _manifest(
     quantization: dict,
     parity: dict,
     gate: dict,
+    extra_files: list[str] = (),
 ) -> dict:
-    """What a runtime needs to use the bundle (task, labels, tokens, prompt), and how it was made and checked."""
-    model_files = sorted(p.name for p in bundle.iterdir() if p.name.startswith("model.onnx"))
+    """What a runtime needs to use the bundle (task, labels, tokens, prompt), and how it was made and checked.
+
+    EXTRA_FILES (paths inside the bundle, e.g. per-client adapters) are checksummed like the model."""
+    model_files = sorted(p.name for p in bundle.iterdir() if p.name.startswith("model.onnx")) + list(extra_files)
     tokenizer = adapter.tokenizer
     manifest = {
         "format": 1,
@@ -366,7 +372,8 @@ def _manifest(
         "quality_check": gate,
         "sizes": {
             "model_bytes": sum((bundle / f).stat().st_size for f in model_files),
-            "files": {p.name: p.stat().st_size for p in sorted(bundle.iterdir())},
+            "files": {p.name: p.stat().st_size for p in sorted(bundle.iterdir()) if p.is_file()}
+            | {f: (bundle / f).stat().st_size for f in extra_files},
         },
         "source": {
             **source,

@@ -8,6 +8,9 @@
 A bundle directory holds ``model.onnx`` (+ ``model.onnx.data`` when large), the
 tokenizer files and ``manifest.json``; ``Bundle.load`` checks the manifest's sha256 of
 every model file before creating the session, so a corrupted file is a clear error.
+A bundle with one adapter per client (``fedtune export --clients``) also holds
+``adapters/*.npz``; ``bundle.with_client(NAME)`` is the same loaded base with that
+client's adapter fed as inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,8 @@ from tokenizers import Tokenizer
 from fedtune.errors import UserError
 
 MANIFEST = "manifest.json"
+ADAPTER_DIR = "adapters"  # per-client adapter bundles: adapters/shared.npz and adapters/<client>.npz
+SHARED_ADAPTER = "shared.npz"
 
 
 class EdgeError(UserError):
@@ -46,6 +51,8 @@ class Bundle:
     manifest: dict[str, Any]
     session: ort.InferenceSession
     tokenizer: Tokenizer
+    adapter: dict[str, np.ndarray] = field(default_factory=dict)  # inputs of an adapter bundle
+    client: str | None = None  # whose adapter they are
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, threads: int | None = None) -> Bundle:
@@ -78,7 +85,29 @@ class Bundle:
                 tokenizer.no_truncation()
         except Exception as err:  # onnxruntime and tokenizers raise their own types
             raise EdgeError(f"{path}: cannot load the bundle ({str(err).splitlines()[0][:200]})") from None
-        return cls(path, manifest, session, tokenizer)
+        bundle = cls(path, manifest, session, tokenizer)
+        return bundle.with_client(manifest["adapters"]["default"]) if "adapters" in manifest else bundle
+
+    @property
+    def clients(self) -> list[str]:
+        """The clients whose adapters this bundle holds (empty for a single-model bundle)."""
+        return list(self.manifest.get("adapters", {}).get("clients", []))
+
+    def with_client(self, name: str) -> Bundle:
+        """This bundle with client NAME's adapter: the loaded base is shared, only the adapter's
+        arrays (read with ``allow_pickle=False``) change."""
+        if not self.clients:
+            raise EdgeError(f"{self.path}: one model for everyone; a bundle per client comes from fedtune export --clients")
+        if name not in self.clients:
+            raise EdgeError(f"client {name!r}: not in {self.path} (clients: {', '.join(self.clients)})")
+        arrays = {}
+        for file in (SHARED_ADAPTER, f"{name}.npz"):
+            with np.load(self.path / ADAPTER_DIR / file, allow_pickle=False) as stored:
+                arrays |= {key: stored[key] for key in stored.files}
+        expected = set(self.manifest["adapters"]["inputs"])
+        if set(arrays) != expected:
+            raise EdgeError(f"{self.path}: client {name!r}'s adapter does not match the model's inputs")
+        return replace(self, adapter=arrays, client=name)
 
     @property
     def task(self) -> str:
@@ -86,13 +115,14 @@ class Bundle:
 
     def __repr__(self) -> str:
         quantization = self.manifest.get("quantization", {}).get("mode", "none")
-        return f"Bundle({str(self.path)!r}, task={self.task!r}, quantization={quantization!r})"
+        client = f", client={self.client!r}" if self.client else ""
+        return f"Bundle({str(self.path)!r}, task={self.task!r}, quantization={quantization!r}{client})"
 
     # -- classification ------------------------------------------------------------
     def logits(self, texts: list[str]) -> np.ndarray:
         """Classifier logits for a batch of texts (right-padded, like training)."""
         ids, mask = self._encode([self._encode_ids(t) for t in texts], left=False)
-        return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **self.adapter})[0]
 
     def classify(self, texts: list[str] | str) -> list[Prediction]:
         """One prediction per text (a single string is one text, not a list of characters)."""

@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--client", default=None, metavar="NAME", help="export this client's personalised model (FedSA)"
     )
+    export.add_argument(
+        "--clients",
+        default=None,
+        metavar="all|NAME,...",
+        help="one base model plus an adapter per client (FedSA; classifiers, fp32): pick one with edge --client",
+    )
     export.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization")
     export.add_argument(
         "--check-data", default=None, metavar="FILE", help="labeled file for the checks (default: run's eval data)"
@@ -222,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     edge_run.add_argument(
         "--raw", action="store_true", help="causal LM: use the text as the prompt, without the template"
     )
+    edge_run.add_argument("--client", default=None, metavar="NAME", help="adapter bundles: this client's adapter")
     edge_run.set_defaults(handler=_edge_run)
     edge_bench = edge_commands.add_parser("bench", help="accuracy / exact match and latency on a labeled file")
     edge_bench.add_argument("bundle", metavar="BUNDLE")
@@ -229,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     edge_bench.add_argument("--limit", type=int, default=None, metavar="N", help="first N rows only")
     edge_bench.add_argument("--text-field", default=None, help="default: the run's data.text_field")
     edge_bench.add_argument("--label-field", default=None, help="default: the run's data.label_field")
+    edge_bench.add_argument("--client", default=None, metavar="NAME", help="adapter bundles: this client's adapter")
     edge_bench.set_defaults(handler=_edge_bench)
     return parser
 
@@ -449,6 +457,16 @@ def _partition(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from fedtune.edge.export import export_bundle
 
+    if args.clients is not None:
+        if args.client or args.quantize != "none":
+            raise UserError("--clients: not with --client or --quantize (an adapter bundle is fp32 and holds every client)")
+        from fedtune.edge.adapters import export_adapter_bundle
+
+        names = None if args.clients == "all" else [n.strip() for n in args.clients.split(",") if n.strip()]
+        export_adapter_bundle(
+            RunDir.open(args.run_dir), Path(args.out), names, args.round, args.check_data, args.check_examples, args.tolerance
+        )
+        return 0
     export_bundle(
         RunDir.open(args.run_dir),
         Path(args.out),
@@ -468,6 +486,8 @@ def _edge_run(args: argparse.Namespace) -> int:
     from fedtune.edge import Bundle
 
     bundle = Bundle.load(args.bundle)
+    if args.client:
+        bundle = bundle.with_client(args.client)
     if bundle.task == "classification":
         prediction = bundle.classify([args.text])[0]
         print(json.dumps({"label": prediction.label, "name": prediction.name, "probabilities": prediction.probabilities}))
@@ -483,6 +503,8 @@ def _edge_bench(args: argparse.Namespace) -> int:
     from fedtune.records import read_records
 
     bundle = Bundle.load(args.bundle)
+    if args.client:
+        bundle = bundle.with_client(args.client)
     fields = bundle.manifest["fields"]
     rows = list(read_records(args.data))[: args.limit]
     result = bench(bundle, rows, args.text_field or fields["text"], args.label_field or fields["label"])

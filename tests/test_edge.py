@@ -212,6 +212,28 @@ def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path
     # the personalised model is not the global one (FedSA's global B is zero)
     assert torch_eval["eval_loss"] != pytest.approx(global_eval["eval_loss"])
 
+    # one base, one adapter per client: each client's predictions are its personalised model's
+    multi = tmp_path / "every-client"
+    export = run_cli("export", str(run), "--clients", "all", "--out", str(multi), "--check-examples", "60", timeout=600)
+    assert export.returncode == 0, export.stderr
+    bench_1 = json.loads(run_cli("edge", "bench", str(multi), "--client", "client-1", "--data", str(data), timeout=300).stdout)
+    assert bench_1["accuracy"] == pytest.approx(torch_eval["eval_accuracy"], abs=1e-9)
+    bundle = Bundle.load(multi)
+    assert bundle.clients == ["global", *(f"client-{k}" for k in range(5))]
+    for name in bundle.clients:
+        model, _ = load_run_model(RunDir.open(run), client=None if name == "global" else name, quantization="none")
+        ids = model.tokenizer(TEXTS, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            expected = model.model(**ids).logits.numpy()
+        np.testing.assert_allclose(bundle.with_client(name).logits(TEXTS), expected, atol=1e-4)
+    sizes = json.loads((multi / "manifest.json").read_text())["sizes"]["files"]
+    single = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["sizes"]["files"]["model.onnx"]
+    adapters = {k: v for k, v in sizes.items() if k.startswith("adapters/")}
+    assert sizes["model.onnx"] <= 1.01 * single  # the base once (unmerged LoRA adds its few tensors' ops only)
+    assert len(adapters) == 7 and sum(adapters.values()) < 0.05 * single  # shared.npz + 6 adapters, small
+    with pytest.raises(EdgeError, match="client 'client-9': not in"):
+        bundle.with_client("client-9")
+
 
 def test_bundle_api_and_bench_treat_a_user_kindly(classifier_bundle, tmp_path):
     """Issue 16: one string is one text, print(bundle) is one line, a file without the text column is one line."""
