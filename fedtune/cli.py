@@ -523,7 +523,7 @@ def _quiet_libraries() -> None:
     ):
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "bitsandbytes", "peft", "torch", "datasets"):
+    for name in ("transformers", "bitsandbytes", "peft", "torch", "datasets", "matplotlib"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

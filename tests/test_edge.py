@@ -237,9 +237,15 @@ def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path
 
 def test_bundle_api_and_bench_treat_a_user_kindly(classifier_bundle, tmp_path):
     """Issue 16: one string is one text, print(bundle) is one line, a file without the text column is one line."""
-    _, path, manifest, _ = classifier_bundle
+    run, path, manifest, _ = classifier_bundle
     bundle = Bundle.load(path)
     assert len(bundle.classify("How do I change my seat?")) == 1
+    with pytest.raises(EdgeError, match="one model for everyone"):
+        bundle.with_client("client-0")
+    refused = run_cli("export", str(run.path), "--clients", "all", "--out", str(tmp_path / "every"), timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"fedtune: error: --clients: {run.path} has no per-client tensors (strategy fedit); export the global model without --clients"
+    ]
     assert repr(bundle) == f"Bundle({str(path)!r}, task='classification', quantization='none')"
     assert manifest["quantization"]["method"] == "none (fp32)"
     rows = tmp_path / "rows.jsonl"
