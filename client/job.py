@@ -179,6 +179,8 @@ def _job(
     partition_id = int(data.removeprefix("partition-")) if data.startswith("partition-") else None
     if partition_id is not None and config.client.ranks:  # client.ranks, cycled over the simulated clients
         rank = config.client.ranks[partition_id % len(config.client.ranks)]
+    if rank > config.adapter.r:
+        raise UserError(f"--rank {rank}: above this run's adapter.r ({config.adapter.r}), the largest rank a client may use")
     if rank and rank != config.adapter.r:  # this client's rank (an agent's --rank)
         config = config.model_copy(update={"adapter": config.adapter.model_copy(update={"r": rank})})
     model = SHARED_MODEL.get(config)

@@ -69,6 +69,8 @@ def export_adapter_bundle(
         raise UserError(f"--clients: {run.path} has no per-client tensors (strategy {config.strategy.name}); export the global model without --clients")
     wanted = known if clients is None else clients
     unknown = [c for c in wanted if c not in known]
+    if GLOBAL in wanted or "shared" in wanted:
+        raise UserError(f"--clients: a client named {GLOBAL!r} or 'shared' would overwrite the bundle's own adapter files")
     if unknown:
         raise UserError(f"--clients: no private state for {unknown} in {run.path} (clients with state: {', '.join(known)})")
     echo(f"loading {run.path.name}'s model ({config.model.name})")

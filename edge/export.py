@@ -94,8 +94,9 @@ def export_bundle(
         final = staging / "model.onnx"
 
         def check(path: Path) -> tuple[bool, dict]:
-            gate = _quality_gate(config.model.task, reference, _ort_outputs(path, checks, merged), checks)
-            gate["quantized_max_abs_diff"] = _max_abs_diff(reference, _ort_outputs(path, checks, merged))
+            outputs = _ort_outputs(path, checks, merged)
+            gate = _quality_gate(config.model.task, reference, outputs, checks)
+            gate["quantized_max_abs_diff"] = _max_abs_diff(reference, outputs)
             drop_ok = gate.get("accuracy_drop_points", 0.0) <= max_drop
             return drop_ok and gate.get("next_token_agreement", 1.0) >= min_agreement, gate
 

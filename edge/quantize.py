@@ -124,22 +124,21 @@ def sensitive_matmuls(source: Path, calibration: Feeds) -> list[tuple[str, float
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
-        collected = [session.run(names, feed) for feed in calibration]
-    activations = {name: [batch[i] for batch in collected] for i, name in enumerate(names)}
-    scores = {node: _channel_noise(activations[tensor]) for node, tensor in inputs.items()}
+        per_batch = {name: [] for name in names}  # scored batch by batch: activations are not kept
+        for feed in calibration:
+            for name, value in zip(names, session.run(names, feed)):
+                per_batch[name].append(_channel_noise(value))
+    scores = {node: float(np.mean(per_batch[tensor])) for node, tensor in inputs.items()}
     return sorted(scores.items(), key=lambda item: -item[1])
 
 
-def _channel_noise(batches: list[np.ndarray]) -> float:
-    """Mean per-channel relative error of uint8 min-max quantization (last axis: channels), averaged over BATCHES."""
-    scores = []
-    for batch in batches:
-        values = batch.reshape(-1, batch.shape[-1]).astype(np.float64)
-        low, high = min(values.min(), 0.0), max(values.max(), 0.0)
-        scale = (high - low) / 255 or 1.0
-        error = values - (np.round((values - low) / scale) * scale + low)
-        scores.append(np.mean(np.square(error).sum(0) / np.maximum(np.square(values).sum(0), 1e-30)))
-    return float(np.mean(scores))
+def _channel_noise(batch: np.ndarray) -> float:
+    """Mean per-channel relative error of uint8 min-max quantization of BATCH (last axis: channels)."""
+    values = batch.reshape(-1, batch.shape[-1]).astype(np.float64)
+    low, high = min(values.min(), 0.0), max(values.max(), 0.0)
+    scale = (high - low) / 255 or 1.0
+    error = values - (np.round((values - low) / scale) * scale + low)
+    return float(np.mean(np.square(error).sum(0) / np.maximum(np.square(values).sum(0), 1e-30)))
 
 
 def _dynamic(source: Path, target: Path, exclude: list[str], external_data: bool) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from fedtune.errors import UserError
 MANIFEST = "manifest.json"
 ADAPTER_DIR = "adapters"  # per-client adapter bundles: adapters/shared.npz and adapters/<client>.npz
 SHARED_ADAPTER = "shared.npz"
+CLIENT_NAME = re.compile(r"[\w.-]{1,64}")  # as the coordinator admits client names; never a path
 
 
 class EdgeError(UserError):
@@ -98,14 +100,21 @@ class Bundle:
         arrays (read with ``allow_pickle=False``) change."""
         if not self.clients:
             raise EdgeError(f"{self.path}: one model for everyone; a bundle per client comes from fedtune export --clients")
-        if name not in self.clients:
+        if name not in self.clients or not CLIENT_NAME.fullmatch(name):
             raise EdgeError(f"client {name!r}: not in {self.path} (clients: {', '.join(self.clients)})")
         arrays = {}
         for file in (SHARED_ADAPTER, f"{name}.npz"):
-            with np.load(self.path / ADAPTER_DIR / file, allow_pickle=False) as stored:
+            path = self.path / ADAPTER_DIR / file
+            if sha256_file(path) != self.manifest["sha256"].get(f"{ADAPTER_DIR}/{file}"):  # read now: check now
+                raise EdgeError(f"{path}: checksum mismatch with manifest.json (corrupted or modified file)")
+            with np.load(path, allow_pickle=False) as stored:
                 arrays |= {key: stored[key] for key in stored.files}
-        expected = set(self.manifest["adapters"]["inputs"])
-        if set(arrays) != expected:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        for key, value in arrays.items():
+            spec = inputs.get(key)
+            if spec is None or value.dtype != np.float32 or list(value.shape) != list(spec.shape):
+                raise EdgeError(f"{self.path}: client {name!r}'s adapter does not fit the model ({key})")
+        if set(arrays) != set(self.manifest["adapters"]["inputs"]):
             raise EdgeError(f"{self.path}: client {name!r}'s adapter does not match the model's inputs")
         return replace(self, adapter=arrays, client=name)
 

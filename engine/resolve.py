@@ -108,6 +108,5 @@ def check_ranks(config: Config) -> None:
         raise UserError(f"strategy.name {name}: not with privacy.mode client yet (clients start from different broadcasts)")
     if config.strategy.robust in ("trimmed-mean", "median"):
         raise UserError(f"strategy.robust {config.strategy.robust}: not with {name}, whose factors differ in rank; use norm-bound or none")
-    zo = config.client.mode != "backprop" or config.client.zo_clients
-    if zo and config.client.zo_upload == "seeds":
+    if config.client.zo_upload == "seeds":  # whatever client.mode says: an agent's --mode zo would upload seeds
         raise UserError(f"client.zo_upload seeds: not with {name} (the coordinator replays seeds from one broadcast); use delta")

@@ -25,9 +25,11 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     """(B, A) of shapes (d_out, rank), (rank, d_in) with B·A the best rank-``rank`` approximation of DELTA.
 
     The singular values are split evenly (B = U√S, A = √S Vᵀ), so both factors are on the same
-    scale for the clients' next steps; components beyond the matrix's own rank are zero."""
+    scale for the clients' next steps; components beyond the matrix's own rank are zero
+    (``flexlora_combine`` gives their A rows back a value, so that they can still learn)."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    kept = min(rank, s.numel())
+    tolerance = s[0] * max(delta.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
+    kept = min(rank, int((s > tolerance).sum()))  # the numerical rank: rounding leaves tiny values
     root = s[:kept].sqrt()
     b = delta.new_zeros((delta.shape[0], rank), dtype=torch.float64)
     a = delta.new_zeros((rank, delta.shape[1]), dtype=torch.float64)
@@ -36,8 +38,12 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return b.float(), a.float()
 
 
-def flexlora_combine(tensors: list[Tensors], weights: list[float], rank: int) -> Tensors:
-    """Global factors at RANK from client factors already lifted to that rank's scale."""
+def flexlora_combine(tensors: list[Tensors], weights: list[float], rank: int, previous: Tensors) -> Tensors:
+    """Global factors at RANK from client factors already lifted to that rank's scale.
+
+    A component that ΔW does not fill (zero singular value) would have A and B both zero and
+    never receive a gradient again; its A row takes PREVIOUS's row (the global A before this
+    round) while its B column stays zero, which leaves the product unchanged."""
     total = float(sum(weights))
     share = [w / total for w in weights]
     names = list(tensors[0])
@@ -45,7 +51,10 @@ def flexlora_combine(tensors: list[Tensors], weights: list[float], rank: int) ->
     combined: Tensors = {}
     for a_name, b_name in pairs:
         delta = sum(p * (t[b_name].double() @ t[a_name].double()) for t, p in zip(tensors, share))
-        combined[b_name], combined[a_name] = svd_factors(delta, rank)
+        b, a = svd_factors(delta, rank)
+        empty = (b.abs().sum(0) == 0) & (a.abs().sum(1) == 0)
+        a[empty] = previous[a_name][empty].float()
+        combined[b_name], combined[a_name] = b, a
     rest = [n for n in names if role_of(n) == "head"]
     if rest:
         combined.update(weighted_mean([{n: t[n] for n in rest} for t in tensors], weights))
@@ -61,4 +70,4 @@ class FlexLora(PerClientRankStrategy):
     )
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
-        return flexlora_combine([u.tensors for u in updates], [u.num_examples for u in updates], self.rank)
+        return flexlora_combine([u.tensors for u in updates], [u.num_examples for u in updates], self.rank, current)

@@ -25,9 +25,14 @@ from fedtune.strategies.per_client_rank import PerClientRankStrategy
 from fedtune.strategies.robust import weighted_mean
 
 
-def sparsity_weights(products: list[torch.Tensor], fallback: list[float]) -> list[float]:
-    """p_k = ‖P_k‖_F / Σ_j ‖P_j‖_F, or the normalised FALLBACK when every P_k is zero."""
-    norms = [float(torch.linalg.matrix_norm(p.double())) for p in products]
+def product_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """‖B·A‖_F without forming B·A: ‖BA‖²_F = trace((BᵀB)(AAᵀ)), two r×r matrices."""
+    b, a = b.double(), a.double()
+    return float(torch.trace((b.T @ b) @ (a @ a.T)).clamp(min=0.0).sqrt())
+
+
+def sparsity_weights(norms: list[float], fallback: list[float]) -> list[float]:
+    """p_k = N_k / Σ_j N_j for the clients' product norms N_k, or the normalised FALLBACK when all are zero."""
     weights = norms if sum(norms) > 0 else [float(w) for w in fallback]
     total = sum(weights)
     return [w / total for w in weights]
@@ -38,8 +43,7 @@ def hetlora_combine(tensors: list[Tensors], weights: list[float]) -> Tensors:
     names = list(tensors[0])
     combined: Tensors = {}
     for a_name, b_name in factor_pairs(names):
-        products = [t[b_name] @ t[a_name] for t in tensors]
-        share = sparsity_weights(products, weights)
+        share = sparsity_weights([product_norm(t[b_name], t[a_name]) for t in tensors], weights)
         combined[a_name] = sum(p * t[a_name] for t, p in zip(tensors, share))
         combined[b_name] = sum(p * t[b_name] for t, p in zip(tensors, share))
     rest = [n for n in names if role_of(n) == "head"]

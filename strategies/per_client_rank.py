@@ -24,7 +24,7 @@ from typing import Any
 from fedtune import wire
 from fedtune.config import Config
 from fedtune.ranks import lora_scale, rank_of, resize, shapes_at_rank
-from fedtune.strategies.base import ClientUpdate, LoraStrategy, ReplyError, Tensors
+from fedtune.strategies.base import ClientUpdate, LoraStrategy, ReplyError, Tensors, checked_info
 
 
 class PerClientRankStrategy(LoraStrategy):
@@ -68,10 +68,18 @@ class PerClientRankStrategy(LoraStrategy):
         return self.at_rank(tensors, self.rank)
 
     def decode(self, content, node: int, name: str) -> tuple[str | None, ClientUpdate | None]:
+        try:
+            self.expected_shapes(checked_info(content))  # the declared rank, before either upload path
+        except ReplyError as err:
+            return str(err), None
         problem, update = super().decode(content, node, name)
         if update is not None:
             self.ranks[node] = int(update.info["rank"])
         return problem, update
+
+    def replay_seeds(self, arrays, config) -> Tensors:
+        """Seeds are replayed from one broadcast; a client of another rank started elsewhere."""
+        raise ReplyError("ZO seed uploads: not with per-client ranks (upload tensors: client.zo_upload delta)")
 
     def starts(self, updates: list[ClientUpdate]) -> list[Tensors]:
         """Client k started from the broadcast cut to its rank; lifted to R, that is the broadcast

@@ -233,6 +233,10 @@ def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path
     assert len(adapters) == 7 and sum(adapters.values()) < 0.05 * single  # shared.npz + 6 adapters, small
     with pytest.raises(EdgeError, match="client 'client-9': not in"):
         bundle.with_client("client-9")
+    tampered = multi / "adapters" / "client-2.npz"
+    tampered.write_bytes(tampered.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(EdgeError, match="client-2.npz: checksum mismatch"):
+        bundle.with_client("client-2")
 
 
 def test_bundle_api_and_bench_treat_a_user_kindly(classifier_bundle, tmp_path):

@@ -13,7 +13,7 @@ from fedtune.plan import ParameterPlan
 from fedtune.ranks import lora_scale, rank_of, resize
 from fedtune.strategies import STRATEGIES, build_strategy
 from fedtune.strategies.flexlora import flexlora_combine, svd_factors
-from fedtune.strategies.hetlora import hetlora_combine, sparsity_weights
+from fedtune.strategies.hetlora import hetlora_combine, product_norm, sparsity_weights
 from flower_helpers import StaticGrid, enter_run, reply, tensors_of
 
 LAYERS = {"q": (5, 6), "v": (4, 6)}  # (d_out, d_in) of two targeted layers
@@ -79,7 +79,7 @@ def test_flexlora_at_full_svd_rank_reproduces_the_exact_weighted_product():
     weights = [10.0, 30.0, 60.0]
     global_rank = 5  # min(d_out, d_in) of both layers: every product fits
     lifted = [resize(c, global_rank, ALPHA) for c in clients]
-    combined = flexlora_combine(lifted, weights, global_rank)
+    combined = flexlora_combine(lifted, weights, global_rank, resize(_factors(5, seed=7), global_rank, ALPHA))
     total = sum(weights)
     for layer in LAYERS:
         exact = sum(w / total * _products(c)[layer] for c, w in zip(clients, weights))
@@ -108,8 +108,10 @@ def test_hetlora_pads_weights_by_norm_and_cuts_back_to_each_clients_shapes():
     combined = hetlora_combine(lifted, [1.0, 1.0, 1.0])
     for layer in LAYERS:
         products = [t[f"m.{layer}.lora_B.weight"] @ t[f"m.{layer}.lora_A.weight"] for t in lifted]
-        share = sparsity_weights(products, [1.0] * 3)
         norms = [float(torch.linalg.matrix_norm(p)) for p in products]
+        pairs = [(t[f"m.{layer}.lora_B.weight"], t[f"m.{layer}.lora_A.weight"]) for t in lifted]
+        assert [product_norm(b, a) for b, a in pairs] == pytest.approx(norms, rel=1e-5)
+        share = sparsity_weights(norms, [1.0] * 3)
         assert share == pytest.approx([n / sum(norms) for n in norms])
         expected = sum(p * t[f"m.{layer}.lora_A.weight"] for p, t in zip(share, lifted))
         torch.testing.assert_close(combined[f"m.{layer}.lora_A.weight"], expected)
@@ -119,7 +121,7 @@ def test_hetlora_pads_weights_by_norm_and_cuts_back_to_each_clients_shapes():
 
 
 def test_hetlora_without_any_product_falls_back_to_example_weights():
-    assert sparsity_weights([torch.zeros(3, 3), torch.zeros(3, 3)], [1.0, 3.0]) == pytest.approx([0.25, 0.75])
+    assert sparsity_weights([0.0, 0.0], [1.0, 3.0]) == pytest.approx([0.25, 0.75])
 
 
 # -- the strategies on the wire ---------------------------------------------------------
@@ -185,7 +187,7 @@ def test_the_registry_knows_which_strategies_take_per_client_ranks():
         ({"strategy": {"name": "fedit"}, "client": {"ranks": [2, 4]}}, "client.ranks: strategy fedit trains every client at one rank"),
         ({"strategy": {"name": "flexlora"}, "client": {"ranks": [2, 16]}}, "client.ranks: 16 exceeds adapter.r (8)"),
         ({"strategy": {"name": "hetlora", "robust": "median"}}, "strategy.robust median: not with hetlora"),
-        ({"strategy": {"name": "flexlora"}, "client": {"mode": "zo", "zo_upload": "seeds"}}, "client.zo_upload seeds"),
+        ({"strategy": {"name": "flexlora"}, "client": {"zo_upload": "seeds"}}, "client.zo_upload seeds"),  # agents may --mode zo
     ],
 )
 def test_what_per_client_ranks_cannot_do_is_one_line(settings, words):
@@ -219,12 +221,12 @@ def test_agents_choose_their_rank_and_one_process_keeps_one_base_model(tmp_path)
     """Two agents (``fedtune client --rank 2`` and ``--rank 8``) served by one process, driven through
     the real ClientApp: each trains and replies at its rank, the base model is loaded once."""
     from flwr.app import Context, RecordDict
+    from test_strategies import _config
 
     from conftest import write_support_check
     from fedtune.client import client_app
     from fedtune.client.job import SHARED_MODEL
     from fedtune.engine.adapters import build_adapter_model
-    from test_strategies import _config
 
     def contexts(config):
         data = tmp_path / "ours.jsonl"
@@ -263,3 +265,38 @@ def test_agents_choose_their_rank_and_one_process_keeps_one_base_model(tmp_path)
     )[0]
     with pytest.raises(UserError, match="rank 2: this run trains every client at rank 4"):
         client_app.train(message, contexts(fedit)[2])
+
+
+def test_flexlora_components_that_delta_w_leaves_empty_can_still_learn():
+    """Two rank-1 clients, global rank 5: ΔW has rank 2, components 3 to 5 have no singular value.
+    Their B stays zero (the product is exact) and their A rows keep the previous global A."""
+    clients = [_factors(1, seed=k, head=False) for k in range(2)]
+    previous = resize(_factors(5, seed=11, head=False), 5, ALPHA)
+    combined = flexlora_combine([resize(c, 5, ALPHA) for c in clients], [1.0, 1.0], 5, previous)
+    for layer in LAYERS:
+        a, b = combined[f"m.{layer}.lora_A.weight"], combined[f"m.{layer}.lora_B.weight"]
+        assert not b[:, 2:].any() and torch.equal(a[2:], previous[f"m.{layer}.lora_A.weight"][2:])
+        exact = sum(0.5 * _products(c)[layer] for c in clients)
+        torch.testing.assert_close(_products(combined)[layer], exact, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("declared", [2, 9])
+def test_seed_uploads_are_refused_with_per_client_ranks(declared):
+    """A ZO client's seeds would be replayed from the rank-R broadcast, not from where it started."""
+    from flwr.app import ConfigRecord as Config_
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from fedtune import wire
+    from fedtune.spsa import ZOStep
+
+    strategy = _strategy("flexlora")
+    enter_run()
+    message = strategy.configure_train(1, ArrayRecord(_factors(8, seed=2)), ConfigRecord(), StaticGrid([1]))[0]
+    seeds = wire.encode_seeds([ZOStep(0.01, [1, 2], [0.5, -0.5])], 0.0)
+    content = RecordDict(
+        {**seeds, "metrics": MetricRecord({"num-examples": 10}), "info": Config_({"name": "client-1", "rank": declared})}
+    )
+    strategy.aggregate_train(1, [Message(content=content, reply_to=message)])
+    expected = "seed uploads: not with per-client ranks" if declared == 2 else "'rank' must be an integer between 1 and 8"
+    assert len(strategy.ledger.rejected) == 1 and expected in strategy.ledger.rejected[0], strategy.ledger.rejected
+    assert 1 not in strategy.ranks  # a refused reply teaches the coordinator nothing
