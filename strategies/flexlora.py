@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.plan import ParameterPlan, role_of
 from fedtune.ranks import factor_pairs
 from fedtune.strategies.base import ClientUpdate, Tensors
-from fedtune.strategies.per_client_rank import PerClientRankStrategy
-from fedtune.strategies.robust import weighted_mean
+from fedtune.strategies.per_client_rank import PER_CLIENT_RANK_PLAN, PerClientRankStrategy, head_mean
 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,19 +53,12 @@ def flexlora_combine(tensors: list[Tensors], weights: list[float], rank: int, pr
         empty = (b.abs().sum(0) == 0) & (a.abs().sum(1) == 0)
         a[empty] = previous[a_name][empty].float()
         combined[b_name], combined[a_name] = b, a
-    rest = [n for n in names if role_of(n) == "head"]
-    if rest:
-        combined.update(weighted_mean([{n: t[n] for n in rest} for t in tensors], weights))
-    return combined
+    return combined | head_mean(tensors, weights)
 
 
 class FlexLora(PerClientRankStrategy):
     name = "flexlora"
-    plan = ParameterPlan(
-        trained=frozenset({"lora_A", "lora_B", "head"}),
-        sent=frozenset({"lora_A", "lora_B", "head"}),
-        per_client_ranks=True,
-    )
+    plan = PER_CLIENT_RANK_PLAN
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         return flexlora_combine([u.tensors for u in updates], [u.num_examples for u in updates], self.rank, current)

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.plan import ParameterPlan, role_of
 from fedtune.ranks import factor_pairs
 from fedtune.strategies.base import ClientUpdate, Tensors
-from fedtune.strategies.per_client_rank import PerClientRankStrategy
-from fedtune.strategies.robust import weighted_mean
+from fedtune.strategies.per_client_rank import PER_CLIENT_RANK_PLAN, PerClientRankStrategy, head_mean
 
 
 def product_norm(b: torch.Tensor, a: torch.Tensor) -> float:
@@ -46,19 +44,12 @@ def hetlora_combine(tensors: list[Tensors], weights: list[float]) -> Tensors:
         share = sparsity_weights([product_norm(t[b_name], t[a_name]) for t in tensors], weights)
         combined[a_name] = sum(p * t[a_name] for t, p in zip(tensors, share))
         combined[b_name] = sum(p * t[b_name] for t, p in zip(tensors, share))
-    rest = [n for n in names if role_of(n) == "head"]
-    if rest:
-        combined.update(weighted_mean([{n: t[n] for n in rest} for t in tensors], weights))
-    return combined
+    return combined | head_mean(tensors, weights)
 
 
 class HetLora(PerClientRankStrategy):
     name = "hetlora"
-    plan = ParameterPlan(
-        trained=frozenset({"lora_A", "lora_B", "head"}),
-        sent=frozenset({"lora_A", "lora_B", "head"}),
-        per_client_ranks=True,
-    )
+    plan = PER_CLIENT_RANK_PLAN
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         return hetlora_combine([u.tensors for u in updates], [u.num_examples for u in updates])

@@ -23,8 +23,22 @@ from typing import Any
 
 from fedtune import wire
 from fedtune.config import Config
-from fedtune.ranks import lora_scale, rank_of, resize, shapes_at_rank
+from fedtune.plan import ParameterPlan, role_of
+from fedtune.ranks import rank_of, resize, shapes_at_rank
 from fedtune.strategies.base import ClientUpdate, LoraStrategy, ReplyError, Tensors, checked_info
+from fedtune.strategies.robust import weighted_mean
+
+PER_CLIENT_RANK_PLAN = ParameterPlan(
+    trained=frozenset({"lora_A", "lora_B", "head"}),
+    sent=frozenset({"lora_A", "lora_B", "head"}),
+    per_client_ranks=True,
+)
+
+
+def head_mean(tensors: list[Tensors], weights: list[float]) -> Tensors:
+    """The example-weighted mean of the head tensors (the same shape at every rank)."""
+    heads = [n for n in tensors[0] if role_of(n) == "head"]
+    return weighted_mean([{n: t[n] for n in heads} for t in tensors], weights) if heads else {}
 
 
 class PerClientRankStrategy(LoraStrategy):
@@ -43,9 +57,6 @@ class PerClientRankStrategy(LoraStrategy):
     def rank(self) -> int:
         """R: the rank of the global factors."""
         return rank_of(self.current) or 0
-
-    def scale(self, rank: int) -> float:
-        return lora_scale(self.alpha, rank, self.rslora)
 
     def at_rank(self, tensors: Mapping[str, Any], rank: int) -> Tensors:
         return resize(tensors, rank, self.alpha, self.rslora)
