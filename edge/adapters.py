@@ -112,7 +112,6 @@ def export_adapter_bundle(
             bundle,
             config,
             adapter,
-            adapter.model,
             source={"run": str(run.path.resolve()), "round": used_round, "client": None},
             quantization={"mode": "none", "kept_full_precision": [], "method": "none (fp32; adapters unmerged)"},
             parity={"fp32_max_abs_diff": max(parity.values()), "per_client": parity, "tolerance": tolerance, "examples": len(checks)},

@@ -1,8 +1,9 @@
 """``fedtune export``: a run's adapter merged into its base model, as a verified ONNX bundle.
 
 Steps: load the checkpoint (global, or a FedSA client's personalised adapter) on the
-full-precision base, ``merge_and_unload``, ``torch.onnx.export`` (classifier: logits;
-causal LM: logits plus KV-cache inputs/outputs), compare onnxruntime with PyTorch on
+full-precision base, ``merge_and_unload``, export (classifier: ``torch.onnx.export`` of the
+logits; causal LM: onnxruntime-genai's model builder, edge/genai_build.py, whose generator
+runs the bundle on the device), compare onnxruntime with PyTorch on
 real inputs and refuse a bundle whose largest logit difference exceeds the tolerance,
 optionally quantize (edge/quantize.py) and refuse if held-out accuracy (classifier) or
 next-token agreement (LM) drops beyond the allowed margin, then write the bundle.
@@ -20,10 +21,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from fedtune.atomic import staged_dir
 from fedtune.config import Config
+from fedtune.edge.genai_build import GENAI_CONFIG, build_decoder
 from fedtune.edge.quantize import int8_classifier, method, quantize_model
 from fedtune.edge.runtime import MANIFEST, sha256_file
 from fedtune.engine.adapters import AdapterModel
@@ -81,7 +83,10 @@ def export_bundle(
         f"exporting {config.model.name} ({config.model.task}) round {used_round}"
         + (f", client {client}" if client else "")
     )
-    _export(merged, config.model.task, fp32)
+    if config.model.task == "causal-lm":
+        build_decoder(merged, adapter.tokenizer, fp32.parent, staging)
+    else:
+        _export_classifier(merged, fp32)
     reference = _torch_outputs(merged, checks)
     parity = _max_abs_diff(reference, _ort_outputs(fp32, checks, merged))
     echo(f"parity fp32: max |onnxruntime - pytorch| = {parity:.2e} on {len(checks)} examples (tolerance {tolerance:g})")
@@ -124,11 +129,13 @@ def export_bundle(
     with staged_dir(out) as bundle:
         _save_model(final, bundle / "model.onnx")
         adapter.tokenizer.save_pretrained(bundle)
+        generator = [GENAI_CONFIG] if config.model.task == "causal-lm" else []
+        for name in generator:
+            shutil.copyfile(fp32.parent / name, bundle / name)
         manifest = manifest_record(
             bundle,
             config,
             adapter,
-            merged,
             source={"run": str(run.path.resolve()), "round": used_round, "client": client},
             quantization={
                 "mode": quantize,
@@ -138,32 +145,12 @@ def export_bundle(
             },
             parity={"fp32_max_abs_diff": parity, "tolerance": tolerance, "examples": len(checks)},
             gate=gate,
+            extra_files=generator,
         )
         (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(staging)
     echo(f"bundle: {out} ({manifest['sizes']['model_bytes'] / 1e6:.1f} MB model)")
     return manifest
-
-
-class _DecoderWithCache(torch.nn.Module):
-    """Flat-tensor interface of a causal LM step: (ids, mask, positions, past...) -> (logits, present...)."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-        self.layers = model.config.num_hidden_layers
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):  # noqa: ANN001
-        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-        return (out.logits, *presents)
 
 
 class _Classifier(torch.nn.Module):
@@ -175,51 +162,28 @@ class _Classifier(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def cache_shape(model: PreTrainedModel) -> dict[str, int]:
+def _cache_shape(model: PreTrainedModel) -> dict[str, int]:
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return {"layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads, "head_dim": head_dim}
 
 
-def _export(model: PreTrainedModel, task: str, path: Path) -> None:
+def _export_classifier(model: PreTrainedModel, path: Path) -> None:
     # The example batch must contain padding: with an all-ones mask, transformers skips the
     # masking path in Python and the traced graph would ignore attention_mask.
     ids = torch.ones(2, 5, dtype=torch.long)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    if task == "classification":
-        torch.onnx.export(
-            _Classifier(model).eval(),  # the exporter restores the wrapper's mode on the model
-            (ids, mask),
-            str(path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "seq"},
-                "attention_mask": {0: "batch", 1: "seq"},
-                "logits": {0: "batch"},
-            },
-            opset_version=OPSET,
-            dynamo=False,
-        )
-        return
-    shape = cache_shape(model)
-    past_names = [f"past.{i}.{kv}" for i in range(shape["layers"]) for kv in ("key", "value")]
-    present_names = [name.replace("past.", "present.") for name in past_names]
-    past = [torch.zeros(2, shape["kv_heads"], 3, shape["head_dim"]) for _ in past_names]
-    axes = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "seq"},
-    }
-    axes |= {"logits": {0: "batch", 1: "seq"}}
-    axes |= {n: {0: "batch", 2: "past"} for n in past_names} | {n: {0: "batch", 2: "total"} for n in present_names}
     torch.onnx.export(
-        _DecoderWithCache(model).eval(),
-        (ids, torch.cat([torch.ones(2, 3, dtype=torch.long), mask], dim=1), torch.arange(3, 8).expand(2, 5), *past),
+        _Classifier(model).eval(),  # the exporter restores the wrapper's mode on the model
+        (ids, mask),
         str(path),
-        input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-        output_names=["logits", *present_names],
-        dynamic_axes=axes,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "logits": {0: "batch"},
+        },
         opset_version=OPSET,
         dynamo=False,
     )
@@ -260,12 +224,11 @@ def _ort_outputs(
     outputs = []
     for feed in _inputs(checks):
         inputs = {"input_ids": feed["input_ids"], "attention_mask": feed["attention_mask"], **(adapter or {})}
-        if "position_ids" in names:
-            batch, width = feed["input_ids"].shape
-            inputs["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
-            shape = cache_shape(model)
-            empty = np.zeros((batch, shape["kv_heads"], 0, shape["head_dim"]), np.float32)
-            inputs |= {n: empty for n in names if n.startswith("past.")}
+        past = [n for n in names if n.startswith("past_key_values.")]  # a decoder: run it without a cache
+        if past:
+            shape = _cache_shape(model)
+            empty = np.zeros((len(feed["input_ids"]), shape["kv_heads"], 0, shape["head_dim"]), np.float32)
+            inputs |= dict.fromkeys(past, empty)
         outputs.append(session.run(["logits"], inputs)[0])
     return outputs
 
@@ -345,7 +308,6 @@ def manifest_record(
     bundle: Path,
     config: Config,
     adapter: AdapterModel,
-    merged: PreTrainedModel,
     *,
     source: dict,
     quantization: dict,
@@ -389,6 +351,13 @@ def manifest_record(
         manifest |= {
             "prompt": config.data.prompt,
             "response": config.data.response,
-            "cache": cache_shape(merged),
+            "vocab_size": adapter.model.config.vocab_size,
+            "generator": f"onnxruntime-genai {_genai_version()} ({GENAI_CONFIG})",
         }
     return manifest
+
+
+def _genai_version() -> str:
+    from importlib.metadata import version
+
+    return version("onnxruntime-genai")

@@ -3,11 +3,13 @@
     from fedtune.edge import Bundle
     bundle = Bundle.load("bundles/sst2")
     bundle.classify(["a gripping, well acted film"])   # -> [Prediction(label, probabilities, name)]
-    bundle.generate("Review: dull plot\\nSentiment:", max_new_tokens=8)   # causal LM, KV cache
+    bundle.generate("Review: dull plot\\nSentiment:", max_new_tokens=8)   # causal LM
 
 A bundle directory holds ``model.onnx`` (+ ``model.onnx.data`` when large), the
 tokenizer files and ``manifest.json``; ``Bundle.load`` checks the manifest's sha256 of
 every model file before creating the session, so a corrupted file is a clear error.
+A causal-LM bundle also holds ``genai_config.json`` (checksummed too: it names the model
+file) and generates with onnxruntime-genai's generator (KV cache, greedy or sampling).
 A bundle with one adapter per client (``fedtune export --clients``) also holds
 ``adapters/*.npz``; ``bundle.with_client(NAME)`` is the same loaded base with that
 client's adapter fed as inputs.
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import onnxruntime_genai as og
 from tokenizers import Tokenizer
 
 from fedtune.errors import UserError
@@ -51,7 +54,7 @@ class Prediction:
 class Bundle:
     path: Path
     manifest: dict[str, Any]
-    session: ort.InferenceSession
+    session: ort.InferenceSession | og.Model  # a classifier's session, a causal LM's generator model
     tokenizer: Tokenizer
     adapter: dict[str, np.ndarray] = field(default_factory=dict)  # inputs of an adapter bundle
     client: str | None = None  # whose adapter they are
@@ -73,12 +76,16 @@ class Bundle:
                     raise EdgeError(f"{file}: missing from the bundle")
                 if sha256_file(file) != expected:
                     raise EdgeError(f"{file}: checksum mismatch with manifest.json (corrupted or modified file)")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.log_severity_level = 3
+        threads = threads or os.cpu_count() or 1
         try:
-            session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+            if manifest["task"] == "causal-lm":
+                session = _generator_model(path, manifest, threads)
+            else:
+                options = ort.SessionOptions()
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                options.intra_op_num_threads = threads
+                options.log_severity_level = 3
+                session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
             tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
             tokenizer.no_padding()
             if manifest["task"] == "classification":  # special tokens survive truncation, as in training
@@ -155,32 +162,29 @@ class Bundle:
     def generate_ids(
         self, prompt_ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, seed: int = 0
     ) -> list[int]:
-        """Greedy (temperature 0) or sampled continuation, one token per step with the KV cache."""
+        """Greedy (temperature 0) or sampled (top-k when TOP_K > 0) continuation up to EOS, by
+        onnxruntime-genai's generator; SEED makes sampling repeatable."""
         self._require("causal-lm")
-        layers, heads, head_dim = (self.manifest["cache"][k] for k in ("layers", "kv_heads", "head_dim"))
-        past = {
-            f"past.{i}.{kv}": np.zeros((1, heads, 0, head_dim), np.float32)
-            for i in range(layers)
-            for kv in ("key", "value")
-        }
-        rng = np.random.default_rng(seed)
-        ids = np.array([prompt_ids], np.int64)
-        mask = np.ones_like(ids)
-        positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+        if not prompt_ids:
+            raise EdgeError("the prompt is empty: give some text to continue")
+        if max_new_tokens < 1 or temperature < 0 or top_k < 0:
+            raise EdgeError("max_new_tokens must be >= 1, temperature and top_k >= 0")
+        params = og.GeneratorParams(self.session)
+        search = {"max_length": len(prompt_ids) + max_new_tokens, "do_sample": temperature > 0, "num_beams": 1}
+        if temperature > 0:  # top_k 0: the whole vocabulary
+            search |= {"temperature": temperature, "top_k": top_k or self.manifest["vocab_size"], "top_p": 1.0}
+            search |= {"random_seed": seed}
+        params.set_search_options(**search)
+        generator = og.Generator(self.session, params)
+        generator.append_tokens([prompt_ids])
         generated: list[int] = []
         eos = self.manifest.get("eos_token_id")
-        for _ in range(max_new_tokens):
-            logits, *presents = self.session.run(
-                None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
-            )
-            token = _pick(logits[0, -1], temperature, top_k, rng)
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
             if token == eos:
                 break
             generated.append(token)
-            past = dict(zip(past, presents))
-            ids = np.array([[token]], np.int64)
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            positions = np.array([[mask.shape[1] - 1]], np.int64)
         return generated
 
     def generate(
@@ -246,12 +250,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    scaled = logits.astype(np.float64) / temperature
-    if top_k:
-        cutoff = np.partition(scaled, -top_k)[-top_k]
-        scaled[scaled < cutoff] = -np.inf
-    probs = np.exp(scaled - scaled.max())
-    return int(rng.choice(len(probs), p=probs / probs.sum()))
+def _generator_model(path: Path, manifest: dict[str, Any], threads: int) -> og.Model:
+    """onnxruntime-genai's model for a causal-LM bundle, on CPU with THREADS threads."""
+    if "genai_config.json" not in manifest["sha256"]:
+        raise EdgeError(f"{path}: a causal-LM bundle from an older fedtune (no genai_config.json); export it again")
+    config = og.Config(str(path))
+    config.clear_providers()
+    options = {"intra_op_num_threads": threads, "log_severity_level": 3}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    return og.Model(config)

@@ -148,7 +148,9 @@ def test_causal_lm_bundle_generates_like_pytorch(tmp_path):
     )
     manifest = export_bundle(run, tmp_path / "lm", check_examples=8, echo=lambda *_: None)
     assert manifest["parity"]["fp32_max_abs_diff"] < 1e-3
-    assert set(manifest["sha256"]) == {"model.onnx", "model.onnx.data"}  # large: external weights
+    # large: external weights; the generator's config names the model file, so it is checksummed too
+    assert set(manifest["sha256"]) == {"model.onnx", "model.onnx.data", "genai_config.json"}
+    assert manifest["generator"].startswith("onnxruntime-genai ")
     bundle = Bundle.load(tmp_path / "lm")
     model, _ = load_run_model(run)
     merged = model.model.merge_and_unload().eval()
@@ -169,6 +171,26 @@ def test_causal_lm_bundle_generates_like_pytorch(tmp_path):
         if model.tokenizer.eos_token_id in reference:
             reference = reference[: reference.index(model.tokenizer.eos_token_id)]
         assert bundle.generate_ids(ids, max_new_tokens=32) == reference, prompt
+    sampled = [bundle.generate_ids(ids, 16, temperature=1.0, top_k=k, seed=s) for k in (0, 40) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[3] == sampled[4]  # a seed repeats its sample
+    assert sampled[0] != sampled[2] or sampled[3] != sampled[5]
+
+    without_torch = (  # the device side: generation without torch or transformers
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'peft', 'flwr'):\n"
+        "    sys.modules[name] = None\n"
+        "from fedtune.cli import main\n"
+        f"sys.exit(main(['edge', 'run', {str(tmp_path / 'lm')!r}, '--raw', '--text', 'Once upon a time',"
+        " '--max-new-tokens', '8']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", without_torch], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["generated"] == bundle.generate("Once upon a time", max_new_tokens=8) != ""
+
+    config = tmp_path / "lm" / "genai_config.json"
+    config.write_text(config.read_text().replace('"model.onnx"', '"../elsewhere.onnx"'))
+    with pytest.raises(EdgeError, match="genai_config.json: checksum mismatch"):
+        Bundle.load(tmp_path / "lm")
 
 
 def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path):

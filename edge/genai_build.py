@@ -1,0 +1,46 @@
+"""A merged causal LM as an onnxruntime-genai model: the library's model builder does the work.
+
+onnxruntime-genai's builder writes a decoder graph with fused attention (GroupQueryAttention
+with a shared KV-cache buffer) and ``genai_config.json``, which its generator reads to run
+greedy or sampled decoding with the KV cache: the loop fedtune used to write by hand. The
+builder reads a Hugging Face model directory, so the merged model is saved to a scratch
+directory first. Its graph is an ordinary ONNX model: the export's parity and quality
+checks run it with plain onnxruntime, and the usual weight-only quantization applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedtune.errors import UserError
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def build_decoder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, scratch: Path) -> Path:
+    """Write MODEL as ``out/model.onnx`` (+ weights) and ``out/genai_config.json``; return the model path."""
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options  # export only: imports torch
+
+    checkpoint = scratch / "hf"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # per-tensor progress lines
+            where = ("model", str(checkpoint), str(out), "fp32", "cpu", str(scratch / "builder-cache"))
+            create_model(*where, **parse_extra_options(*where, []))
+    except NotImplementedError as err:
+        raise UserError(
+            f"onnxruntime-genai cannot build a {model.config.model_type} decoder ({err}); "
+            "its builder supports Llama, Mistral, Phi, Qwen, Gemma and similar architectures"
+        ) from None
+    finally:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    if not (out / GENAI_CONFIG).is_file():
+        raise UserError(f"onnxruntime-genai's builder wrote no {GENAI_CONFIG}: {log.getvalue()[-300:]}")
+    return out / "model.onnx"
