@@ -69,6 +69,8 @@ class Bundle:
             manifest = json.loads(manifest_file.read_text())
         except json.JSONDecodeError as err:
             raise EdgeError(f"{manifest_file}: not valid JSON ({err})") from None
+        if manifest.get("format") == "gguf":
+            raise EdgeError(f"{path}: a GGUF adapter for llama.cpp; run it with {manifest.get('usage', 'llama-cli')}")
         if verify:
             for name, expected in manifest["sha256"].items():
                 file = path / name

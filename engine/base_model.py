@@ -51,6 +51,14 @@ def model_dir(name: str) -> str:
     return str(_converted_gguf(alias, package_dir))
 
 
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file the base model ``name`` was converted from (None when it was not)."""
+    alias = ALIASES.get(name)
+    if alias is None or alias.gguf_file is None:
+        return None
+    return _package_dir(alias) / alias.gguf_file
+
+
 def default_target_modules(name: str) -> list[str]:
     alias = ALIASES.get(name)
     if alias is not None:

@@ -204,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization")
     export.add_argument(
+        "--format",
+        choices=["onnx", "gguf"],
+        default="onnx",
+        help="onnx: a bundle for fedtune's edge runtime; gguf: base.gguf + adapter.gguf for llama.cpp (causal LMs)",
+    )
+    export.add_argument(
         "--check-data", default=None, metavar="FILE", help="labeled file for the checks (default: run's eval data)"
     )
     export.add_argument("--check-examples", type=int, default=500, metavar="N", help="examples used by the checks")
@@ -457,6 +463,13 @@ def _partition(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from fedtune.edge.export import export_bundle
 
+    if args.format == "gguf":
+        if args.clients is not None or args.quantize != "none":
+            raise UserError("--format gguf: not with --clients or --quantize (the base keeps its GGUF quantization)")
+        from fedtune.edge.gguf_export import export_gguf
+
+        export_gguf(RunDir.open(args.run_dir), Path(args.out), args.round, args.client)
+        return 0
     if args.clients is not None:
         if args.client or args.quantize != "none":
             raise UserError("--clients: not with --client or --quantize (an adapter bundle is fp32 and holds every client)")

@@ -328,7 +328,7 @@ def test_hostile_clients_in_a_simulation_leave_the_model_close_to_a_clean_run(tm
         result = run_cli(*args, *[a for s in small for a in ("--set", s)], timeout=600)
         assert result.returncode == 0, result.stdout + result.stderr
         runs[name] = _final(tmp_path / name)
-    (clean_records, clean), (hostile_records, hostile) = runs["clean"], runs["hostile"]
+    (clean_records, _), (hostile_records, hostile) = runs["clean"], runs["hostile"]
     assert all(torch.isfinite(v).all() for v in hostile.values())
     norm = {name: math.sqrt(sum(float(v.double().square().sum()) for v in t.values())) for name, (_, t) in runs.items()}
     assert norm["hostile"] <= 2.0 * norm["clean"], norm
