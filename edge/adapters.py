@@ -40,6 +40,7 @@ from fedtune.edge.export import (
     manifest_record,
 )
 from fedtune.edge.runtime import ADAPTER_DIR, SHARED_ADAPTER
+from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.checkpoint import PRIVATE_FILE, load_checkpoint, load_run_model
 from fedtune.engine.data import TaskSpec, encode
 from fedtune.errors import UserError
@@ -62,25 +63,14 @@ def export_adapter_bundle(
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     config = run.config()
-    if config.model.task != "classification":
-        raise UserError("--clients: one base with an adapter per client is built for classifiers; export an LM per client with --client NAME")
-    known = sorted(p.name for p in (run.path / "clients").glob("*") if (p / PRIVATE_FILE).is_file())
-    if not known:
-        raise UserError(f"--clients: {run.path} has no per-client tensors (strategy {config.strategy.name}); export the global model without --clients")
-    wanted = known if clients is None else clients
-    unknown = [c for c in wanted if c not in known]
-    if GLOBAL in wanted or "shared" in wanted:
-        raise UserError(f"--clients: a client named {GLOBAL!r} or 'shared' would overwrite the bundle's own adapter files")
-    if unknown:
-        raise UserError(f"--clients: no private state for {unknown} in {run.path} (clients with state: {', '.join(known)})")
-    echo(f"loading {run.path.name}'s model ({config.model.name})")
-    adapter, used_round = load_run_model(run, round_number, None, quantization="none")
-    global_tensors, _ = load_checkpoint(run.latest_checkpoint(round_number))
-    every = {GLOBAL: {**adapter.state(), **global_tensors}}
-    for name in wanted:
-        every[name] = {**every[GLOBAL], **load_file(str(run.client_dir(name) / PRIVATE_FILE))}
+    if config.model.task == "causal-lm":
+        from fedtune.edge.lm_adapters import export_lm_adapter_bundle
+
+        return export_lm_adapter_bundle(run, out, clients, round_number, check_data, check_examples, tolerance, echo)
+    adapter, used_round, every = client_adapters(run, clients, round_number, echo)
     names = list(adapter.params)
     shared = [n for n in names if all(torch.equal(t[n], every[GLOBAL][n]) for t in every.values())]
+    wanted = [c for c in every if c != GLOBAL]
 
     spec = TaskSpec.from_config(config)
     checks = encode(_check_rows(config, check_data, check_examples), spec, adapter.tokenizer, "check data")
@@ -125,6 +115,30 @@ def export_adapter_bundle(
     adapters = sum(v for k, v in sizes.items() if k.startswith(ADAPTER_DIR))
     echo(f"bundle: {out} ({sizes['model.onnx'] / 1e6:.1f} MB base, {len(every)} adapters {adapters / 1e6:.2f} MB in all)")
     return manifest
+
+
+def client_adapters(
+    run: RunDir, clients: list[str] | None, round_number: int | None, echo=print
+) -> tuple[AdapterModel, int, dict[str, dict[str, torch.Tensor]]]:
+    """The run's model and every adapter a bundle holds: ``global`` and each of CLIENTS (None: all
+    clients with private state), each as the full adapter state (global tensors + its private ones)."""
+    config = run.config()
+    known = sorted(p.name for p in (run.path / "clients").glob("*") if (p / PRIVATE_FILE).is_file())
+    if not known:
+        raise UserError(f"--clients: {run.path} has no per-client tensors (strategy {config.strategy.name}); export the global model without --clients")
+    wanted = known if clients is None else clients
+    unknown = [c for c in wanted if c not in known]
+    if GLOBAL in wanted or "shared" in wanted:
+        raise UserError(f"--clients: a client named {GLOBAL!r} or 'shared' would overwrite the bundle's own adapter files")
+    if unknown:
+        raise UserError(f"--clients: no private state for {unknown} in {run.path} (clients with state: {', '.join(known)})")
+    echo(f"loading {run.path.name}'s model ({config.model.name})")
+    adapter, used_round = load_run_model(run, round_number, None, quantization="none")
+    global_tensors, _ = load_checkpoint(run.latest_checkpoint(round_number))
+    every = {GLOBAL: {**adapter.state(), **global_tensors}}
+    for name in wanted:
+        every[name] = {**every[GLOBAL], **load_file(str(run.client_dir(name) / PRIVATE_FILE))}
+    return adapter, used_round, every
 
 
 def _export_with_adapter_inputs(adapter, path: Path) -> None:

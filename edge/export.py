@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from fedtune.atomic import staged_dir
 from fedtune.config import Config
-from fedtune.edge.genai_build import GENAI_CONFIG, build_decoder
+from fedtune.edge.genai_build import GENAI_CONFIG, build_decoder, save_for_builder
 from fedtune.edge.quantize import int8_classifier, method, quantize_model
 from fedtune.edge.runtime import MANIFEST, sha256_file
 from fedtune.engine.adapters import AdapterModel
@@ -84,7 +84,7 @@ def export_bundle(
         + (f", client {client}" if client else "")
     )
     if config.model.task == "causal-lm":
-        build_decoder(merged, adapter.tokenizer, fp32.parent, staging)
+        build_decoder(save_for_builder(merged, adapter.tokenizer, staging / "hf"), fp32.parent, staging)
     else:
         _export_classifier(merged, fp32)
     reference = _torch_outputs(merged, checks)

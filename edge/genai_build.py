@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,25 +21,29 @@ from fedtune.errors import UserError
 GENAI_CONFIG = "genai_config.json"
 
 
-def build_decoder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, scratch: Path) -> Path:
-    """Write MODEL as ``out/model.onnx`` (+ weights) and ``out/genai_config.json``; return the model path."""
+def save_for_builder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> Path:
+    """MODEL and TOKENIZER as the Hugging Face directory the builder reads."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_decoder(source: Path, out: Path, scratch: Path, adapter: Path | None = None) -> Path:
+    """Write the model in SOURCE (a Hugging Face directory; with ADAPTER, a peft adapter directory
+    kept unmerged) as ``out/model.onnx`` (+ weights) and ``out/genai_config.json``; return the model path."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options  # export only: imports torch
 
-    checkpoint = scratch / "hf"
-    model.save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
+    options = [f"adapter_path={adapter}"] if adapter else []
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # per-tensor progress lines
-            where = ("model", str(checkpoint), str(out), "fp32", "cpu", str(scratch / "builder-cache"))
-            create_model(*where, **parse_extra_options(*where, []))
+            where = ("model", str(source), str(out), "fp32", "cpu", str(scratch / "builder-cache"))
+            create_model(*where, **parse_extra_options(*where, options))
     except NotImplementedError as err:
         raise UserError(
-            f"onnxruntime-genai cannot build a {model.config.model_type} decoder ({err}); "
+            f"onnxruntime-genai cannot build this decoder ({err}); "
             "its builder supports Llama, Mistral, Phi, Qwen, Gemma and similar architectures"
         ) from None
-    finally:
-        shutil.rmtree(checkpoint, ignore_errors=True)
     if not (out / GENAI_CONFIG).is_file():
         raise UserError(f"onnxruntime-genai's builder wrote no {GENAI_CONFIG}: {log.getvalue()[-300:]}")
     return out / "model.onnx"

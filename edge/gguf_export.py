@@ -28,10 +28,10 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from peft.tuners.lora import LoraLayer
 
 from fedtune.atomic import staged_dir
 from fedtune.edge.runtime import MANIFEST, sha256_file
+from fedtune.engine.adapters import lora_layers
 from fedtune.engine.base_model import gguf_source
 from fedtune.engine.checkpoint import load_run_model
 from fedtune.errors import UserError
@@ -121,18 +121,6 @@ def export_gguf(
         (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     echo(f"gguf: {out} ({(out / ADAPTER_FILE).stat().st_size / 1e6:.2f} MB adapter, {(out / BASE_FILE).stat().st_size / 1e6:.1f} MB base)")
     return manifest
-
-
-def lora_layers(model: torch.nn.Module, adapter_name: str) -> dict[str, LoraLayer]:
-    """The model's LoRA-adapted linear layers by their transformers name (``model.layers.0.self_attn.q_proj``)."""
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            layers[name.removeprefix("base_model.model.")] = module
-    trained_whole = [n for n, _ in model.named_parameters() if ".modules_to_save." in n]
-    if trained_whole or not layers:
-        raise UserError("--format gguf: a GGUF LoRA adapter holds LoRA weights only; this adapter also trains whole modules")
-    return layers
 
 
 def _gguf_rows(weight: torch.Tensor, module: str, config: Any) -> torch.Tensor:

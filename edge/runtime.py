@@ -36,6 +36,7 @@ from fedtune.errors import UserError
 MANIFEST = "manifest.json"
 ADAPTER_DIR = "adapters"  # per-client adapter bundles: adapters/shared.npz and adapters/<client>.npz
 SHARED_ADAPTER = "shared.npz"
+LM_ADAPTER_SUFFIX = ".onnx_adapter"  # causal LMs: adapters/<client>.onnx_adapter, onnxruntime's adapter format
 CLIENT_NAME = re.compile(r"[\w.-]{1,64}")  # as the coordinator admits client names; never a path
 
 
@@ -58,6 +59,8 @@ class Bundle:
     tokenizer: Tokenizer
     adapter: dict[str, np.ndarray] = field(default_factory=dict)  # inputs of an adapter bundle
     client: str | None = None  # whose adapter they are
+    _verified: dict[str, Any] = field(default_factory=dict, repr=False)  # per client, shared by with_client copies
+    _generator_adapters: list[og.Adapters] = field(default_factory=list, repr=False)  # causal LMs: one, made on first use
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, threads: int | None = None) -> Bundle:
@@ -111,11 +114,22 @@ class Bundle:
             raise EdgeError(f"{self.path}: one model for everyone; a bundle per client comes from fedtune export --clients")
         if name not in self.clients or not CLIENT_NAME.fullmatch(name):
             raise EdgeError(f"client {name!r}: not in {self.path} (clients: {', '.join(self.clients)})")
+        if name not in self._verified:  # read and checked once; a switch afterwards only picks arrays
+            self._verified[name] = self._read_adapter(name)
+        if self.task == "causal-lm":
+            return replace(self, client=name)
+        return replace(self, adapter=self._verified[name], client=name)
+
+    def _read_adapter(self, name: str) -> Any:
+        if self.task == "causal-lm":  # onnxruntime-genai reads the file; the generator is told the name
+            path = self._checked(f"{ADAPTER_DIR}/{name}{LM_ADAPTER_SUFFIX}")
+            if not self._generator_adapters:
+                self._generator_adapters.append(og.Adapters(self.session))
+            self._generator_adapters[0].load(str(path), name)
+            return self._generator_adapters[0]
         arrays = {}
         for file in (SHARED_ADAPTER, f"{name}.npz"):
-            path = self.path / ADAPTER_DIR / file
-            if sha256_file(path) != self.manifest["sha256"].get(f"{ADAPTER_DIR}/{file}"):  # read now: check now
-                raise EdgeError(f"{path}: checksum mismatch with manifest.json (corrupted or modified file)")
+            path = self._checked(f"{ADAPTER_DIR}/{file}")
             with np.load(path, allow_pickle=False) as stored:
                 arrays |= {key: stored[key] for key in stored.files}
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -125,7 +139,14 @@ class Bundle:
                 raise EdgeError(f"{self.path}: client {name!r}'s adapter does not fit the model ({key})")
         if set(arrays) != set(self.manifest["adapters"]["inputs"]):
             raise EdgeError(f"{self.path}: client {name!r}'s adapter does not match the model's inputs")
-        return replace(self, adapter=arrays, client=name)
+        return arrays
+
+    def _checked(self, name: str) -> Path:
+        """The bundle file NAME, after checking it against the manifest (read now: check now)."""
+        path = self.path / name
+        if not path.is_file() or sha256_file(path) != self.manifest["sha256"].get(name):
+            raise EdgeError(f"{path}: checksum mismatch with manifest.json (corrupted or modified file)")
+        return path
 
     @property
     def task(self) -> str:
@@ -178,6 +199,8 @@ class Bundle:
             search |= {"random_seed": seed}
         params.set_search_options(**search)
         generator = og.Generator(self.session, params)
+        if self.client is not None:
+            generator.set_active_adapter(self._verified[self.client], self.client)
         generator.append_tokens([prompt_ids])
         generated: list[int] = []
         eos = self.manifest.get("eos_token_id")

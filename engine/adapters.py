@@ -15,10 +15,12 @@ from dataclasses import dataclass, replace
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.config import Config
 from fedtune.engine.base_model import head_module_names, load_base_model, load_tokenizer, pick_device
+from fedtune.errors import UserError
 from fedtune.plan import ROLES, role_of
 
 
@@ -176,3 +178,17 @@ def coordinates_by_role(config: Config, labels: list[str]) -> dict[str, int]:
     for name, param in _params_by_state_name(model).items():
         sizes[role_of(name)] += param.numel()
     return sizes
+
+
+def lora_layers(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer]:
+    """The LoRA-adapted layers of MODEL by their transformers name (``model.layers.0.self_attn.q_proj``),
+    for formats that hold LoRA factors only (GGUF, onnxruntime-genai adapters): refused when the
+    adapter also trains whole modules."""
+    layers = {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+    }
+    if not layers or any(".modules_to_save." in name for name, _ in model.named_parameters()):
+        raise UserError("this export holds LoRA factors only, and the adapter also trains whole modules (a head)")
+    return layers

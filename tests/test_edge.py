@@ -281,3 +281,56 @@ def test_bundle_api_and_bench_treat_a_user_kindly(classifier_bundle, tmp_path):
     assert result.stderr.strip().splitlines() == [
         "fedtune: error: no column 'text' in the data (columns: message, label); pass --text-field/--label-field"
     ]
+
+
+def test_lm_adapter_bundle_generates_each_clients_personalised_model(tmp_path):
+    from safetensors.torch import save_file
+
+    from fedtune.engine.checkpoint import PRIVATE_FILE
+
+    run = make_run(
+        tmp_path,
+        {
+            "model": {"name": "smollm2-135m", "task": "causal-lm", "max_length": 48},
+            "strategy": {"name": "fedsa"},
+            "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"eval": "synthetic:support/eval", "prompt": "Message: {text}\nIntent:", "response": " {label}"},
+        },
+        scale=0.05,
+    )
+    model, _ = load_run_model(run)
+    generator = torch.Generator().manual_seed(2)
+    for client in ("acme", "globex"):  # FedSA: each client's own B
+        private = {n: 0.3 * torch.randn(v.shape, generator=generator) for n, v in model.state().items() if "lora_B" in n}
+        run.client_dir(client).mkdir(parents=True)
+        save_file(private, str(run.client_dir(client) / PRIVATE_FILE))
+    out = tmp_path / "every-client"
+    result = run_cli("export", str(run.path), "--clients", "all", "--out", str(out), "--check-examples", "4", timeout=900)
+    assert result.returncode == 0, result.stderr
+    bundle = Bundle.load(out)
+    assert bundle.clients == ["global", "acme", "globex"] and bundle.client == "global"
+    prompts = ["Message: my parcel never came\nIntent:", "Once upon a time"]
+    generated = {}
+    for name in bundle.clients:
+        personal, _ = load_run_model(run, client=None if name == "global" else name, quantization="none")
+        merged = personal.model.merge_and_unload().eval()
+        for prompt in prompts:
+            ids = personal.tokenizer(prompt)["input_ids"]
+            with torch.no_grad():
+                reference = merged.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=2)
+            reference = reference[0, len(ids) :].tolist()
+            reference = reference[: reference.index(2)] if 2 in reference else reference
+            generated[name, prompt] = bundle.with_client(name).generate_ids(ids, max_new_tokens=12)
+            assert generated[name, prompt] == reference, (name, prompt)
+    assert any(generated["acme", p] != generated["globex", p] for p in prompts)  # the adapters matter
+
+    sizes = json.loads((out / "manifest.json").read_text())["sizes"]["files"]
+    base = sizes["model.onnx"] + sizes["model.onnx.data"]
+    adapters = {k: v for k, v in sizes.items() if k.startswith("adapters/")}
+    assert sorted(adapters) == [f"adapters/{c}.onnx_adapter" for c in ("acme", "global", "globex")]
+    assert sum(adapters.values()) < 0.02 * base  # a bundle is the base once plus small adapters
+
+    tampered = out / "adapters" / "globex.onnx_adapter"
+    tampered.write_bytes(tampered.read_bytes()[:-8] + b"\x00" * 8)
+    with pytest.raises(EdgeError, match="globex.onnx_adapter: checksum mismatch"):
+        Bundle.load(out).with_client("globex")
