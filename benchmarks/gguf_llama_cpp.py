@@ -8,7 +8,7 @@ the two changes, all positions), how close the two bases are (llama.cpp computes
 Q4_1 weights and 8-bit activations, PyTorch with the dequantized weights in fp32), and
 whether 16 greedy tokens agree, with and without the adapter.
 
-    pip install --no-deps llama-cpp-python diskcache   # compiles llama.cpp (~25 min on 2 cores)
+    pip install --no-deps llama-cpp-python diskcache   # compiles llama.cpp (about 20 min on 2 cores)
     python benchmarks/gguf_llama_cpp.py RUN GGUF_DIR
 """
 
