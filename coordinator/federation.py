@@ -127,7 +127,8 @@ class RoundRunner:
         return self._finish(book.elapsed())
 
     def _train_round(self, grid: Grid, rnd: int) -> tuple[dict | None, dict[str, int]]:
-        """Train, aggregate; retry when too few usable replies come back. (metrics or None, bytes)."""
+        """Train, aggregate; retry when too few usable replies come back. (metrics or None, bytes and the
+        server's aggregation time: checking and decoding the replies plus the strategy's math)."""
         fed = self.config.federation
         traffic = {"bytes_up": 0, "bytes_down": 0}
         for attempt in range(fed.round_retries + 1):
@@ -136,7 +137,9 @@ class RoundRunner:
             if rnd == self.first_round and attempt == 0:  # clients load the model first: the longest round
                 say(f"sending round {rnd} to {len(messages)} clients; they load the model, then train")
             replies = send_and_receive(grid, messages, fed.round_timeout)
+            started = time.perf_counter()
             new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+            traffic["aggregate_s"] = round(traffic.get("aggregate_s", 0.0) + time.perf_counter() - started, 4)
             traffic["bytes_up"] += self.strategy.ledger.bytes_up
             traffic["bytes_down"] += self.strategy.ledger.bytes_down
             self._note_epsilons()

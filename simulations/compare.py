@@ -78,23 +78,28 @@ def describe(name: str, run: RunDir, summary: dict[str, Any]) -> dict[str, Any]:
         "bytes_down_per_client_round": summary.get("bytes_down_per_client_round"),
         "bytes_up_per_round": [r.get("bytes_up") for r in records],
         "bytes_down_per_round": [r.get("bytes_down") for r in records],
+        "aggregate_s_per_round": _mean([r["aggregate_s"] for r in records if "aggregate_s" in r]),
         "wall_s": summary["wall_s"],
     }
     return row
 
 
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     head = (
         "| strategy | final acc | best acc (round) | personalised acc | up / client-round | "
-        "down / client-round | wall |\n|---|---|---|---|---|---|---|\n"
+        "down / client-round | aggregation / round | wall |\n|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, row in results.items():
         if row.get("status") != "completed":
-            lines.append(f"| {name} | failed: {row.get('error', '')} | | | | | |")
+            lines.append(f"| {name} | failed: {row.get('error', '')} | | | | | | |")
             continue
         lines.append(
-            "| {} | {} | {} ({}) | {} | {} | {} | {:.0f} s |".format(
+            "| {} | {} | {} ({}) | {} | {} | {} | {} | {:.0f} s |".format(
                 name,
                 _pct(row["final_accuracy"]),
                 _pct(row["best_accuracy"]),
@@ -102,6 +107,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 _pct(row["personalized_accuracy"]),
                 _mb(row["bytes_up_per_client_round"]),
                 _mb(row["bytes_down_per_client_round"]),
+                f"{1000 * row['aggregate_s_per_round']:.0f} ms" if row.get("aggregate_s_per_round") is not None else "-",
                 row["wall_s"],
             )
         )
