@@ -1,7 +1,9 @@
-"""The edge runtime: run fedtune bundles with onnxruntime, numpy and tokenizers only.
+"""The edge runtime: run fedtune bundles with onnxruntime (onnxruntime-genai for causal LMs),
+numpy and tokenizers only.
 
-Importing ``edge`` never imports torch or transformers (the exporter lives in
-``edge.export`` and is imported only by ``fedtune export``).
+Importing ``edge`` never imports torch or transformers (the exporters live in ``edge.export``,
+``edge.adapters``, ``edge.lm_adapters`` and ``edge.gguf_export``, imported only by
+``fedtune export``), nor onnxruntime-genai until a causal-LM bundle is loaded.
 """
 
 from fedtune.edge.runtime import Bundle, EdgeError, Prediction, bench

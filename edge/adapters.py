@@ -1,8 +1,8 @@
 """``fedtune export RUN --clients all``: one base model and one small adapter per client.
 
 A personalised federation (FedSA-LoRA: global A, each client's private B and head) would
-otherwise ship N merged models of the base's size each. Here the classifier is exported
-*unmerged*, and its adapter tensors (LoRA A and B of every targeted layer, and the head)
+otherwise ship N merged models of the base's size each. Here a classifier is exported
+*unmerged* (causal LMs: edge/lm_adapters.py), and its adapter tensors (LoRA A and B of every targeted layer, and the head)
 are graph inputs instead of weights: the ONNX file holds the frozen base once, and each
 client's adapter is a small ``.npz`` fed with every request. Choosing a client is choosing
 which arrays to feed; the session, and the base in it, stay loaded.

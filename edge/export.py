@@ -25,9 +25,9 @@ from transformers import PreTrainedModel
 
 from fedtune.atomic import staged_dir
 from fedtune.config import Config
-from fedtune.edge.genai_build import GENAI_CONFIG, build_decoder, save_for_builder
+from fedtune.edge.genai_build import build_decoder, save_for_builder
 from fedtune.edge.quantize import int8_classifier, method, quantize_model
-from fedtune.edge.runtime import MANIFEST, sha256_file
+from fedtune.edge.runtime import GENAI_CONFIG, MANIFEST, sha256_file
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.checkpoint import load_run_model
 from fedtune.engine.data import ExampleSet, TaskSpec, encode
@@ -78,77 +78,77 @@ def export_bundle(
     staging = out.with_name(f".{out.name}.work")  # intermediate ONNX files; the bundle is staged by staged_dir
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "fp32").mkdir(parents=True)
-    fp32 = staging / "fp32" / "model.onnx"
-    echo(
-        f"exporting {config.model.name} ({config.model.task}) round {used_round}"
-        + (f", client {client}" if client else "")
-    )
-    if config.model.task == "causal-lm":
-        build_decoder(save_for_builder(merged, adapter.tokenizer, staging / "hf"), fp32.parent, staging)
-    else:
-        _export_classifier(merged, fp32)
-    reference = _torch_outputs(merged, checks)
-    parity = _max_abs_diff(reference, _ort_outputs(fp32, checks, merged))
-    echo(f"parity fp32: max |onnxruntime - pytorch| = {parity:.2e} on {len(checks)} examples (tolerance {tolerance:g})")
-    if not parity <= tolerance:
-        shutil.rmtree(staging)
-        raise UserError(f"export refused: fp32 ONNX differs from PyTorch by {parity:.2e} > tolerance {tolerance:g}")
-
-    final, kept, gate, record = fp32, [], {}, {}
-    if quantize != "none":
-        final = staging / "model.onnx"
-
-        def check(path: Path) -> tuple[bool, dict]:
-            outputs = _ort_outputs(path, checks, merged)
-            gate = _quality_gate(config.model.task, reference, outputs, checks)
-            gate["quantized_max_abs_diff"] = _max_abs_diff(reference, outputs)
-            drop_ok = gate.get("accuracy_drop_points", 0.0) <= max_drop
-            return drop_ok and gate.get("next_token_agreement", 1.0) >= min_agreement, gate
-
-        if quantize == "int8" and config.model.task == "classification":
-            echo("int8: trying dynamic, static, static per-channel, then sensitive MatMuls in float until the check holds")
-            record = int8_classifier(fp32, final, _calibration_feeds(calibration), check, _large(fp32))
-            apart = len(rows) > check_examples
-            record["calibration_examples"] = f"{len(calibration)} ({'apart from' if apart else 'the same as'} the check's)"
-            for tried in record["attempts"]:
-                echo(f"int8 {tried['scheme']}: {json.dumps({k: v for k, v in tried.items() if k != 'scheme'})}")
-            passed, kept = record["passed"], record["kept_full_precision"]
-            gate = {k: v for k, v in record["attempts"][-1].items() if k not in ("scheme", "passed")}
-        else:
-            kept = quantize_model(fp32, final, quantize, config.model.task, _large(fp32))
-            passed, gate = check(final)
-            echo(f"{quantize} check: {json.dumps(gate)}")
-        if not passed:
-            shutil.rmtree(staging)
-            limit = (
-                f"max drop {max_drop} points"
-                if config.model.task == "classification"
-                else f"min agreement {min_agreement}"
-            )
-            raise UserError(f"export refused: {quantize} quality check failed ({json.dumps(gate)}; {limit})")
-    with staged_dir(out) as bundle:
-        _save_model(final, bundle / "model.onnx")
-        adapter.tokenizer.save_pretrained(bundle)
-        generator = [GENAI_CONFIG] if config.model.task == "causal-lm" else []
-        for name in generator:
-            shutil.copyfile(fp32.parent / name, bundle / name)
-        manifest = manifest_record(
-            bundle,
-            config,
-            adapter,
-            source={"run": str(run.path.resolve()), "round": used_round, "client": client},
-            quantization={
-                "mode": quantize,
-                "kept_full_precision": kept,
-                "method": method(quantize, config.model.task),
-                **{k: record[k] for k in ("scheme", "attempts", "why_kept", "calibration_examples") if k in record},
-            },
-            parity={"fp32_max_abs_diff": parity, "tolerance": tolerance, "examples": len(checks)},
-            gate=gate,
-            extra_files=generator,
+    try:
+        fp32 = staging / "fp32" / "model.onnx"
+        echo(
+            f"exporting {config.model.name} ({config.model.task}) round {used_round}"
+            + (f", client {client}" if client else "")
         )
-        (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(staging)
+        if config.model.task == "causal-lm":
+            build_decoder(save_for_builder(merged, adapter.tokenizer, staging / "hf"), fp32.parent, staging)
+        else:
+            _export_classifier(merged, fp32)
+        reference = _torch_outputs(merged, checks)
+        parity = _max_abs_diff(reference, _ort_outputs(fp32, checks, merged))
+        echo(f"parity fp32: max |onnxruntime - pytorch| = {parity:.2e} on {len(checks)} examples (tolerance {tolerance:g})")
+        if not parity <= tolerance:
+            raise UserError(f"export refused: fp32 ONNX differs from PyTorch by {parity:.2e} > tolerance {tolerance:g}")
+
+        final, kept, gate, record = fp32, [], {}, {}
+        if quantize != "none":
+            final = staging / "model.onnx"
+
+            def check(path: Path) -> tuple[bool, dict]:
+                outputs = _ort_outputs(path, checks, merged)
+                gate = _quality_gate(config.model.task, reference, outputs, checks)
+                gate["quantized_max_abs_diff"] = _max_abs_diff(reference, outputs)
+                drop_ok = gate.get("accuracy_drop_points", 0.0) <= max_drop
+                return drop_ok and gate.get("next_token_agreement", 1.0) >= min_agreement, gate
+
+            if quantize == "int8" and config.model.task == "classification":
+                echo("int8: trying dynamic, static, static per-channel, then sensitive MatMuls in float until the check holds")
+                record = int8_classifier(fp32, final, _calibration_feeds(calibration), check, _large(fp32))
+                apart = len(rows) > check_examples
+                record["calibration_examples"] = f"{len(calibration)} ({'apart from' if apart else 'the same as'} the check's)"
+                for tried in record["attempts"]:
+                    echo(f"int8 {tried['scheme']}: {json.dumps({k: v for k, v in tried.items() if k != 'scheme'})}")
+                passed, kept = record["passed"], record["kept_full_precision"]
+                gate = {k: v for k, v in record["attempts"][-1].items() if k not in ("scheme", "passed")}
+            else:
+                kept = quantize_model(fp32, final, quantize, config.model.task, _large(fp32))
+                passed, gate = check(final)
+                echo(f"{quantize} check: {json.dumps(gate)}")
+            if not passed:
+                limit = (
+                    f"max drop {max_drop} points"
+                    if config.model.task == "classification"
+                    else f"min agreement {min_agreement}"
+                )
+                raise UserError(f"export refused: {quantize} quality check failed ({json.dumps(gate)}; {limit})")
+        with staged_dir(out) as bundle:
+            _save_model(final, bundle / "model.onnx")
+            adapter.tokenizer.save_pretrained(bundle)
+            generator = [GENAI_CONFIG] if config.model.task == "causal-lm" else []
+            for name in generator:
+                shutil.copyfile(fp32.parent / name, bundle / name)
+            manifest = manifest_record(
+                bundle,
+                config,
+                adapter,
+                source={"run": str(run.path.resolve()), "round": used_round, "client": client},
+                quantization={
+                    "mode": quantize,
+                    "kept_full_precision": kept,
+                    "method": method(quantize, config.model.task),
+                    **{k: record[k] for k in ("scheme", "attempts", "why_kept", "calibration_examples") if k in record},
+                },
+                parity={"fp32_max_abs_diff": parity, "tolerance": tolerance, "examples": len(checks)},
+                gate=gate,
+                extra_files=generator,
+            )
+            (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:  # intermediate files, also when the export is refused or fails
+        shutil.rmtree(staging, ignore_errors=True)
     echo(f"bundle: {out} ({manifest['sizes']['model_bytes'] / 1e6:.1f} MB model)")
     return manifest
 
@@ -329,7 +329,6 @@ def manifest_record(
         "fields": {"text": config.data.text_field, "label": config.data.label_field},
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
-        "opset": OPSET,
         "quantization": quantization,
         "parity": parity,
         "quality_check": gate,
@@ -348,12 +347,18 @@ def manifest_record(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if config.model.task == "causal-lm":
+        described = json.loads((bundle / GENAI_CONFIG).read_text())["model"]
+        stops = described["eos_token_id"]
         manifest |= {
             "prompt": config.data.prompt,
             "response": config.data.response,
-            "vocab_size": adapter.model.config.vocab_size,
+            "vocab_size": described["vocab_size"],
+            "context_length": described["context_length"],
+            "eos_token_ids": stops if isinstance(stops, list) else [stops],
             "generator": f"onnxruntime-genai {_genai_version()} ({GENAI_CONFIG})",
         }
+    else:
+        manifest["opset"] = OPSET
     return manifest
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedtune.edge.runtime import GENAI_CONFIG
 from fedtune.errors import UserError
-
-GENAI_CONFIG = "genai_config.json"
 
 
 def save_for_builder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> Path:

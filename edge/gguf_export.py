@@ -12,9 +12,11 @@ Two conversions make llama.cpp compute what peft computes:
   with rsLoRA), so the file's alpha is ``scaling * r``.
 - GGUF stores Llama's q and k projections with their rows permuted for its rotary
   embedding (``convert_hf_to_gguf.py``'s ``permute``); B's rows get the same permutation.
-The export then checks the result against the merged PyTorch model, weight by weight:
-dequantized base + alpha/r · B·A (as llama.cpp applies it) against the merged weight
-permuted, so a wrong name, permutation or scale is refused, not shipped.
+The export then checks every weight as llama.cpp will compute it: the dequantized GGUF base
+tensor + alpha/r · B·A against the PyTorch base weight + peft's update, in GGUF's row order.
+That catches a wrong tensor name, a base that is not the one trained on, or a missing
+permutation; the file's alpha itself is checked by the test, through transformers' GGUF reader
+and peft's merge.
 """
 
 from __future__ import annotations

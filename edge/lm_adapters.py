@@ -28,11 +28,11 @@ import torch
 from fedtune.atomic import staged_dir
 from fedtune.edge.adapters import GLOBAL, client_adapters
 from fedtune.edge.export import MANIFEST, _check_rows, _max_abs_diff, _ort_outputs, _torch_outputs, manifest_record
-from fedtune.edge.genai_build import GENAI_CONFIG, build_decoder
-from fedtune.edge.runtime import ADAPTER_DIR, LM_ADAPTER_SUFFIX
+from fedtune.edge.genai_build import build_decoder
+from fedtune.edge.runtime import ADAPTER_DIR, GENAI_CONFIG, LM_ADAPTER_SUFFIX
 from fedtune.engine.adapters import AdapterModel, lora_layers
 from fedtune.engine.base_model import model_dir
-from fedtune.engine.data import TaskSpec, encode
+from fedtune.engine.data import ExampleSet, TaskSpec, encode
 from fedtune.errors import UserError
 from fedtune.rundir import RunDir
 
@@ -50,10 +50,35 @@ def export_lm_adapter_bundle(
     config = run.config()
     adapter, used_round, every = client_adapters(run, clients, round_number, echo)
     layers = lora_layers(adapter.model, adapter.adapter_name)
+    if not Path(model_dir(config.model.name)).is_dir():
+        raise UserError(f"--clients: {config.model.name} is not a local model directory; onnxruntime-genai's builder needs one")
     checks = encode(_check_rows(config, check_data, check_examples), TaskSpec.from_config(config), adapter.tokenizer, "check data")
     staging = out.with_name(f".{out.name}.work")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "built").mkdir(parents=True)
+    try:
+        manifest = _write_bundle(run, out, staging, adapter, used_round, every, layers, checks, tolerance, echo)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    sizes = manifest["sizes"]["files"]
+    echo(f"bundle: {out} ({(sizes['model.onnx'] + sizes['model.onnx.data']) / 1e6:.1f} MB base, {len(every)} adapters {sum(v for k, v in sizes.items() if k.startswith(ADAPTER_DIR)) / 1e6:.2f} MB in all)")
+    return manifest
+
+
+def _write_bundle(
+    run: RunDir,
+    out: Path,
+    staging: Path,
+    adapter: AdapterModel,
+    used_round: int,
+    every: dict[str, dict[str, torch.Tensor]],
+    layers: dict,
+    checks: ExampleSet,
+    tolerance: float,
+    echo,  # noqa: ANN001
+) -> dict[str, Any]:
+    """Build, check every client through plain onnxruntime, write OUT, check again through the generator."""
+    config = run.config()
     echo(f"building {config.model.name} with onnxruntime-genai, its {2 * len(layers)} LoRA factors as inputs, for {len(every)} adapters")
     factors = _build_with_factor_inputs(adapter, layers, config.model.name, staging)
     model_file = staging / "built" / "model.onnx"
@@ -65,7 +90,6 @@ def export_lm_adapter_bundle(
             _torch_outputs(adapter.model, checks), _ort_outputs(model_file, checks, adapter.model, arrays[client])
         )
         if not parity[client] <= tolerance:
-            shutil.rmtree(staging)
             raise UserError(f"export refused: client {client}'s ONNX logits differ from PyTorch by {parity[client]:.2e} > tolerance {tolerance:g}")
     echo(f"parity: max |onnxruntime - pytorch| = {max(parity.values()):.2e} over {len(every)} adapters, {len(checks)} examples each")
     with staged_dir(out) as bundle:
@@ -87,10 +111,12 @@ def export_lm_adapter_bundle(
             extra_files=[GENAI_CONFIG, *files],
         )
         manifest["adapters"] = {"format": "onnx_adapter", "inputs": sorted(factors), "clients": list(every), "default": GLOBAL}
+        generated = _generator_parity(bundle, every, adapter, checks)
+        echo(f"parity through onnxruntime-genai's generator and adapters: max |difference| = {max(generated.values()):.2e}")
+        if not max(generated.values()) <= tolerance:
+            raise UserError(f"export refused: onnxruntime-genai's logits differ from PyTorch by {max(generated.values()):.2e} > tolerance {tolerance:g}")
+        manifest["parity"]["generator_per_client"] = generated
         (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(staging)
-    sizes = manifest["sizes"]["files"]
-    echo(f"bundle: {out} ({(sizes['model.onnx'] + sizes['model.onnx.data']) / 1e6:.1f} MB base, {len(every)} adapters {sum(v for k, v in sizes.items() if k.startswith(ADAPTER_DIR)) / 1e6:.2f} MB in all)")
     return manifest
 
 
@@ -112,7 +138,7 @@ def _build_with_factor_inputs(adapter: AdapterModel, layers: dict, base_name: st
 
     path = staging / "built" / "model.onnx"
     model = onnx.load(str(path))
-    factors, moved = {}, []
+    factors, moved, matched = {}, [], set()
     for init in model.graph.initializer:
         if "lora" not in init.name:
             continue
@@ -121,10 +147,11 @@ def _build_with_factor_inputs(adapter: AdapterModel, layers: dict, base_name: st
         if len(match) != 1:
             raise RuntimeError(f"export: the builder's LoRA weight {init.name} matches {len(match)} peft factors")
         module, role = match[0]
+        matched.add(match[0])
         factors[init.name] = _factor(module, role, name)
         moved.append(init)
-    if len(factors) != len(candidates):
-        raise RuntimeError(f"export: the builder wrote {len(factors)} LoRA weights for {len(candidates)} peft factors")
+    if matched != set(candidates) or len(factors) != len(candidates):
+        raise RuntimeError(f"export: the builder's {len(factors)} LoRA weights do not match the {len(candidates)} peft factors one to one")
     for init in moved:
         model.graph.initializer.remove(init)
         model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
@@ -138,9 +165,9 @@ def _factor(module: str, role: str, name: str):  # noqa: ANN202
 
     def value(layers: dict) -> np.ndarray:
         layer = layers[module]
-        if role == "A":
-            return np.ascontiguousarray(layer.lora_A[name].weight.detach().float().T.numpy())
-        return np.ascontiguousarray((layer.scaling[name] * layer.lora_B[name].weight.detach().float()).T.numpy())
+        if role == "A":  # copies: the live parameters change with the next client
+            return np.array(layer.lora_A[name].weight.detach().float().T.numpy(), copy=True, order="C")
+        return np.array((layer.scaling[name] * layer.lora_B[name].weight.detach().float()).T.numpy(), copy=True, order="C")
 
     return value
 
@@ -151,3 +178,27 @@ def _write_onnx_adapter(arrays: dict[str, np.ndarray], path: Path) -> None:
     adapter.set_model_version(1)
     adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in arrays.items()})
     adapter.export_adapter(str(path))
+
+
+def _generator_parity(bundle: Path, every: dict, adapter: AdapterModel, checks: ExampleSet) -> dict[str, float]:
+    """Per client: onnxruntime-genai's next-token logits, through the written adapter file and
+    ``set_active_adapter``, against PyTorch's, after the first check example's prompt."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(bundle))
+    loaded = og.Adapters(model)
+    example = checks.examples[0]  # its prompt: the generator takes pad (= EOS) tokens for padding
+    ids = [int(t) for t in example["input_ids"][: example.get("prompt_len", len(example["input_ids"]))]]
+    differences = {}
+    for client, tensors in every.items():
+        loaded.load(str(bundle / ADAPTER_DIR / f"{client}{LM_ADAPTER_SUFFIX}"), client)
+        adapter.load_state(tensors)
+        with torch.no_grad():
+            expected = adapter.model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 1)
+        generator = og.Generator(model, params)
+        generator.set_active_adapter(loaded, client)
+        generator.append_tokens([ids])
+        differences[client] = float(np.abs(generator.get_logits()[0, -1] - expected).max())
+    return differences

@@ -1,4 +1,5 @@
-"""Running an exported bundle with onnxruntime, numpy and tokenizers only (no torch).
+"""Running an exported bundle with onnxruntime (and onnxruntime-genai for causal LMs), numpy
+and tokenizers only (no torch).
 
     from fedtune.edge import Bundle
     bundle = Bundle.load("bundles/sst2")
@@ -11,8 +12,8 @@ every model file before creating the session, so a corrupted file is a clear err
 A causal-LM bundle also holds ``genai_config.json`` (checksummed too: it names the model
 file) and generates with onnxruntime-genai's generator (KV cache, greedy or sampling).
 A bundle with one adapter per client (``fedtune export --clients``) also holds
-``adapters/*.npz``; ``bundle.with_client(NAME)`` is the same loaded base with that
-client's adapter fed as inputs.
+``adapters/*.npz`` (classifiers) or ``adapters/*.onnx_adapter`` (causal LMs);
+``bundle.with_client(NAME)`` is the same loaded base with that client's adapter.
 """
 
 from __future__ import annotations
@@ -24,18 +25,22 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
-import onnxruntime_genai as og
 from tokenizers import Tokenizer
 
 from fedtune.errors import UserError
 
+if TYPE_CHECKING:  # imported when a causal-LM bundle is used: classifier-only devices need not have it
+    import onnxruntime_genai as og
+
 MANIFEST = "manifest.json"
 ADAPTER_DIR = "adapters"  # per-client adapter bundles: adapters/shared.npz and adapters/<client>.npz
 SHARED_ADAPTER = "shared.npz"
+GENAI_CONFIG = "genai_config.json"  # causal LMs: onnxruntime-genai's model description
+GENAI_SESSION_OPTIONS = {"log_id", "provider_options"}  # what the builder writes; nothing that loads code
 LM_ADAPTER_SUFFIX = ".onnx_adapter"  # causal LMs: adapters/<client>.onnx_adapter, onnxruntime's adapter format
 CLIENT_NAME = re.compile(r"[\w.-]{1,64}")  # as the coordinator admits client names; never a path
 
@@ -108,8 +113,8 @@ class Bundle:
         return list(self.manifest.get("adapters", {}).get("clients", []))
 
     def with_client(self, name: str) -> Bundle:
-        """This bundle with client NAME's adapter: the loaded base is shared, only the adapter's
-        arrays (read with ``allow_pickle=False``) change."""
+        """This bundle with client NAME's adapter: the loaded base is shared, only the adapter
+        changes. Its files are checked and read once per client (``.npz`` with ``allow_pickle=False``)."""
         if not self.clients:
             raise EdgeError(f"{self.path}: one model for everyone; a bundle per client comes from fedtune export --clients")
         if name not in self.clients or not CLIENT_NAME.fullmatch(name):
@@ -124,6 +129,8 @@ class Bundle:
         if self.task == "causal-lm":  # onnxruntime-genai reads the file; the generator is told the name
             path = self._checked(f"{ADAPTER_DIR}/{name}{LM_ADAPTER_SUFFIX}")
             if not self._generator_adapters:
+                import onnxruntime_genai as og
+
                 self._generator_adapters.append(og.Adapters(self.session))
             self._generator_adapters[0].load(str(path), name)
             return self._generator_adapters[0]
@@ -139,12 +146,16 @@ class Bundle:
                 raise EdgeError(f"{self.path}: client {name!r}'s adapter does not fit the model ({key})")
         if set(arrays) != set(self.manifest["adapters"]["inputs"]):
             raise EdgeError(f"{self.path}: client {name!r}'s adapter does not match the model's inputs")
+        for value in arrays.values():
+            value.flags.writeable = False  # shared by every copy that picks this client
         return arrays
 
     def _checked(self, name: str) -> Path:
         """The bundle file NAME, after checking it against the manifest (read now: check now)."""
         path = self.path / name
-        if not path.is_file() or sha256_file(path) != self.manifest["sha256"].get(name):
+        if not path.is_file():
+            raise EdgeError(f"{path}: missing from the bundle")
+        if sha256_file(path) != self.manifest["sha256"].get(name):
             raise EdgeError(f"{path}: checksum mismatch with manifest.json (corrupted or modified file)")
         return path
 
@@ -160,6 +171,7 @@ class Bundle:
     # -- classification ------------------------------------------------------------
     def logits(self, texts: list[str]) -> np.ndarray:
         """Classifier logits for a batch of texts (right-padded, like training)."""
+        self._require("classification")
         ids, mask = self._encode([self._encode_ids(t) for t in texts], left=False)
         return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **self.adapter})[0]
 
@@ -188,28 +200,38 @@ class Bundle:
         """Greedy (temperature 0) or sampled (top-k when TOP_K > 0) continuation up to EOS, by
         onnxruntime-genai's generator; SEED makes sampling repeatable."""
         self._require("causal-lm")
+        import onnxruntime_genai as og
+
         if not prompt_ids:
             raise EdgeError("the prompt is empty: give some text to continue")
         if max_new_tokens < 1 or temperature < 0 or top_k < 0:
             raise EdgeError("max_new_tokens must be >= 1, temperature and top_k >= 0")
-        params = og.GeneratorParams(self.session)
-        search = {"max_length": len(prompt_ids) + max_new_tokens, "do_sample": temperature > 0, "num_beams": 1}
-        if temperature > 0:  # top_k 0: the whole vocabulary
-            search |= {"temperature": temperature, "top_k": top_k or self.manifest["vocab_size"], "top_p": 1.0}
+        limit = self.manifest["context_length"]
+        if len(prompt_ids) + max_new_tokens > limit:
+            raise EdgeError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}")
+        # neutral search settings, whatever the base's generation config says: greedy is argmax
+        search = {"max_length": len(prompt_ids) + max_new_tokens, "num_beams": 1, "min_length": 0}
+        search |= {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "do_sample": temperature > 0}
+        if temperature > 0:  # top_k 0 with top_p 1: the whole vocabulary
+            search |= {"temperature": temperature, "top_k": min(top_k, self.manifest["vocab_size"]), "top_p": 1.0}
             search |= {"random_seed": seed}
-        params.set_search_options(**search)
-        generator = og.Generator(self.session, params)
-        if self.client is not None:
-            generator.set_active_adapter(self._verified[self.client], self.client)
-        generator.append_tokens([prompt_ids])
+        stops = set(self.manifest["eos_token_ids"])
         generated: list[int] = []
-        eos = self.manifest.get("eos_token_id")
-        while not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            if token == eos:
-                break
-            generated.append(token)
+        try:
+            params = og.GeneratorParams(self.session)
+            params.set_search_options(**search)
+            generator = og.Generator(self.session, params)
+            if self.client is not None:
+                generator.set_active_adapter(self._verified[self.client], self.client)
+            generator.append_tokens([prompt_ids])
+            while not generator.is_done():
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                if token in stops:
+                    break
+                generated.append(token)
+        except RuntimeError as err:  # onnxruntime-genai's own errors
+            raise EdgeError(f"{self.path}: generation failed ({str(err).splitlines()[0][:200]})") from None
         return generated
 
     def generate(
@@ -276,11 +298,32 @@ def sha256_file(path: Path) -> str:
 
 
 def _generator_model(path: Path, manifest: dict[str, Any], threads: int) -> og.Model:
-    """onnxruntime-genai's model for a causal-LM bundle, on CPU with THREADS threads."""
-    if "genai_config.json" not in manifest["sha256"]:
-        raise EdgeError(f"{path}: a causal-LM bundle from an older fedtune (no genai_config.json); export it again")
+    """onnxruntime-genai's model for a causal-LM bundle, on CPU with THREADS threads.
+
+    ``genai_config.json`` is checksummed, but a bundle may come from anyone: it may name
+    ``model.onnx`` only, and no session option that would load code (custom op libraries)."""
+    import onnxruntime_genai as og
+
+    if GENAI_CONFIG not in manifest["sha256"]:
+        raise EdgeError(f"{path}: a causal-LM bundle from an older fedtune (no {GENAI_CONFIG}); export it again")
+    described = json.loads((path / GENAI_CONFIG).read_text())
+    for key, value in _items(described):
+        if key == "filename" and value != "model.onnx" or "custom_ops" in key:
+            raise EdgeError(f"{path / GENAI_CONFIG}: {key} = {value!r} is not allowed in a bundle (only model.onnx, no custom ops)")
+    unknown = set(described["model"]["decoder"].get("session_options", {})) - GENAI_SESSION_OPTIONS
+    if unknown:
+        raise EdgeError(f"{path / GENAI_CONFIG}: session options {sorted(unknown)} are not allowed in a bundle")
     config = og.Config(str(path))
     config.clear_providers()
     options = {"intra_op_num_threads": threads, "log_severity_level": 3}
     config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     return og.Model(config)
+
+
+def _items(tree: Any) -> list[tuple[str, Any]]:
+    """Every (key, value) of a nested JSON document."""
+    if isinstance(tree, dict):
+        return [(k, v) for k, v in tree.items()] + [item for v in tree.values() for item in _items(v)]
+    if isinstance(tree, list):
+        return [item for v in tree for item in _items(v)]
+    return []

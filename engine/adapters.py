@@ -184,11 +184,16 @@ def lora_layers(model: torch.nn.Module, adapter_name: str = "default") -> dict[s
     """The LoRA-adapted layers of MODEL by their transformers name (``model.layers.0.self_attn.q_proj``),
     for formats that hold LoRA factors only (GGUF, onnxruntime-genai adapters): refused when the
     adapter also trains whole modules."""
-    layers = {
-        name.removeprefix("base_model.model."): module
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
-    }
-    if not layers or any(".modules_to_save." in name for name, _ in model.named_parameters()):
-        raise UserError("this export holds LoRA factors only, and the adapter also trains whole modules (a head)")
+    layers, embeddings = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            layers[name.removeprefix("base_model.model.")] = module
+        elif isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {}):
+            embeddings.append(name)
+    if embeddings:
+        raise UserError(f"this export holds LoRA factors of linear layers only; the adapter also adapts embeddings ({embeddings[0]})")
+    if any(".modules_to_save." in name for name, _ in model.named_parameters()):
+        raise UserError("this export holds LoRA factors only; the adapter also trains whole modules (a head)")
+    if not layers:
+        raise UserError("the model has no LoRA layers to export")
     return layers

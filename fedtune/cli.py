@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--clients",
         default=None,
         metavar="all|NAME,...",
-        help="one base model plus an adapter per client (FedSA; classifiers, fp32): pick one with edge --client",
+        help="one base model plus an adapter per client (FedSA; fp32): pick one with edge --client",
     )
     export.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization")
     export.add_argument(

@@ -14,6 +14,7 @@ from conftest import REPO, run_cli
 from fedtune.config import Config
 from fedtune.edge import Bundle, EdgeError
 from fedtune.edge.export import export_bundle
+from fedtune.edge.runtime import sha256_file
 from fedtune.engine.adapters import build_adapter_model
 from fedtune.engine.checkpoint import load_run_model, save_checkpoint
 from fedtune.engine.resolve import resolve
@@ -187,9 +188,23 @@ def test_causal_lm_bundle_generates_like_pytorch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["generated"] == bundle.generate("Once upon a time", max_new_tokens=8) != ""
 
+    with pytest.raises(EdgeError, match="exceeds the model's context of 8192"):
+        bundle.generate_ids(ids, max_new_tokens=9000)
+
     config = tmp_path / "lm" / "genai_config.json"
-    config.write_text(config.read_text().replace('"model.onnx"', '"../elsewhere.onnx"'))
+    original = config.read_text()
+    config.write_text(original.replace('"model.onnx"', '"../elsewhere.onnx"'))
     with pytest.raises(EdgeError, match="genai_config.json: checksum mismatch"):
+        Bundle.load(tmp_path / "lm")
+    # even with a matching checksum (manifest.json is not signed), the config may not load code
+    described = json.loads(original)
+    described["model"]["decoder"]["session_options"]["custom_ops_library"] = "/tmp/evil.so"
+    config.write_text(json.dumps(described))
+    manifest_file = tmp_path / "lm" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["sha256"]["genai_config.json"] = sha256_file(config)
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(EdgeError, match="custom_ops_library = '/tmp/evil.so' is not allowed"):
         Bundle.load(tmp_path / "lm")
 
 
@@ -255,10 +270,14 @@ def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path
     assert len(adapters) == 7 and sum(adapters.values()) < 0.05 * single  # shared.npz + 6 adapters, small
     with pytest.raises(EdgeError, match="client 'client-9': not in"):
         bundle.with_client("client-9")
+    fresh = Bundle.load(multi)  # checks every file now; client-2's arrays are read on first use
+    checked = bundle.with_client("client-2").logits(TEXTS)
     tampered = multi / "adapters" / "client-2.npz"
     tampered.write_bytes(tampered.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(EdgeError, match="client-2.npz: checksum mismatch"):
-        bundle.with_client("client-2")
+        fresh.with_client("client-2")  # read after the change: checked when read
+    # a bundle that read client-2 before keeps the arrays it checked
+    np.testing.assert_array_equal(bundle.with_client("client-2").logits(TEXTS), checked)
 
 
 def test_bundle_api_and_bench_treat_a_user_kindly(classifier_bundle, tmp_path):
@@ -316,10 +335,11 @@ def test_lm_adapter_bundle_generates_each_clients_personalised_model(tmp_path):
         merged = personal.model.merge_and_unload().eval()
         for prompt in prompts:
             ids = personal.tokenizer(prompt)["input_ids"]
+            eos = personal.tokenizer.eos_token_id
             with torch.no_grad():
-                reference = merged.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=2)
+                reference = merged.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=eos)
             reference = reference[0, len(ids) :].tolist()
-            reference = reference[: reference.index(2)] if 2 in reference else reference
+            reference = reference[: reference.index(eos)] if eos in reference else reference
             generated[name, prompt] = bundle.with_client(name).generate_ids(ids, max_new_tokens=12)
             assert generated[name, prompt] == reference, (name, prompt)
     assert any(generated["acme", p] != generated["globex", p] for p in prompts)  # the adapters matter
@@ -330,7 +350,8 @@ def test_lm_adapter_bundle_generates_each_clients_personalised_model(tmp_path):
     assert sorted(adapters) == [f"adapters/{c}.onnx_adapter" for c in ("acme", "global", "globex")]
     assert sum(adapters.values()) < 0.02 * base  # a bundle is the base once plus small adapters
 
+    fresh = Bundle.load(out)  # checks every file now; globex's adapter is read on first use
     tampered = out / "adapters" / "globex.onnx_adapter"
     tampered.write_bytes(tampered.read_bytes()[:-8] + b"\x00" * 8)
     with pytest.raises(EdgeError, match="globex.onnx_adapter: checksum mismatch"):
-        Bundle.load(out).with_client("globex")
+        fresh.with_client("globex")
