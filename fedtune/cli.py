@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["onnx", "gguf"],
         default="onnx",
-        help="onnx: a bundle for fedtune's edge runtime; gguf: base.gguf + adapter.gguf for llama.cpp (causal LMs)",
+        help="onnx: a bundle for fedtune's edge runtime; gguf: base.gguf + adapter.gguf for llama.cpp "
+        "(causal LMs; checked weight by weight, so the --check-* and --tolerance options are for onnx)",
     )
     export.add_argument(
         "--check-data", default=None, metavar="FILE", help="labeled file for the checks (default: run's eval data)"
