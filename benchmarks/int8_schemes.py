@@ -53,7 +53,7 @@ def main() -> None:
     merged = adapter.model.merge_and_unload().eval()
     work = Path(tempfile.mkdtemp(prefix="int8-schemes-"))
     fp32 = work / "fp32.onnx"
-    edge_export._export(merged, config.model.task, fp32)
+    edge_export._export_classifier(merged, fp32)
     reference = edge_export._torch_outputs(merged, checks)
 
     def check(path: Path) -> tuple[bool, dict]:
