@@ -41,7 +41,7 @@ from fedtune.edge.export import (
 )
 from fedtune.edge.runtime import ADAPTER_DIR, SHARED_ADAPTER
 from fedtune.engine.adapters import AdapterModel
-from fedtune.engine.checkpoint import PRIVATE_FILE, load_checkpoint, load_run_model
+from fedtune.engine.checkpoint import PRIVATE_FILE, load_run_model
 from fedtune.engine.data import TaskSpec, encode
 from fedtune.errors import UserError
 from fedtune.rundir import RunDir
@@ -134,8 +134,7 @@ def client_adapters(
         raise UserError(f"--clients: no private state for {unknown} in {run.path} (clients with state: {', '.join(known)})")
     echo(f"loading {run.path.name}'s model ({config.model.name})")
     adapter, used_round = load_run_model(run, round_number, None, quantization="none")
-    global_tensors, _ = load_checkpoint(run.latest_checkpoint(round_number))
-    every = {GLOBAL: {**adapter.state(), **global_tensors}}
+    every = {GLOBAL: adapter.state()}  # the checkpoint's tensors, loaded into the model
     for name in wanted:
         every[name] = {**every[GLOBAL], **load_file(str(run.client_dir(name) / PRIVATE_FILE))}
     return adapter, used_round, every

@@ -464,6 +464,14 @@ def _partition(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from fedtune.edge.export import export_bundle
 
+    if args.round is not None and (args.client or args.clients is not None):
+        last = RunDir.open(args.run_dir).completed_rounds()[-1:]
+        if [args.round] != last:
+            raise UserError(
+                f"--round {args.round} with --client(s): clients keep their private tensors of the last round "
+                f"only ({last[0] if last else 'none yet'}), so an older round would mix rounds; leave --round out"
+            )
+
     if args.format == "gguf":
         if args.clients is not None or args.quantize != "none":
             raise UserError("--format gguf: not with --clients or --quantize (the base keeps its GGUF quantization)")

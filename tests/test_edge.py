@@ -250,6 +250,9 @@ def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path
     assert torch_eval["eval_loss"] != pytest.approx(global_eval["eval_loss"])
 
     # one base, one adapter per client: each client's predictions are its personalised model's
+    older = run_cli("export", str(run), "--clients", "all", "--round", "1", "--out", str(tmp_path / "old"), timeout=120)
+    assert older.returncode == 2 and "clients keep their private tensors of the last round only (2)" in older.stderr
+
     multi = tmp_path / "every-client"
     export = run_cli("export", str(run), "--clients", "all", "--out", str(multi), "--check-examples", "60", timeout=600)
     assert export.returncode == 0, export.stderr
