@@ -56,7 +56,7 @@ def test_the_fallback_keeps_the_outlier_matmul_in_float_until_the_gate_holds(tmp
     checks, calibration = _examples(0, 200), _examples(200, 64)
     model = _model_with_outlier(_examples(264, 300))
     fp32 = tmp_path / "fp32.onnx"
-    edge_export._export(model, "classification", fp32)
+    edge_export._export_classifier(model, fp32)
     reference = edge_export._torch_outputs(model, checks)
 
     def check(path):
