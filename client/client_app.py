@@ -18,7 +18,9 @@ from fedtune.engine.dp_ledger import PrivacyLedger
 from fedtune.engine.evaluate import evaluate as evaluate_model
 from fedtune.engine.trainers import BudgetSpent, DPSGDTrainer, make_trainer
 from fedtune.engine.trainers.base import seeded_torch
+from fedtune.engine.trainers.probe import fit_linear_probe
 from fedtune.plan import ParameterPlan
+from fedtune.wire import HEAD_PROBE
 
 app = ClientApp()
 
@@ -30,7 +32,7 @@ def train(msg: Message, context: Context) -> Message:
     plan = ParameterPlan.from_record(dict(config))
     round_number = int(config["round"])
     received = job.fit_rank(plan, wire.decode(msg.content["arrays"], msg.content["layout"]))
-    job.model.load_state(job.start_state(plan, received))
+    job.load(plan, received, msg.content)
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
     rng = job.rng(round_number)
@@ -47,6 +49,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics = {"num-examples": len(job.train), "epsilon": ledger.epsilon()}
         info = {"name": job.name, "privacy-spent": str(spent)}
         return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)}), reply_to=msg)
+    if job.probes_head(plan, round_number):
+        return _head_probe(msg, job, plan)
     agent = "data-path" in context.node_config  # simulated clients: the coordinator judged the median one
     if agent and isinstance(trainer, DPSGDTrainer) and not ledger.accountant.history:  # its first DP-SGD round
         coordinates = sum(param.numel() for param in params.values())
@@ -82,6 +86,24 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _head_probe(msg: Message, job: ClientJob, plan: ParameterPlan) -> Message:
+    """A ZO client's first round: the head fitted to its data (int8, ~1 KB), no ZO steps."""
+    started = time.perf_counter()
+    head = fit_linear_probe(job.model, job.train)
+    metrics = {"num-examples": len(job.train), "train_s": time.perf_counter() - started, "steps": 0}
+    info = {
+        "name": job.name,
+        "process": process_tag(),
+        "model-loads": SHARED_MODEL.loads,
+        "frozen-checksum": job.frozen_checksum(plan),
+        "mode": job.mode,
+        "rank": job.rank,
+        "update": HEAD_PROBE,
+    }
+    content = RecordDict({**wire.encode(head, "int8"), "metrics": MetricRecord(metrics), "info": ConfigRecord(info)})
+    return Message(content=content, reply_to=msg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The coordinator's end-of-run notice: acknowledged (the agent's executor acts on it)."""
@@ -95,7 +117,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     job = ClientJob.for_context(context)
     plan = ParameterPlan.from_record(dict(msg.content["config"]))
     received = job.fit_rank(plan, wire.decode(msg.content["arrays"], msg.content["layout"]))
-    job.model.load_state(job.start_state(plan, received))
+    job.load(plan, received, msg.content)
     metrics = evaluate_model(job.model, job.holdout)
     content = RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"name": job.name})})
     return Message(content=content, reply_to=msg)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import Context
+from flwr.app import Context, RecordDict
 from safetensors.torch import load_file, save_file
 
+from fedtune import wire
 from fedtune.atomic import staged_file
 from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config, parse_config_text
 from fedtune.engine.adapters import AdapterModel, build_adapter_model, initial_state, with_rank
@@ -131,6 +132,21 @@ class ClientJob:
             state.update({k: v for k, v in stored.items() if k in state and k in self.model.names(plan.private)})
         state.update(received)
         return state
+
+    def load(self, plan: ParameterPlan, received: dict[str, torch.Tensor], content: RecordDict) -> None:
+        """Set the model for this message: its adapter tensors (``start_state``) and the base residual the
+        message carries (FLoRA, FedEx-LoRA), or the base as loaded when it carries none: the process's
+        model may have served another run in between."""
+        expected = {name: tuple(weight.shape) for name, weight in self.model.residual_layers().items()}
+        self.model.set_base_residual(wire.decode_residual(content, expected))
+        self.model.load_state(self.start_state(plan, received))
+
+    def probes_head(self, plan: ParameterPlan, round_number: int) -> bool:
+        """Whether this round is a head probe (engine/trainers/probe.py): a ZO client's first round,
+        when the plan trains and shares a head at one rank, with ``client.zo_head: probe``."""
+        shared_head = bool(self.model.names(["head"])) and "head" in plan.trained and "head" in plan.sent
+        settings = self.config.client
+        return self.mode == "zo" and round_number == 1 and settings.zo_head == "probe" and shared_head and not plan.per_client_ranks
 
     def save_private(self, plan: ParameterPlan) -> None:
         if not plan.private:

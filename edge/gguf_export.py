@@ -68,6 +68,11 @@ def export_gguf(
         raise UserError(f"--format gguf: the base's architecture is {arch!r}; only 'llama' adapters are written")
     echo(f"loading {run.path.name}'s model ({config.model.name})")
     adapter, used_round = load_run_model(run, round_number, client, quantization="none")
+    if adapter.has_base_residual:
+        raise UserError(
+            f"--format gguf: strategy {config.strategy.name} changed the base weights (base_residual.safetensors), "
+            "which a GGUF adapter beside the packaged base cannot carry; use the default --format onnx"
+        )
     layers = lora_layers(adapter.model, adapter.adapter_name)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, adapter.model.config.num_hidden_layers)
     base = {t.name: t for t in reader.tensors}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedtune.config import Config
 from fedtune.engine.base_model import head_module_names, load_base_model, load_tokenizer, pick_device
 from fedtune.errors import UserError
-from fedtune.plan import ROLES, role_of
+from fedtune.plan import RESIDUAL, ROLES, residual_name, role_of
 
 
 @dataclass
@@ -36,6 +36,7 @@ class AdapterModel:
     params: dict[str, torch.nn.Parameter]  # peft state-dict name -> live parameter
     quantization: str = "none"  # how the frozen base is stored (model.quantization)
     adapter_name: str = "default"  # the peft adapter these params belong to (one per rank, see with_rank)
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # residual name -> the weight as loaded
 
     def activate(self) -> None:
         """Make this adapter the one the shared peft model runs (a no-op with a single adapter)."""
@@ -52,12 +53,61 @@ class AdapterModel:
 
     @torch.no_grad()
     def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy tensors into the live parameters; names and shapes must match exactly."""
+        """Copy tensors into the live parameters; names and shapes must match exactly.
+        Base residuals among them (FLoRA, FedEx-LoRA) go into the frozen weights (``set_base_residual``)."""
+        residual = {name: value for name, value in tensors.items() if role_of(name) == RESIDUAL}
+        if residual:
+            self.set_base_residual(residual)
         for name, value in tensors.items():
+            if name in residual:
+                continue
             param = self.params[name]
             if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(param.shape)}")
             param.copy_(torch.as_tensor(value, dtype=param.dtype))
+
+    @property
+    def has_base_residual(self) -> bool:
+        """Whether some frozen weight differs from the base model as loaded (a residual was set)."""
+        return bool(self.base_weights)
+
+    @torch.no_grad()
+    def set_base_residual(self, residual: Mapping[str, torch.Tensor]) -> None:
+        """Every LoRA layer's frozen weight becomes its loaded value plus RESIDUAL's tensor for it (its
+        loaded value when RESIDUAL has none): where FLoRA and FedEx-LoRA keep what the factors cannot.
+        The loaded weights are kept aside the first time, so each call sets, never accumulates."""
+        layers = self.residual_layers()
+        unknown = sorted(set(residual) - set(layers))
+        if unknown:
+            raise ValueError(f"base residual for a layer this model does not adapt: {unknown[0]}")
+        if not residual and not self.base_weights:
+            return
+        for name, weight in layers.items():
+            if not weight.dtype.is_floating_point:
+                raise ValueError(f"{name}: the base weight is quantized ({weight.dtype}); a residual needs a float base")
+            original = self.base_weights.setdefault(name, weight.detach().clone())
+            value = residual.get(name)
+            if value is None:
+                weight.copy_(original)
+                continue
+            if tuple(value.shape) != tuple(weight.shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(weight.shape)}")
+            weight.copy_((original.float() + value.to(weight.device, torch.float32)).to(weight.dtype))
+
+    def base_residual(self) -> dict[str, torch.Tensor]:
+        """The residuals now in the frozen weights (empty when none was ever set), on the CPU."""
+        layers = self.residual_layers()
+        return {name: (layers[name].float() - original.float()).cpu() for name, original in self.base_weights.items()}
+
+    def residual_layers(self) -> dict[str, torch.Tensor]:
+        """Residual name -> the frozen weight of that LoRA layer, (d_out, d_in) as B·A is."""
+        layers = {}
+        for name in self.names(["lora_A"]):
+            module = self.model.get_submodule(name.split(".lora_A.")[0])
+            if getattr(module, "fan_in_fan_out", False):
+                raise ValueError(f"{name}: base residuals need (out, in) weights; this layer stores (in, out)")
+            layers[residual_name(name)] = module.get_base_layer().weight
+        return layers
 
     def trainable(self, roles: Iterable[str]) -> dict[str, torch.nn.Parameter]:
         """Make exactly ``roles`` trainable and return those parameters by name."""
@@ -128,8 +178,7 @@ def initial_state(
         value = torch.empty(param.shape, dtype=torch.float32)
         role = role_of(name)
         if role == "lora_A":
-            bound = 1.0 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on fan_in
-            value.uniform_(-bound, bound, generator=generator)
+            value = lora_a_init(seed, name, tuple(param.shape))
         elif role == "lora_B" or value.dim() == 1:
             value.zero_()
         else:
@@ -138,7 +187,14 @@ def initial_state(
     return values
 
 
-def _name_seed(seed: int, name: str) -> int:
+def lora_a_init(seed: int | str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """peft's A init, kaiming-uniform(a=√5) on fan_in, drawn from a CPU generator seeded by (SEED, NAME)."""
+    bound = 1.0 / math.sqrt(shape[1])
+    generator = torch.Generator().manual_seed(_name_seed(seed, name))
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+
+def _name_seed(seed: int | str, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 

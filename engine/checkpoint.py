@@ -1,7 +1,9 @@
 """Per-round checkpoints: a PEFT adapter directory plus the state needed to resume.
 
 ``checkpoints/round-K/`` holds ``adapter_config.json`` + ``adapter_model.safetensors``
-(what ``PeftModel.from_pretrained(base, dir)`` loads, head included) and
+(what ``PeftModel.from_pretrained(base, dir)`` loads, head included), for FLoRA and
+FedEx-LoRA ``base_residual.safetensors`` (what those strategies folded into the frozen
+weights: add it to the base before loading the adapter; fedtune's own loaders do), and
 ``fedtune.json`` (round, labels, strategy state incl. its sampling RNG). It is written
 to a temporary directory and renamed, so a killed coordinator never leaves a torn
 checkpoint behind; ``fedtune.json`` is the completeness marker.
@@ -14,15 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fedtune.atomic import staged_dir
 from fedtune.engine.adapters import AdapterModel, build_adapter_model
 from fedtune.errors import UserError
+from fedtune.plan import RESIDUAL, role_of
 from fedtune.rundir import RunDir
 
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "fedtune.json"
+RESIDUAL_FILE = "base_residual.safetensors"  # FLoRA / FedEx-LoRA: per LoRA layer, added to its frozen weight
 PRIVATE_FILE = "private.safetensors"  # a client's private tensors (FedSA's B), in its state dir and in a run's clients/
 
 
@@ -33,13 +37,19 @@ def save_checkpoint(
     model.load_state(tensors)
     with staged_dir(target) as staging:
         model.model.save_pretrained(staging)
+        residual = {name: value.contiguous() for name, value in tensors.items() if role_of(name) == RESIDUAL}
+        if residual:
+            save_file(residual, str(staging / RESIDUAL_FILE))
         (staging / STATE_FILE).write_text(json.dumps({"round": round_number, "labels": model.labels, **state}) + "\n")
     return target
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(adapter tensors by peft name, fedtune state) of a checkpoint directory."""
-    return load_file(str(path / ADAPTER_FILE)), json.loads((path / STATE_FILE).read_text())
+    """(adapter tensors by peft name, base residuals included; fedtune state) of a checkpoint directory."""
+    tensors = load_file(str(path / ADAPTER_FILE))
+    if (path / RESIDUAL_FILE).is_file():
+        tensors |= load_file(str(path / RESIDUAL_FILE))
+    return tensors, json.loads((path / STATE_FILE).read_text())
 
 
 def load_run_model(

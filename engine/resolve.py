@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config
+from fedtune.config import BASE_RESIDUAL_STRATEGIES, PER_CLIENT_RANK_STRATEGIES, Config
 from fedtune.errors import UserError
 
 
@@ -104,6 +104,11 @@ def check_ranks(config: Config) -> None:
         raise UserError(f"client.ranks: {max(ranks)} exceeds adapter.r ({config.adapter.r}), the global rank")
     if name not in PER_CLIENT_RANK_STRATEGIES:
         return
+    if name in BASE_RESIDUAL_STRATEGIES and config.model.quantization != "none":
+        raise UserError(
+            f"strategy.name {name}: adds a residual to the frozen base weights, which needs a float base "
+            f"(model.quantization none, not {config.model.quantization})"
+        )
     if config.privacy.mode == "client":
         raise UserError(f"strategy.name {name}: not with privacy.mode client yet (clients start from different broadcasts)")
     if config.strategy.robust in ("trimmed-mean", "median"):

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="R",
         help="this agent's LoRA rank, at most the run's adapter.r; for strategies with per-client ranks "
-        "(flexlora, hetlora) (default: adapter.r)",
+        "(flexlora, hetlora, flora, fedex) (default: adapter.r)",
     )
     agent.add_argument(
         "--memory-budget",

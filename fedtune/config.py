@@ -84,8 +84,9 @@ class FairSection(Section):
     max_steps: int = Field(200, ge=1)
 
 
-STRATEGY_NAMES = ("fedit", "ffa", "fedsa", "fair", "flexlora", "hetlora")  # = fedtune.strategies.STRATEGIES (tested)
-PER_CLIENT_RANK_STRATEGIES = ("flexlora", "hetlora")  # their plans have per_client_ranks (tested)
+STRATEGY_NAMES = ("fedit", "ffa", "fedsa", "fair", "flexlora", "hetlora", "flora", "fedex")  # = fedtune.strategies.STRATEGIES (tested)
+PER_CLIENT_RANK_STRATEGIES = ("flexlora", "hetlora", "flora", "fedex")  # their plans have per_client_ranks (tested)
+BASE_RESIDUAL_STRATEGIES = ("flora", "fedex")  # they fold a residual into the frozen base weights
 # Keys that moved into a strategy's own section; still read (older configs and run directories hold them).
 MOVED_STRATEGY_KEYS = {"head": ("fedsa", "head"), "fair_lambda": ("fair", "regularization"), "fair_steps": ("fair", "max_steps")}
 
@@ -149,6 +150,7 @@ class ClientSection(Section):
     zo_eps: float = Field(1e-3, gt=0.0)
     zo_samples: int = Field(1, ge=1, le=64)
     zo_upload: Literal["delta", "seeds"] = "delta"
+    zo_head: Literal["probe", "random"] = "probe"  # ZO clients fit a shared head by a linear probe in round 1
     ranks: list[int] | None = Field(None, min_length=1)  # per-client LoRA ranks, cycled over simulated clients
 
     @field_validator("zo_clients")

@@ -14,15 +14,24 @@ from dataclasses import dataclass
 import torch
 
 ROLES = ("lora_A", "lora_B", "head")
+RESIDUAL = "base_residual"  # not a plan role: what FLoRA and FedEx-LoRA fold into a LoRA layer's frozen weight
 
 
 def role_of(name: str) -> str:
-    """Role of a peft state-dict tensor name."""
+    """Role of a peft state-dict tensor name (or of a base residual's name, ``residual_name``)."""
+    if name.endswith("." + RESIDUAL):
+        return RESIDUAL
     if ".lora_A." in name:
         return "lora_A"
     if ".lora_B." in name:
         return "lora_B"
     return "head"
+
+
+def residual_name(lora_a_name: str) -> str:
+    """The name of the base residual of the LoRA layer whose A factor is LORA_A_NAME: the layer's
+    module path (as in the peft model) plus ``.base_residual``."""
+    return lora_a_name.split(".lora_A.")[0] + "." + RESIDUAL
 
 
 @dataclass(frozen=True)

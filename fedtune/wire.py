@@ -38,6 +38,8 @@ from fedtune.spsa import ZOStep, pack, unpack
 
 Tensors = dict[str, torch.Tensor]
 CODECS = ("none", "fp16", "int8")
+RESIDUAL_ARRAYS, RESIDUAL_LAYOUT = "residual", "residual-layout"  # FLoRA / FedEx-LoRA base residuals in a message
+HEAD_PROBE = "head-probe"  # ``info.update`` of a reply that sends only a fitted head (a ZO client's round 1)
 RUN_FINISHED = "run-finished"  # ``event`` of the query message that tells agents a run is over
 BLOCK = 128
 DTYPES = {"none": "float32", "fp16": "float16", "int8": "int8"}  # codec -> dtype of its values
@@ -81,6 +83,13 @@ def encode(tensors: Tensors, codec: str = "none") -> dict[str, ArrayRecord | Con
         }
     )
     return {"arrays": ArrayRecord(arrays), "layout": layout}
+
+
+def decode_residual(content: RecordDict, expected: Mapping[str, tuple[int, ...]]) -> Tensors:
+    """The base residuals a coordinator message carries (none when it carries none), checked against EXPECTED."""
+    if RESIDUAL_ARRAYS not in content.array_records:
+        return {}
+    return decode(content[RESIDUAL_ARRAYS], content[RESIDUAL_LAYOUT], expected)
 
 
 def decode(arrays: ArrayRecord, layout: ConfigRecord, expected: Mapping[str, tuple[int, ...]] | None = None) -> Tensors:

@@ -6,15 +6,17 @@ from fedtune.config import Config
 from fedtune.strategies.base import LoraStrategy
 from fedtune.strategies.client_dp import ClientLevelDP
 from fedtune.strategies.fair import LoraFair
+from fedtune.strategies.fedex import FedExLora
 from fedtune.strategies.fedit import FedIT
 from fedtune.strategies.fedsa import FedSaLora
 from fedtune.strategies.ffa import FfaLora
 from fedtune.strategies.flexlora import FlexLora
+from fedtune.strategies.flora import FLoRA
 from fedtune.strategies.hetlora import HetLora
 from fedtune.strategies.robust import RobustSettings
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
-    cls.name: cls for cls in (FedIT, FfaLora, FedSaLora, LoraFair, FlexLora, HetLora)
+    cls.name: cls for cls in (FedIT, FfaLora, FedSaLora, LoraFair, FlexLora, HetLora, FLoRA, FedExLora)
 }
 
 

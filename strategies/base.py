@@ -7,10 +7,12 @@ the four Message-API hooks, so the math modules stay testable without Flower.
 
 Message format. Train/evaluate messages carry ``arrays`` + ``layout`` (the global
 tensors of the sent roles, peft-named, packed by fedtune/wire.py with the run's codec)
-and ``config`` (round, codec, the plan). Train replies carry ``arrays`` + ``layout``
-(exactly the sent tensors) or, from a ZO client uploading seeds, ``zo`` + ``zo-config``
-(replayed here into the same tensors), plus ``metrics`` (``num-examples`` and training
-metrics) and ``info`` (client name, frozen-tensor checksum, mode).
+and ``config`` (round, codec, the plan), plus ``residual`` + ``residual-layout`` when the
+global state holds base residuals (FLoRA, FedEx-LoRA). Train replies carry ``arrays`` +
+``layout`` (exactly the sent tensors) or, from a ZO client uploading seeds, ``zo`` +
+``zo-config`` (replayed here into the same tensors) or, from a ZO client's head probe
+(``info.update``), the head tensors alone (the rest is the broadcast), plus ``metrics``
+(``num-examples`` and training metrics) and ``info`` (client name, frozen-tensor checksum, mode).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from flwr.supercore import log
 
 from fedtune import faults, spsa, wire
 from fedtune.config import Config
-from fedtune.plan import ParameterPlan, checksum, role_of
+from fedtune.plan import RESIDUAL, ParameterPlan, checksum, role_of
 from fedtune.strategies.identity import NodeNames
 from fedtune.strategies.robust import RobustSettings, aggregate_tensors, bound_updates
 from fedtune.wire import payload_bytes
@@ -144,6 +146,7 @@ INFO_FIELDS: dict[str, Callable[[str, object], str | int | float]] = {
     "frozen-checksum": _matching(r"(?:[0-9a-f]{64})?", "64 lowercase hex digits or empty"),
     "mode": _matching(r"backprop|zo", "backprop or zo"),
     "rank": Bounds(1, MAX_RANK, integer=True).check,  # the client's LoRA rank (strategies/per_client_rank.py)
+    "update": _matching(wire.HEAD_PROBE, wire.HEAD_PROBE),  # only the head, fitted by a ZO client (round 1)
     "privacy-spent": _matching(r"(?s).{0,4096}", "a text of at most 4096 characters"),  # never copied
 }
 
@@ -361,9 +364,10 @@ class LoraStrategy(Strategy):
         )
         shared = wire.encode({name: self.current[name] for name in self.sent_names()}, self.compression)
         payloads = self.payloads(chosen, shared)
+        residual = self.residual_payload()
         messages = []
         for node_id in chosen:
-            content = RecordDict({**payloads[node_id], "config": config})
+            content = RecordDict({**payloads[node_id], **residual, "config": config})
             messages.append(Message(content=content, message_type=kind, dst_node_id=node_id))
             if kind == MessageType.TRAIN:
                 self.ledger.bytes_down += payload_bytes(content)
@@ -371,6 +375,14 @@ class LoraStrategy(Strategy):
             self.ledger.sent_to = len(messages)
             self._broadcast = wire.decode(**shared)  # the codec's rounding included: clients start here
         return messages
+
+    def residual_payload(self) -> dict:
+        """The base residuals in the global state (FLoRA, FedEx-LoRA), for every message; none without."""
+        residual = {name: value for name, value in self.current.items() if role_of(name) == RESIDUAL}
+        if not residual:
+            return {}
+        packed = wire.encode(residual, self.compression)
+        return {wire.RESIDUAL_ARRAYS: packed["arrays"], wire.RESIDUAL_LAYOUT: packed["layout"]}
 
     def payloads(self, nodes: list[int], shared: dict) -> dict[int, dict]:
         """What each chosen node receives: the SHARED encoding of the sent tensors, for every node."""
@@ -435,6 +447,8 @@ class LoraStrategy(Strategy):
                 return "frozen tensors differ from the shared init (checksum mismatch)", None
             if seeds:
                 tensors = self.replay_seeds(content["zo"], content["zo-config"])
+            elif info.get("update") == wire.HEAD_PROBE:
+                tensors = self.probed_head(content["arrays"], content["layout"])
             else:
                 tensors = wire.decode(content["arrays"], content["layout"], self.expected_shapes(info))
         except (ReplyError, wire.WireError) as err:
@@ -452,6 +466,13 @@ class LoraStrategy(Strategy):
     def lifted(self, tensors: Tensors, info: Mapping[str, object]) -> Tensors:
         """A checked reply's tensors in the coordinator's own shapes (they already are, with one rank)."""
         return tensors
+
+    def probed_head(self, arrays: ArrayRecord, layout: ConfigRecord) -> Tensors:
+        """A head-probe reply's sent tensors: the broadcast, with the head the client fitted (its only upload)."""
+        heads = {n: tuple(self.current[n].shape) for n in self.sent_names() if role_of(n) == "head"}
+        if not heads:
+            raise ReplyError(f"'update' {wire.HEAD_PROBE}: this strategy shares no head")
+        return {**{n: self._broadcast[n] for n in self.sent_names()}, **wire.decode(arrays, layout, heads)}
 
     def replay_seeds(self, arrays: ArrayRecord, config: ConfigRecord) -> Tensors:
         """A ZO client's sent tensors, rebuilt from its seeds and the broadcast it started from."""

@@ -30,7 +30,7 @@ def _write(tmp_path, raw) -> str:
         ({"client": {"lr": -0.1}}, "client.lr", "greater than 0"),
         ({"data": {"train": "/no/such/train.tsv"}}, "data.train", "file not found"),
         ({"model": {"name": "gpt-17"}}, "model.name", "minilm-l6, smollm2-135m"),
-        ({"strategy": {"name": "fedfancy"}}, "strategy.name", "'fedit', 'ffa', 'fedsa', 'fair', 'flexlora' or 'hetlora'"),
+        ({"strategy": {"name": "fedfancy"}}, "strategy.name", "'fedit', 'ffa', 'fedsa', 'fair', 'flexlora', 'hetlora', 'flora' or 'fedex'"),
         ({"data": {"partition": {"kind": "zipf"}}}, "data.partition.kind", "'iid', 'dirichlet' or 'field'"),
     ],
 )

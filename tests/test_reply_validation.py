@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from fedtune import wire
 from fedtune.config import Config
+from fedtune.plan import RESIDUAL, role_of
 from fedtune.spsa import ZOStep
 from fedtune.strategies import STRATEGIES, build_strategy
 from fedtune.strategies.base import MAX_EXAMPLES, LoraStrategy, client_error, weighted_metrics
@@ -320,6 +321,7 @@ INVALID_INFO = st.one_of(
     st.tuples(st.just("name"), st.sampled_from(["", "a b", "x" * 65, SECRETS[0], 5, b"c", "é/"])),
     st.tuples(st.just("name"), st.text(max_size=70).filter(lambda s: not re.fullmatch(r"[\w.-]{1,64}", s))),
     st.tuples(st.just("mode"), st.sampled_from(["", "ZO", "auto", 1])),
+    st.tuples(st.just("update"), st.sampled_from(["", "probe", "HEAD-PROBE", 1, wire.HEAD_PROBE + " "])),
     st.tuples(st.just("model-loads"), st.sampled_from([-1, 10**6 + 1, 0.5, "3", math.inf, math.nan])),
     st.tuples(st.just("frozen-checksum"), st.sampled_from(["XYZ", "A" * 64, "0" * 63, 5, SECRETS[1]])),
     st.tuples(st.just("process"), st.sampled_from(["", "a/b", "x" * 65, " ", SECRETS[0]])),
@@ -414,7 +416,7 @@ def _zo_content(data: st.DataObject, content: RecordDict, valid: bool) -> None:
     content["zo"], content["zo-config"] = records["zo"], records["zo-config"]
 
 
-KINDS = ["good", "huge", "zo", "count", "metric", "info", "layout", "arrays", "zo-bad", "missing", "error", "junk"]
+KINDS = ["good", "huge", "zo", "count", "metric", "info", "layout", "arrays", "zo-bad", "probe-bad", "missing", "error", "junk"]
 GOOD_KINDS = {"good", "huge", "zo"}
 
 
@@ -434,6 +436,8 @@ def _train_reply(data: st.DataObject, strategy: LoraStrategy, message: Message, 
         _set_metric(answer, *data.draw(INVALID_METRICS))
     elif kind == "info":
         _set_info(answer, *data.draw(INVALID_INFO))
+    elif kind == "probe-bad":  # says "head only" but sends every tensor
+        _set_info(answer, "update", wire.HEAD_PROBE)
     elif kind == "layout":
         _corrupt_layout(data, content["layout"])
     elif kind == "arrays":
@@ -458,7 +462,8 @@ def _assert_finite_round(strategy: LoraStrategy, arrays: ArrayRecord | None, met
         assert metrics is None
         return
     tensors = arrays.to_torch_state_dict()
-    assert set(tensors) == set(SHAPES) and all(torch.isfinite(v).all() for v in tensors.values())
+    adapter = {name for name in tensors if role_of(name) != RESIDUAL}  # FLoRA, FedEx-LoRA add base residuals
+    assert adapter == set(SHAPES) and all(torch.isfinite(v).all() for v in tensors.values())
     json.dumps(dict(metrics), allow_nan=False)
 
 

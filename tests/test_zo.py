@@ -135,7 +135,7 @@ def test_seed_uploads_give_the_same_federation_at_a_kilobyte_per_client(tmp_path
         result = run_cli(
             "simulate", QUICKSTART, *common, "--set", "strategy.name=fedsa", "--set", "client.zo_clients=[1]",
             "--set", f"client.zo_upload={upload}", "--set", "client.zo_lr=0.01", "--set", "federation.rounds=2",
-            "--set", "client.local_steps=20", "--out", str(tmp_path / upload), timeout=900,
+            "--set", "client.local_steps=20", "--set", "client.zo_head=random", "--out", str(tmp_path / upload), timeout=900,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
         runs[upload] = (
@@ -166,3 +166,65 @@ def test_zo_trains_over_an_nf4_base_and_replays_exactly():
     for name, param in params.items():
         assert not torch.equal(param.detach(), start[name])
         torch.testing.assert_close(rebuilt[name], param.detach(), rtol=0, atol=0)
+
+
+def test_a_linear_probe_fits_the_head_that_zo_cannot_move(job):
+    """Round 1 of a ZO client: the head fitted to frozen features of its data, forward passes only."""
+    from fedtune.engine.evaluate import evaluate
+    from fedtune.engine.trainers.probe import fit_linear_probe
+
+    config, model, data = job
+    held_out = encode(list(read_records(config.data.eval))[:150], TaskSpec.from_config(config), model.tokenizer, "eval")
+    random_head = evaluate(model, held_out)["accuracy"]
+    saved = model.state()
+    head = fit_linear_probe(model, data)
+    assert set(head) == set(model.names(["head"])) and all(p.grad is None for p in model.params.values())
+    model.load_state(head)
+    probed = evaluate(model, held_out)["accuracy"]
+    model.load_state(saved)
+    assert probed >= 0.7 and probed > random_head + 0.25, (random_head, probed)
+
+
+def test_a_head_probe_reply_sends_the_head_alone_and_is_checked_like_any_other():
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedtune.config import Config
+    from fedtune.plan import checksum
+    from fedtune.strategies import build_strategy
+    from flower_helpers import StaticGrid, enter_run, tensors_of
+
+    generator = torch.Generator().manual_seed(0)
+    start = {"m.q.lora_A.weight": torch.randn(4, 6, generator=generator), "m.q.lora_B.weight": torch.zeros(5, 4)}
+    start |= {"m.classifier.weight": torch.zeros(2, 5), "m.classifier.bias": torch.zeros(2)}
+    fitted = {"m.classifier.weight": torch.randn(2, 5, generator=generator), "m.classifier.bias": torch.ones(2)}
+
+    def probe(message, tensors, name, **info):
+        content = RecordDict(
+            {
+                **wire.encode(tensors, "int8"),
+                "metrics": MetricRecord({"num-examples": 10}),
+                "info": ConfigRecord({"name": name, "update": wire.HEAD_PROBE, **info}),
+            }
+        )
+        return Message(content=content, reply_to=message)
+
+    enter_run()
+    config = Config.model_validate({"strategy": {"name": "ffa", "robust": "none"}, "adapter": {"r": 4}, "federation": {"min_clients": 1}})
+    strategy = build_strategy(config)
+    messages = strategy.configure_train(1, ArrayRecord(start), ConfigRecord(), StaticGrid([1, 2]))
+    sent = tensors_of(messages[0])
+    frozen = checksum({"m.q.lora_A.weight": start["m.q.lora_A.weight"]})
+    replies = [
+        probe(messages[0], fitted, "client-1", **{"frozen-checksum": frozen}),
+        probe(messages[1], {**fitted, "m.q.lora_B.weight": torch.ones(5, 4)}, "client-2", **{"frozen-checksum": frozen}),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert len(strategy.ledger.rejected) == 1 and strategy.ledger.rejected[0].startswith("client-2: wrong tensors")
+    new = arrays.to_torch_state_dict()
+    torch.testing.assert_close(new["m.classifier.weight"], fitted["m.classifier.weight"], atol=0.02, rtol=0)
+    assert torch.equal(new["m.q.lora_B.weight"], sent["m.q.lora_B.weight"])  # the rest is the broadcast
+
+    per_rank = build_strategy(Config.model_validate({"strategy": {"name": "flexlora"}, "adapter": {"r": 4}}))
+    messages = per_rank.configure_train(1, ArrayRecord(start), ConfigRecord(), StaticGrid([1, 2]))
+    per_rank.aggregate_train(1, [probe(m, fitted, f"client-{i}", rank=4) for i, m in enumerate(messages)])
+    assert all("head-probe: not with per-client ranks" in r for r in per_rank.ledger.rejected)
