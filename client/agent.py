@@ -88,7 +88,7 @@ class AgentSettings:
     mode: str = ""  # backprop, zo or auto; empty: the run's client.mode
     memory_budget_mb: float = 0.0  # for auto; 0: what the machine has available
     serve: bool = False  # keep serving after a run ends (for later runs); default: exit 0 with the run
-    rank: int = 0  # this agent's LoRA rank (strategies with per-client ranks); 0: the run's adapter.r
+    rank: int = 0  # this agent's LoRA rank (strategies with per-client ranks); 0: the run's adapter.r; -1: auto
 
 
 CONNECTED = re.compile(r"SuperNode ID: ")  # the SuperNode registered with the coordinator

@@ -27,7 +27,7 @@ from fedtune.engine.checkpoint import PRIVATE_FILE
 from fedtune.engine.data import ExampleSet, TaskSpec, encode, holdout_split
 from fedtune.errors import UserError
 from fedtune.plan import ParameterPlan, checksum
-from fedtune.ranks import rank_of, resize
+from fedtune.ranks import RANK_AUTO, rank_of, resize
 from fedtune.records import read_records
 from fedtune.rundir import RunDir
 
@@ -197,8 +197,8 @@ def _job(
         rank = config.client.ranks[partition_id % len(config.client.ranks)]
     if rank > config.adapter.r:
         raise UserError(f"--rank {rank}: above this run's adapter.r ({config.adapter.r}), the largest rank a client may use")
-    if rank and rank != config.adapter.r:  # this client's rank (an agent's --rank)
-        config = config.model_copy(update={"adapter": config.adapter.model_copy(update={"r": rank})})
+    if rank > 0 and rank != config.adapter.r:  # this client's rank (an agent's --rank)
+        config = _at_rank(config, rank)
     model = SHARED_MODEL.get(config)
     spec = TaskSpec.from_config(config)
     if partition_id is not None:
@@ -219,6 +219,10 @@ def _job(
         source = data
         mode = mode or config.client.mode  # an agent's --mode overrides client.mode
     train = encode(train_rows, spec, model.tokenizer, source)
+    mode = resolve_mode(mode, model, train, config, budget_mb, name)
+    if rank == RANK_AUTO:
+        config = _at_rank(config, auto_rank(mode, model, train, config, budget_mb, name))
+        model = SHARED_MODEL.get(config)
     return ClientJob(
         config=config,
         name=name,
@@ -227,5 +231,24 @@ def _job(
         train=train,
         holdout=encode(held_rows, spec, model.tokenizer, source),
         initial=initial_state(model.model, config.seed, model.params),
-        mode=resolve_mode(mode, model, train, config, budget_mb, name),
+        mode=mode,
     )
+
+
+def _at_rank(config: Config, rank: int) -> Config:
+    return config.model_copy(update={"adapter": config.adapter.model_copy(update={"r": rank})})
+
+
+def auto_rank(mode: str, model: AdapterModel, train: ExampleSet, config: Config, budget_mb: float, name: str) -> int:
+    """An agent's ``--rank auto``: the largest power of two up to ``adapter.r`` whose backprop step fits the
+    budget, estimated once at ``adapter.r`` (engine/memory.py); a ZO step's memory hardly depends on the rank."""
+    from fedtune.engine.memory import MB, choose_rank, default_budget, estimate, rank_bytes
+
+    if mode == "zo":
+        rank, reason = config.adapter.r, f"rank {config.adapter.r}: a zo step's memory hardly depends on the rank"
+    else:
+        budget = int(budget_mb * MB) if budget_mb else default_budget(model.device)
+        footprint = estimate(model, train, config.client)
+        rank, reason = choose_rank(footprint, config.adapter.r, rank_bytes(model, train, config.client), budget)
+    print(f"fedtune: {name}: auto rank: {reason}", flush=True)
+    return rank

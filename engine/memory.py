@@ -81,6 +81,28 @@ def estimate(model: AdapterModel, data: ExampleSet, settings: ClientSection) -> 
     )
 
 
+def rank_bytes(model: AdapterModel, data: ExampleSet, settings: ClientSection) -> int:
+    """What one more LoRA rank adds to a backprop step: per LoRA layer d_in + d_out numbers held four
+    times (value, gradient, AdamW's two moments) and the saved x·Aᵀ of every token of the batch."""
+    a_names = model.names(["lora_A"])
+    rank = int(model.params[a_names[0]].shape[0]) if a_names else 1
+    numbers = sum(model.params[n].numel() for n in model.names(["lora_A", "lora_B"])) // rank
+    longest = max(len(example["input_ids"]) for example in data.examples)
+    return 4 * 4 * numbers + 4 * len(a_names) * settings.batch_size * longest
+
+
+def choose_rank(footprint: Footprint, rank: int, per_rank: int, budget: int) -> tuple[int, str]:
+    """``(rank, reason)``: the largest of RANK and the powers of two below it whose backprop step fits
+    BUDGET, from FOOTPRINT measured at RANK and PER_RANK bytes (``rank_bytes``); rank 1 if none fits."""
+    candidates = sorted({rank} | {2**k for k in range(rank.bit_length()) if 2**k < rank}, reverse=True)
+    for candidate in candidates:
+        need = footprint.backprop - (rank - candidate) * per_rank
+        if need <= budget:
+            return candidate, f"rank {candidate}: backprop step ~{need / MB:.0f} MB fits the budget of {budget / MB:.0f} MB"
+    need = footprint.backprop - (rank - 1) * per_rank
+    return 1, f"rank 1: backprop step ~{need / MB:.0f} MB does not fit the budget of {budget / MB:.0f} MB even so (--mode zo or auto would)"
+
+
 def choose_mode(footprint: Footprint, budget: int) -> tuple[str, str]:
     """``(mode, reason)``: backprop when its step fits ``budget``, else zo."""
     need = f"backprop step ~{footprint.backprop / MB:.0f} MB, zo step ~{footprint.zo / MB:.0f} MB (estimated)"

@@ -134,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--rank",
-        type=int,
         default=None,
         metavar="R",
-        help="this agent's LoRA rank, at most the run's adapter.r; for strategies with per-client ranks "
+        help="this agent's LoRA rank, at most the run's adapter.r, or auto: the largest power of two whose "
+        "backprop step fits --memory-budget; for strategies with per-client ranks "
         "(flexlora, hetlora, flora, fedex) (default: adapter.r)",
     )
     agent.add_argument(
@@ -391,8 +391,7 @@ def _client(args: argparse.Namespace) -> int:
         )
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
-    if args.rank is not None and args.rank < 1:
-        raise UserError(f"--rank {args.rank}: must be at least 1")
+    rank = _rank(args.rank) if args.rank is not None else 0
     settings = AgentSettings(
         args.coordinator,
         args.data,
@@ -406,9 +405,20 @@ def _client(args: argparse.Namespace) -> int:
         mode=args.mode or "",
         memory_budget_mb=_megabytes(args.memory_budget) if args.memory_budget else 0.0,
         serve=args.serve,
-        rank=args.rank or 0,
+        rank=rank,
     )
     return run_agent(settings)
+
+
+def _rank(text: str) -> int:
+    """``--rank``: a positive integer, or ``auto`` (``RANK_AUTO``: chosen by the agent from its memory budget)."""
+    from fedtune.ranks import RANK_AUTO
+
+    if text.strip().lower() == "auto":
+        return RANK_AUTO
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UserError(f"--rank {text}: use a positive integer (at most the run's adapter.r) or auto")
+    return int(text)
 
 
 def _megabytes(size: str) -> float:

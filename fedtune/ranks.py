@@ -21,6 +21,7 @@ import torch
 from fedtune.plan import role_of
 
 Tensors = dict[str, torch.Tensor]
+RANK_AUTO = -1  # an agent's ``--rank auto``: the largest rank whose step fits its memory budget (engine/memory.py)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:

@@ -302,3 +302,59 @@ def test_seed_uploads_are_refused_with_per_client_ranks(declared):
     expected = "seed uploads: not with per-client ranks" if declared == 2 else "'rank' must be an integer between 1 and 8"
     assert len(strategy.ledger.rejected) == 1 and expected in strategy.ledger.rejected[0], strategy.ledger.rejected
     assert 1 not in strategy.ranks  # a refused reply teaches the coordinator nothing
+
+
+def test_rank_auto_takes_the_largest_rank_whose_backprop_step_fits():
+    from fedtune.engine.memory import MB, Footprint, choose_rank
+
+    at_16 = Footprint(resident=500 * MB, backprop=900 * MB, zo=520 * MB)
+    per_rank = 10 * MB
+    assert choose_rank(at_16, 16, per_rank, 900 * MB)[0] == 16
+    assert choose_rank(at_16, 16, per_rank, 899 * MB)[0] == 8  # 820 MB at rank 8
+    assert choose_rank(at_16, 16, per_rank, 780 * MB)[0] == 4  # exactly 780 MB
+    rank, reason = choose_rank(at_16, 16, per_rank, 770 * MB)
+    assert rank == 2 and reason == "rank 2: backprop step ~760 MB fits the budget of 770 MB"
+    rank, reason = choose_rank(at_16, 16, per_rank, 700 * MB)
+    assert rank == 1 and "does not fit the budget of 700 MB even so" in reason
+    assert choose_rank(at_16, 12, per_rank, 860 * MB)[0] == 8  # 12 itself, then 8, 4, 2, 1
+
+
+def test_an_agent_with_rank_auto_measures_its_step_and_says_what_it_chose(tmp_path, capsys, monkeypatch):
+    """The agent path of ClientJob: the rank comes from the estimate at adapter.r, the bytes one rank adds
+    (counted from the model) and the budget. The estimate is pinned: a real one includes the process's
+    resident memory, which moves by more than MiniLM's ~0.2 MB per rank between two calls."""
+    import yaml
+
+    from fedtune.client.job import _job
+    from fedtune.engine import memory
+
+    raw = yaml.safe_load(open("simulations/configs/quickstart.yaml"))
+    raw["strategy"]["name"] = "flexlora"
+    raw["adapter"] = {"r": 8, "alpha": 16, "target_modules": ["query", "value"]}
+    raw["data"].update({"labels": ["complaint", "question", "praise"], "train": None, "eval": None})
+    raw["data"].pop("partition")
+    text = yaml.safe_dump(raw)
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text("".join(f'{{"text": "message number {i} about the order", "label": "question"}}\n' for i in range(40)))
+    at_8 = memory.Footprint(resident=400 * memory.MB, backprop=600 * memory.MB, zo=410 * memory.MB)
+    monkeypatch.setattr(memory, "estimate", lambda *args: at_8)
+    roomy = _job(text, str(rows), "roomy", str(tmp_path), "", "backprop", 600.0, -1)
+    assert roomy.rank == 8 and "roomy: auto rank: rank 8: backprop step ~600 MB fits" in capsys.readouterr().out
+    per_rank = memory.rank_bytes(roomy.model, roomy.train, roomy.config.client)
+    longest = max(len(e["input_ids"]) for e in roomy.train.examples)
+    assert per_rank == 16 * 12 * (384 + 384) + 4 * 12 * 16 * longest  # 12 LoRA layers of MiniLM, batch 16
+    budget_mb = (at_8.backprop - 5 * per_rank) / memory.MB  # room for rank 3, not 4: rank 2
+    tight = _job(text, str(rows), "tight", str(tmp_path), "", "backprop", budget_mb, -1)
+    assert tight.rank == 2 and tight.model.model is roomy.model.model  # one base model, an adapter per rank
+    assert "tight: auto rank: rank 2" in capsys.readouterr().out
+    zo = _job(text, str(rows), "zo", str(tmp_path), "", "zo", 1.0, -1)
+    assert zo.rank == 8 and "a zo step's memory hardly depends on the rank" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "lots", "-2"])
+def test_a_bad_rank_flag_is_one_line(value):
+    from conftest import run_cli
+
+    result = run_cli("client", "--coordinator", "x:1", "--data", "simulations/configs/quickstart.yaml", "--insecure", "--rank", value)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"fedtune: error: --rank {value}: use a positive integer (at most the run's adapter.r) or auto"]
