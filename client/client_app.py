@@ -70,14 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     else:  # the loss is not privatised, so it stays here; the ledger is saved before the reply leaves
         ledger.save()
         metrics["epsilon"] = ledger.epsilon()
-    info = {
-        "name": job.name,
-        "process": process_tag(),
-        "model-loads": SHARED_MODEL.loads,
-        "frozen-checksum": job.frozen_checksum(plan),
-        "mode": job.mode,
-        "rank": job.rank,
-    }
+    info = _train_info(job, plan)
     if result.zo_steps and job.config.client.zo_upload == "seeds":
         update = wire.encode_seeds(result.zo_steps, job.config.client.weight_decay)
     else:
@@ -86,20 +79,24 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _head_probe(msg: Message, job: ClientJob, plan: ParameterPlan) -> Message:
-    """A ZO client's first round: the head fitted to its data (int8, ~1 KB), no ZO steps."""
-    started = time.perf_counter()
-    head = fit_linear_probe(job.model, job.train)
-    metrics = {"num-examples": len(job.train), "train_s": time.perf_counter() - started, "steps": 0}
-    info = {
+def _train_info(job: ClientJob, plan: ParameterPlan) -> dict[str, str | int]:
+    """What a train reply says about its client (strategies/base.py checks each field)."""
+    return {
         "name": job.name,
         "process": process_tag(),
         "model-loads": SHARED_MODEL.loads,
         "frozen-checksum": job.frozen_checksum(plan),
         "mode": job.mode,
         "rank": job.rank,
-        "update": HEAD_PROBE,
     }
+
+
+def _head_probe(msg: Message, job: ClientJob, plan: ParameterPlan) -> Message:
+    """A ZO client's first round: the head fitted to its data (int8; 2.8 KB for SST-2), no ZO steps."""
+    started = time.perf_counter()
+    head = fit_linear_probe(job.model, job.train)
+    metrics = {"num-examples": len(job.train), "train_s": time.perf_counter() - started, "steps": 0}
+    info = _train_info(job, plan) | {"update": HEAD_PROBE}
     content = RecordDict({**wire.encode(head, "int8"), "metrics": MetricRecord(metrics), "info": ConfigRecord(info)})
     return Message(content=content, reply_to=msg)
 
