@@ -25,6 +25,7 @@ from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config, parse_config_text
 from fedtune.engine.adapters import AdapterModel, build_adapter_model, initial_state, with_rank
 from fedtune.engine.checkpoint import PRIVATE_FILE
 from fedtune.engine.data import ExampleSet, TaskSpec, encode, holdout_split
+from fedtune.engine.trainers.probe import can_probe
 from fedtune.errors import UserError
 from fedtune.plan import ParameterPlan, checksum
 from fedtune.ranks import RANK_AUTO, rank_of, resize
@@ -137,14 +138,18 @@ class ClientJob:
         """Set the model for this message: its adapter tensors (``start_state``) and the base residual the
         message carries (FLoRA, FedEx-LoRA), or the base as loaded when it carries none: the process's
         model may have served another run in between."""
-        expected = {name: tuple(weight.shape) for name, weight in self.model.residual_layers().items()}
-        self.model.set_base_residual(wire.decode_residual(content, expected))
+        residual = {}
+        if wire.RESIDUAL_ARRAYS in content.array_records:
+            expected = {name: tuple(weight.shape) for name, weight in self.model.residual_layers().items()}
+            residual = wire.decode_residual(content, expected)
+        self.model.set_base_residual(residual)
         self.model.load_state(self.start_state(plan, received))
 
     def probes_head(self, plan: ParameterPlan, round_number: int) -> bool:
         """Whether this round is a head probe (engine/trainers/probe.py): a ZO client's first round,
-        when the plan trains and shares a head at one rank, with ``client.zo_head: probe``."""
-        shared_head = bool(self.model.names(["head"])) and "head" in plan.trained and "head" in plan.sent
+        when the plan trains and shares a head at one rank that is one linear layer with a bias (BERT's
+        classifier; not RoBERTa's two-layer head, nor a bias-free ``score``), with ``client.zo_head: probe``."""
+        shared_head = "head" in plan.trained and "head" in plan.sent and can_probe(self.model)
         settings = self.config.client
         return self.mode == "zo" and round_number == 1 and settings.zo_head == "probe" and shared_head and not plan.per_client_ranks
 
@@ -241,10 +246,13 @@ def _at_rank(config: Config, rank: int) -> Config:
 
 def auto_rank(mode: str, model: AdapterModel, train: ExampleSet, config: Config, budget_mb: float, name: str) -> int:
     """An agent's ``--rank auto``: the largest power of two up to ``adapter.r`` whose backprop step fits the
-    budget, estimated once at ``adapter.r`` (engine/memory.py); a ZO step's memory hardly depends on the rank."""
+    budget, estimated once at ``adapter.r`` (engine/memory.py); a ZO step's memory hardly depends on the rank.
+    The mode is settled first (``--mode auto`` judges backprop at ``adapter.r``)."""
     from fedtune.engine.memory import MB, choose_rank, default_budget, estimate, rank_bytes
 
-    if mode == "zo":
+    if config.strategy.name not in PER_CLIENT_RANK_STRATEGIES:
+        rank, reason = config.adapter.r, f"rank {config.adapter.r}: strategy {config.strategy.name} trains every client at one rank"
+    elif mode == "zo":
         rank, reason = config.adapter.r, f"rank {config.adapter.r}: a zo step's memory hardly depends on the rank"
     else:
         budget = int(budget_mb * MB) if budget_mb else default_budget(model.device)

@@ -75,13 +75,14 @@ class AdapterModel:
     def set_base_residual(self, residual: Mapping[str, torch.Tensor]) -> None:
         """Every LoRA layer's frozen weight becomes its loaded value plus RESIDUAL's tensor for it (its
         loaded value when RESIDUAL has none): where FLoRA and FedEx-LoRA keep what the factors cannot.
-        The loaded weights are kept aside the first time, so each call sets, never accumulates."""
+        The loaded weights are kept aside the first time, so each call sets, never accumulates;
+        ``with_rank`` copies share ``base_weights`` (one dict, like the one base model they share)."""
+        if not residual and not self.base_weights:
+            return
         layers = self.residual_layers()
         unknown = sorted(set(residual) - set(layers))
         if unknown:
             raise ValueError(f"base residual for a layer this model does not adapt: {unknown[0]}")
-        if not residual and not self.base_weights:
-            return
         for name, weight in layers.items():
             if not weight.dtype.is_floating_point:
                 raise ValueError(f"{name}: the base weight is quantized ({weight.dtype}); a residual needs a float base")
@@ -92,21 +93,18 @@ class AdapterModel:
                 continue
             if tuple(value.shape) != tuple(weight.shape):
                 raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(weight.shape)}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name}: the base residual is not finite")
             weight.copy_((original.float() + value.to(weight.device, torch.float32)).to(weight.dtype))
 
-    def base_residual(self) -> dict[str, torch.Tensor]:
-        """The residuals now in the frozen weights (empty when none was ever set), on the CPU."""
-        layers = self.residual_layers()
-        return {name: (layers[name].float() - original.float()).cpu() for name, original in self.base_weights.items()}
-
     def residual_layers(self) -> dict[str, torch.Tensor]:
-        """Residual name -> the frozen weight of that LoRA layer, (d_out, d_in) as B·A is."""
+        """Residual name -> the frozen weight of that LoRA layer as (d_out, d_in), like B·A: a transposed
+        view for layers that store (d_in, d_out) (GPT-2's Conv1D, peft's ``fan_in_fan_out``)."""
         layers = {}
         for name in self.names(["lora_A"]):
             module = self.model.get_submodule(name.split(".lora_A.")[0])
-            if getattr(module, "fan_in_fan_out", False):
-                raise ValueError(f"{name}: base residuals need (out, in) weights; this layer stores (in, out)")
-            layers[residual_name(name)] = module.get_base_layer().weight
+            weight = module.get_base_layer().weight
+            layers[residual_name(name)] = weight.T if getattr(module, "fan_in_fan_out", False) else weight
         return layers
 
     def trainable(self, roles: Iterable[str]) -> dict[str, torch.nn.Parameter]:

@@ -73,6 +73,11 @@ def load_run_model(
                 f"--client {client}: no private state in {run.path} (clients with state: {known or 'none'})"
             )
         tensors = {**tensors, **load_file(str(private))}
+    if any(role_of(name) == RESIDUAL for name in tensors) and config.model.quantization != "none":
+        raise UserError(
+            f"--quantization {config.model.quantization}: strategy {config.strategy.name} folded a residual "
+            "into this run's base weights, which needs the float base (--quantization none)"
+        )
     model = build_adapter_model(config, state["labels"])
     model.load_state(tensors)
     return model, int(state["round"])

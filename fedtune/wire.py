@@ -89,6 +89,8 @@ def decode_residual(content: RecordDict, expected: Mapping[str, tuple[int, ...]]
     """The base residuals a coordinator message carries (none when it carries none), checked against EXPECTED."""
     if RESIDUAL_ARRAYS not in content.array_records:
         return {}
+    if RESIDUAL_LAYOUT not in content.config_records:
+        raise WireError(f"'{RESIDUAL_ARRAYS}' without '{RESIDUAL_LAYOUT}'")
     return decode(content[RESIDUAL_ARRAYS], content[RESIDUAL_LAYOUT], expected)
 
 

@@ -377,11 +377,13 @@ class LoraStrategy(Strategy):
         return messages
 
     def residual_payload(self) -> dict:
-        """The base residuals in the global state (FLoRA, FedEx-LoRA), for every message; none without."""
+        """The base residuals in the global state (FLoRA, FedEx-LoRA), for every message; none without.
+        Uncompressed: a rounded residual would make the clients' base differ from the one the coordinator
+        evaluates and checkpoints, and the aggregation no longer exact."""
         residual = {name: value for name, value in self.current.items() if role_of(name) == RESIDUAL}
         if not residual:
             return {}
-        packed = wire.encode(residual, self.compression)
+        packed = wire.encode(residual, "none")  # fp32 whatever the codec: clients must hold the server's base
         return {wire.RESIDUAL_ARRAYS: packed["arrays"], wire.RESIDUAL_LAYOUT: packed["layout"]}
 
     def payloads(self, nodes: list[int], shared: dict) -> dict[int, dict]:

@@ -10,7 +10,7 @@ makes heterogeneous ranks exact.
 The residual R is dense (d_out × d_in per layer) and cumulative: the coordinator holds it in the
 global state (checkpointed as ``base_residual.safetensors``) and sends it in every message, so a
 client that missed rounds, or restarted, is current after one message. That costs
-d_out·d_in numbers per layer and message (MiniLM-L6, query and value: 1.77 M, 7 MB in fp32),
+d_out·d_in numbers per layer and message, always fp32 (MiniLM-L6, query and value: 1.77 M, 7 MB),
 counted in ``bytes_down``; a client keeps no residual of its own.
 """
 

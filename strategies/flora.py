@@ -11,7 +11,7 @@ round, which only a client present in every round can apply. fedtune instead kee
 cumulative merge as a dense residual R (d_out × d_in per layer) in the global state
 (checkpointed as ``base_residual.safetensors``) and sends it in every message, so a client that
 missed rounds or restarted is current after one message: d_out·d_in numbers per layer
-(MiniLM-L6, query and value: 1.77 M, 7 MB in fp32; the stack of 10 clients at rank 8 would be
+(always fp32; MiniLM-L6, query and value: 1.77 M, 7 MB; the stack of 10 clients at rank 8 would be
 0.74 M), counted in ``bytes_down``. A client keeps no residual of its own.
 """
 

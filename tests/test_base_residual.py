@@ -128,6 +128,36 @@ def test_the_residual_travels_to_clients_and_into_checkpoints(tmp_path, name):
     assert loaded.has_base_residual
     for n, weight in loaded.residual_layers().items():
         torch.testing.assert_close(weight, base[n] + residual[n])
+    with pytest.raises(UserError, match="--quantization int8: strategy .* folded a residual"):
+        load_run_model(run, quantization="int8")
+
+
+def test_adapters_of_several_ranks_share_one_base_and_its_residual():
+    from fedtune.engine.adapters import with_rank
+
+    config, rank_4 = _minilm()
+    base = {n: w.detach().clone() for n, w in rank_4.residual_layers().items()}
+    rank_2 = with_rank(rank_4, config.model_copy(update={"adapter": config.adapter.model_copy(update={"r": 2})}))
+    residual = {n: torch.full_like(w, 0.5) for n, w in base.items()}
+    rank_2.set_base_residual(residual)
+    rank_4.activate()
+    rank_4.set_base_residual(residual)  # set again through the other adapter: not added twice
+    assert all(torch.equal(w, base[n] + 0.5) for n, w in rank_4.residual_layers().items())
+    rank_4.set_base_residual({})
+    assert all(torch.equal(w, base[n]) for n, w in rank_2.residual_layers().items())
+
+
+def test_a_residual_without_its_layout_or_not_finite_is_refused():
+    config, model = _minilm()
+    expected = {n: tuple(w.shape) for n, w in model.residual_layers().items()}
+    packed = wire.encode({n: torch.zeros(shape) for n, shape in expected.items()})
+    from flwr.app import RecordDict
+
+    with pytest.raises(wire.WireError, match="'residual' without 'residual-layout'"):
+        wire.decode_residual(RecordDict({wire.RESIDUAL_ARRAYS: packed["arrays"]}), expected)
+    name = next(iter(expected))
+    with pytest.raises(ValueError, match="not finite"):
+        model.set_base_residual({name: torch.full(expected[name], float("nan"))})
 
 
 def test_a_residual_for_a_layer_the_model_does_not_adapt_is_refused():

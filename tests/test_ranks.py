@@ -349,6 +349,9 @@ def test_an_agent_with_rank_auto_measures_its_step_and_says_what_it_chose(tmp_pa
     assert "tight: auto rank: rank 2" in capsys.readouterr().out
     zo = _job(text, str(rows), "zo", str(tmp_path), "", "zo", 1.0, -1)
     assert zo.rank == 8 and "a zo step's memory hardly depends on the rank" in capsys.readouterr().out
+    one_rank = text.replace("name: flexlora", "name: fedit")
+    fedit = _job(one_rank, str(rows), "fedit", str(tmp_path), "", "backprop", budget_mb, -1)
+    assert fedit.rank == 8 and "strategy fedit trains every client at one rank" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value", ["0", "lots", "-2"])
