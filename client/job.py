@@ -149,9 +149,9 @@ class ClientJob:
         """Whether this round is a head probe (engine/trainers/probe.py): a ZO client's first round,
         when the plan trains and shares a head at one rank that is one linear layer with a bias (BERT's
         classifier; not RoBERTa's two-layer head, nor a bias-free ``score``), with ``client.zo_head: probe``."""
-        shared_head = "head" in plan.trained and "head" in plan.sent and can_probe(self.model)
-        settings = self.config.client
-        return self.mode == "zo" and round_number == 1 and settings.zo_head == "probe" and shared_head and not plan.per_client_ranks
+        if self.mode != "zo" or round_number != 1 or self.config.client.zo_head != "probe" or plan.per_client_ranks:
+            return False  # decided before can_probe walks the model: most messages are not probes
+        return "head" in plan.trained and "head" in plan.sent and can_probe(self.model)
 
     def save_private(self, plan: ParameterPlan) -> None:
         if not plan.private:
