@@ -20,7 +20,6 @@ from fedtune.engine.trainers import BudgetSpent, DPSGDTrainer, make_trainer
 from fedtune.engine.trainers.base import seeded_torch
 from fedtune.engine.trainers.probe import fit_linear_probe
 from fedtune.plan import ParameterPlan
-from fedtune.wire import HEAD_PROBE
 
 app = ClientApp()
 
@@ -92,12 +91,12 @@ def _train_info(job: ClientJob, plan: ParameterPlan) -> dict[str, str | int]:
 
 
 def _head_probe(msg: Message, job: ClientJob, plan: ParameterPlan) -> Message:
-    """A ZO client's first round: the head fitted to its data (int8; 2.7 KB a reply for SST-2), no ZO steps."""
+    """A ZO client's first round: the head fitted to its data (``wire.encode_head_probe``), no ZO steps."""
     started = time.perf_counter()
     head = fit_linear_probe(job.model, job.train, batch_size=job.config.client.batch_size)
     metrics = {"num-examples": len(job.train), "train_s": time.perf_counter() - started, "steps": 0}
-    info = _train_info(job, plan) | {"update": HEAD_PROBE}
-    content = RecordDict({**wire.encode(head, "int8"), "metrics": MetricRecord(metrics), "info": ConfigRecord(info)})
+    info = ConfigRecord(_train_info(job, plan))
+    content = RecordDict({**wire.encode_head_probe(head), "metrics": MetricRecord(metrics), "info": info})
     return Message(content=content, reply_to=msg)
 
 

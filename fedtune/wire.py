@@ -17,6 +17,9 @@ Codecs (``federation.compression``), applied to uploads and broadcasts alike:
 A zeroth-order client with ``client.zo_upload: seeds`` sends no tensors at all: its
 steps' seeds, projected gradients and learning rates (``zo`` + ``zo-config``), exact,
 which the coordinator replays (fedtune/zo.py): 12 bytes per perturbation, 4 per step.
+Its first round sends the head it fitted in closed form (``probe``): int8, one array,
+no layout (the receiver knows the head's names and shapes), and class 0's row left out
+(a softmax head is unchanged when one vector is subtracted from every class's row).
 
 A receiver treats every payload as untrusted: the layout is checked (and, given
 ``expected``, matched against the tensors it allows) and each array's declared dtype,
@@ -39,7 +42,7 @@ from fedtune.spsa import ZOStep, pack, unpack
 Tensors = dict[str, torch.Tensor]
 CODECS = ("none", "fp16", "int8")
 RESIDUAL_ARRAYS, RESIDUAL_LAYOUT = "residual", "residual-layout"  # FLoRA / FedEx-LoRA base residuals in a message
-HEAD_PROBE = "head-probe"  # ``info.update`` of a reply that sends only a fitted head (a ZO client's round 1)
+HEAD_PROBE = "probe"  # the array record of a reply that sends only a fitted head (a ZO client's round 1)
 RUN_FINISHED = "run-finished"  # ``event`` of the query message that tells agents a run is over
 BLOCK = 128
 DTYPES = {"none": "float32", "fp16": "float16", "int8": "int8"}  # codec -> dtype of its values
@@ -199,6 +202,38 @@ def decode_seeds(arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[ZOStep
         return unpack(packed, steps, samples), weight_decay
     except ValueError as err:
         raise WireError(f"not a ZO seed payload ({err})") from err
+
+
+def encode_head_probe(head: Tensors) -> dict[str, ArrayRecord]:
+    """``{"probe": ArrayRecord}``: HEAD's tensors (class axis first) less class 0's row, in name order, int8.
+
+    Subtracting class 0's row from every row changes no prediction of a softmax head (nor any
+    average of such heads), so that row is zero and not sent: half the bytes of SST-2's head.
+    """
+    flat = torch.cat([(head[n] - head[n][:1]).detach()[1:].reshape(-1).float().cpu() for n in sorted(head)])
+    codes, scales = quantize_int8(flat)
+    packed = np.concatenate([codes.numpy().view(np.uint8), scales.numpy().astype("<f4").view(np.uint8)])
+    return {HEAD_PROBE: ArrayRecord({"packed": Array(packed)})}
+
+
+def decode_head_probe(arrays: ArrayRecord, expected: Mapping[str, tuple[int, ...]]) -> Tensors:
+    """The head ``encode_head_probe`` sent, class 0's row zero; its size is checked against EXPECTED first."""
+    if set(arrays.keys()) != {"packed"}:
+        raise WireError("not a head probe (arrays must be ['packed'])")
+    if any(len(shape) < 1 or shape[0] < 2 for shape in expected.values()):
+        raise WireError("a head probe needs tensors with a class axis of at least 2")
+    sizes = {n: math.prod(expected[n][1:]) * (expected[n][0] - 1) for n in sorted(expected)}
+    count = sum(sizes.values())
+    packed = read_array(arrays, "packed", "uint8", count + 4 * math.ceil(count / BLOCK))
+    codes = torch.from_numpy(packed[:count].view(np.int8).copy())
+    flat = dequantize_int8(codes, torch.from_numpy(packed[count:].view("<f4").copy()))
+    head, offset = {}, 0
+    for name, size in sizes.items():
+        shape = expected[name]
+        rows = flat[offset : offset + size].reshape(shape[0] - 1, *shape[1:])
+        head[name] = torch.cat([torch.zeros(1, *shape[1:]), rows])
+        offset += size
+    return head
 
 
 def quantize_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ tensors of the sent roles, peft-named, packed by fedtune/wire.py with the run's 
 and ``config`` (round, codec, the plan), plus ``residual`` + ``residual-layout`` when the
 global state holds base residuals (FLoRA, FedEx-LoRA). Train replies carry ``arrays`` +
 ``layout`` (exactly the sent tensors) or, from a ZO client uploading seeds, ``zo`` +
-``zo-config`` (replayed here into the same tensors) or, from a ZO client's head probe
-(``info.update``), the head tensors alone (the rest is the broadcast), plus ``metrics``
+``zo-config`` (replayed here into the same tensors) or, from a ZO client's head probe,
+``probe`` (the head alone, wire.encode_head_probe; the rest is the broadcast), plus ``metrics``
 (``num-examples`` and training metrics) and ``info`` (client name, frozen-tensor checksum, mode).
 """
 
@@ -139,6 +139,8 @@ def _matching(pattern: str, rule: str) -> Callable[[str, object], str]:
     return check
 
 
+UPDATE_RECORDS = {"arrays": "layout", "zo": "zo-config", wire.HEAD_PROBE: None}  # a reply's update record -> its config
+
 INFO_FIELDS: dict[str, Callable[[str, object], str | int | float]] = {
     "name": _matching(r"[\w.-]{1,64}", "1 to 64 letters, digits, '_', '.' or '-'"),
     "process": _matching(r"[\w.:-]{1,64}", "1 to 64 letters, digits, '_', '.', ':' or '-'"),
@@ -146,7 +148,6 @@ INFO_FIELDS: dict[str, Callable[[str, object], str | int | float]] = {
     "frozen-checksum": _matching(r"(?:[0-9a-f]{64})?", "64 lowercase hex digits or empty"),
     "mode": _matching(r"backprop|zo", "backprop or zo"),
     "rank": Bounds(1, MAX_RANK, integer=True).check,  # the client's LoRA rank (strategies/per_client_rank.py)
-    "update": _matching(wire.HEAD_PROBE, wire.HEAD_PROBE),  # only the head, fitted by a ZO client (round 1)
     "privacy-spent": _matching(r"(?s).{0,4096}", "a text of at most 4096 characters"),  # never copied
 }
 
@@ -436,10 +437,10 @@ class LoraStrategy(Strategy):
 
         Tensors are decoded last, and only when the layout promises exactly the sent tensors.
         """
-        seeds = "zo" in content.array_records and "zo-config" in content.config_records
-        tensors_sent = "arrays" in content.array_records and "layout" in content.config_records
-        if not (seeds or tensors_sent) or "metrics" not in content.metric_records:
-            return "missing 'arrays' and 'layout' (or ZO 'zo' and 'zo-config'), or 'metrics' record", None
+        sent = [key for key in UPDATE_RECORDS if key in content.array_records]
+        complete = len(sent) == 1 and UPDATE_RECORDS[sent[0]] in (None, *content.config_records)
+        if not complete or "metrics" not in content.metric_records:
+            return "needs a 'metrics' record and one update: 'arrays' + 'layout', ZO 'zo' + 'zo-config' or 'probe'", None
         try:
             metrics = dict(content["metrics"])
             num_examples = COUNT.check(self.weighted_by_key, metrics.pop(self.weighted_by_key, None))
@@ -447,10 +448,10 @@ class LoraStrategy(Strategy):
             info = checked_info(content)
             if self.frozen_checksum is not None and info.get("frozen-checksum") != self.frozen_checksum:
                 return "frozen tensors differ from the shared init (checksum mismatch)", None
-            if seeds:
+            if sent == ["zo"]:
                 tensors = self.replay_seeds(content["zo"], content["zo-config"])
-            elif info.get("update") == wire.HEAD_PROBE:
-                tensors = self.probed_head(content["arrays"], content["layout"])
+            elif sent == [wire.HEAD_PROBE]:
+                tensors = self.probed_head(content[wire.HEAD_PROBE])
             else:
                 tensors = wire.decode(content["arrays"], content["layout"], self.expected_shapes(info))
         except (ReplyError, wire.WireError) as err:
@@ -469,12 +470,12 @@ class LoraStrategy(Strategy):
         """A checked reply's tensors in the coordinator's own shapes (they already are, with one rank)."""
         return tensors
 
-    def probed_head(self, arrays: ArrayRecord, layout: ConfigRecord) -> Tensors:
+    def probed_head(self, arrays: ArrayRecord) -> Tensors:
         """A head-probe reply's sent tensors: the broadcast, with the head the client fitted (its only upload)."""
         heads = {n: tuple(self.current[n].shape) for n in self.sent_names() if role_of(n) == "head"}
         if not heads:
-            raise ReplyError(f"'update' {wire.HEAD_PROBE}: this strategy shares no head")
-        return {**{n: self._broadcast[n] for n in self.sent_names()}, **wire.decode(arrays, layout, heads)}
+            raise ReplyError(f"'{wire.HEAD_PROBE}': this strategy shares no head")
+        return {**{n: self._broadcast[n] for n in self.sent_names()}, **wire.decode_head_probe(arrays, heads)}
 
     def replay_seeds(self, arrays: ArrayRecord, config: ConfigRecord) -> Tensors:
         """A ZO client's sent tensors, rebuilt from its seeds and the broadcast it started from."""

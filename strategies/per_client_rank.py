@@ -92,9 +92,9 @@ class PerClientRankStrategy(LoraStrategy):
         """Seeds are replayed from one broadcast; a client of another rank started elsewhere."""
         raise ReplyError("ZO seed uploads: not with per-client ranks (upload tensors: client.zo_upload delta)")
 
-    def probed_head(self, arrays, layout) -> Tensors:
+    def probed_head(self, arrays) -> Tensors:
         """A head-only reply is completed from the broadcast, which a client of another rank did not start from."""
-        raise ReplyError(f"'update' {wire.HEAD_PROBE}: not with per-client ranks")
+        raise ReplyError(f"'{wire.HEAD_PROBE}': not with per-client ranks")
 
     def starts(self, updates: list[ClientUpdate]) -> list[Tensors]:
         """Client k started from the broadcast cut to its rank; lifted to R, that is the broadcast

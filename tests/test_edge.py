@@ -26,13 +26,16 @@ CLASS_NAMES = {"complaint": "unhappy customer", "praise": "happy customer", "que
 TEXTS = ["Hi, how do I reset the router?", "The nurse was wonderful, thanks!", "My parcel never arrived, terrible"]
 
 
-def make_run(tmp_path, raw: dict, scale: float = 0.05) -> RunDir:
-    """A run directory whose round-1 checkpoint holds a non-trivial (random) adapter."""
+def make_run(tmp_path, raw: dict, scale: float = 0.05, residual: bool = False) -> RunDir:
+    """A run directory whose round-1 checkpoint holds a non-trivial (random) adapter, and with RESIDUAL
+    a random base residual per LoRA layer (what FLoRA and FedEx-LoRA fold into the base)."""
     config = resolve(Config.model_validate(raw), name_hint="edge", need_train_data=False)
     run = RunDir.create(tmp_path / "run", config)
     model = build_adapter_model(config, list(config.data.labels or []))
     generator = torch.Generator().manual_seed(1)
     state = {n: v + scale * torch.randn(v.shape, generator=generator) for n, v in model.state().items()}
+    if residual:
+        state |= {n: scale * torch.randn(w.shape, generator=generator) for n, w in model.residual_layers().items()}
     save_checkpoint(run, 1, model, state, {"strategy": {}})
     return run
 

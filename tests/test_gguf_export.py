@@ -91,3 +91,7 @@ def test_gguf_refuses_what_llama_cpp_cannot_take(tmp_path):
     lm = make_run(tmp_path / "lm", {**LM, "adapter": {"r": 2, "target_modules": ["q_proj"]}})
     result = run_cli("export", str(lm.path), "--format", "gguf", "--quantize", "int8", "--out", str(tmp_path / "y"), timeout=300)
     assert result.returncode == 2 and "not with --clients or --quantize" in result.stderr
+    folded = make_run(tmp_path / "flora", {**LM, "adapter": {"r": 2, "target_modules": ["q_proj"]}, "strategy": {"name": "flora"}}, residual=True)
+    result = run_cli("export", str(folded.path), "--format", "gguf", "--out", str(tmp_path / "z"), timeout=300)
+    assert result.returncode == 2 and "changed the base weights (base_residual.safetensors)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "z").exists()

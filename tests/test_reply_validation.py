@@ -321,7 +321,6 @@ INVALID_INFO = st.one_of(
     st.tuples(st.just("name"), st.sampled_from(["", "a b", "x" * 65, SECRETS[0], 5, b"c", "é/"])),
     st.tuples(st.just("name"), st.text(max_size=70).filter(lambda s: not re.fullmatch(r"[\w.-]{1,64}", s))),
     st.tuples(st.just("mode"), st.sampled_from(["", "ZO", "auto", 1])),
-    st.tuples(st.just("update"), st.sampled_from(["", "probe", "HEAD-PROBE", 1, wire.HEAD_PROBE + " "])),
     st.tuples(st.just("model-loads"), st.sampled_from([-1, 10**6 + 1, 0.5, "3", math.inf, math.nan])),
     st.tuples(st.just("frozen-checksum"), st.sampled_from(["XYZ", "A" * 64, "0" * 63, 5, SECRETS[1]])),
     st.tuples(st.just("process"), st.sampled_from(["", "a/b", "x" * 65, " ", SECRETS[0]])),
@@ -416,6 +415,23 @@ def _zo_content(data: st.DataObject, content: RecordDict, valid: bool) -> None:
     content["zo"], content["zo-config"] = records["zo"], records["zo-config"]
 
 
+def _bad_probe(data: st.DataObject, content: RecordDict) -> None:
+    """A head probe that is not this head's: every tensor sent, a byte short, int8, an extra array, or beside tensors."""
+    fault = data.draw(st.sampled_from(["all", "short", "dtype", "extra", "both"]))
+    tensors = wire.decode(content["arrays"], content["layout"])
+    head = {name: value for name, value in tensors.items() if role_of(name) == "head"} or tensors
+    record = wire.encode_head_probe(tensors if fault == "all" else head)[wire.HEAD_PROBE]
+    if fault == "short":
+        record["packed"] = Array(record["packed"].numpy()[:-1])
+    elif fault == "dtype":
+        record["packed"] = Array(record["packed"].numpy().view(np.int8))
+    elif fault == "extra":
+        record["more"] = Array(np.zeros(1, np.uint8))
+    if fault != "both":
+        del content["arrays"], content["layout"]
+    content[wire.HEAD_PROBE] = record
+
+
 KINDS = ["good", "huge", "zo", "count", "metric", "info", "layout", "arrays", "zo-bad", "probe-bad", "missing", "error", "junk"]
 GOOD_KINDS = {"good", "huge", "zo"}
 
@@ -436,8 +452,8 @@ def _train_reply(data: st.DataObject, strategy: LoraStrategy, message: Message, 
         _set_metric(answer, *data.draw(INVALID_METRICS))
     elif kind == "info":
         _set_info(answer, *data.draw(INVALID_INFO))
-    elif kind == "probe-bad":  # says "head only" but sends every tensor
-        _set_info(answer, "update", wire.HEAD_PROBE)
+    elif kind == "probe-bad":
+        _bad_probe(data, content)
     elif kind == "layout":
         _corrupt_layout(data, content["layout"])
     elif kind == "arrays":

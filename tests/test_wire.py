@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedtune import wire
 from fedtune.spsa import ZOStep
@@ -123,7 +125,7 @@ def test_a_reply_without_a_layout_is_rejected_with_a_reason():
     answer.content["arrays"] = ArrayRecord(_adapter(1))  # one array per tensor: not our format
     arrays, _ = strategy.aggregate_train(1, [answer])
     assert arrays is None
-    assert "missing 'arrays' and 'layout' (or ZO 'zo' and 'zo-config')" in strategy.ledger.rejected[0]
+    assert "one update: 'arrays' + 'layout'" in strategy.ledger.rejected[0]
 
 
 # -- untrusted payloads: checked against the layout and the receiver's plan before a byte is read --
@@ -242,3 +244,36 @@ def test_zo_seed_payloads_are_bounded_and_sized_before_they_are_read(config_chan
     with pytest.raises(wire.WireError, match=message):
         wire.decode_seeds(records["zo"], config)
     assert numpy_calls == []
+
+
+HEAD = {"classifier.weight": (3, 7), "classifier.bias": (3,)}
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    values=st.one_of(
+        st.binary(max_size=120).map(lambda raw: np.frombuffer(raw, np.uint8)),
+        st.lists(st.floats(width=32, allow_nan=True), max_size=40).map(lambda xs: np.array(xs, np.float32)),
+        st.lists(st.integers(-128, 127), max_size=60).map(lambda xs: np.array(xs, np.int8)),
+    ),
+    extra=st.booleans(),
+)
+def test_any_head_probe_payload_decodes_to_the_head_or_is_refused(values, extra):
+    """A probe is untrusted bytes: either exactly the head's shapes with class 0 at zero, or a WireError."""
+    arrays = ArrayRecord({"packed": Array(values), **({"more": Array(np.zeros(1, np.uint8))} if extra else {})})
+    try:
+        head = wire.decode_head_probe(arrays, HEAD)
+    except wire.WireError:
+        return
+    assert not extra and values.dtype == np.uint8 and len(values) == 2 * 7 + 2 + 4  # 16 codes, one scale
+    assert {name: tuple(value.shape) for name, value in head.items()} == HEAD
+    assert all(not value[0].any() for value in head.values())
+
+
+def test_a_head_probe_of_another_head_is_refused_before_it_is_read(numpy_calls):
+    big = wire.encode_head_probe({"classifier.weight": torch.ones(30, 7), "classifier.bias": torch.ones(30)})
+    with pytest.raises(wire.WireError, match="not a valid payload"):
+        wire.decode_head_probe(big[wire.HEAD_PROBE], HEAD)
+    assert numpy_calls == []
+    with pytest.raises(wire.WireError, match="class axis"):
+        wire.decode_head_probe(big[wire.HEAD_PROBE], {"classifier.weight": (1, 7)})
