@@ -18,8 +18,8 @@ A zeroth-order client with ``client.zo_upload: seeds`` sends no tensors at all: 
 steps' seeds, projected gradients and learning rates (``zo`` + ``zo-config``), exact,
 which the coordinator replays (fedtune/zo.py): 12 bytes per perturbation, 4 per step.
 Its first round sends the head it fitted in closed form (``probe``): int8, one array,
-no layout (the receiver knows the head's names and shapes), and class 0's row left out
-(a softmax head is unchanged when one vector is subtracted from every class's row).
+no layout (the receiver knows the head's names and shapes), centred over the classes with
+class 0's row left out (the rows then sum to zero, so the receiver restores it).
 
 A receiver treats every payload as untrusted: the layout is checked (and, given
 ``expected``, matched against the tensors it allows) and each array's declared dtype,
@@ -164,13 +164,13 @@ def read_array(arrays: ArrayRecord, key: str, dtype: str, count: int) -> np.ndar
         and isinstance(array.data, bytes)
         and nbytes <= len(array.data) <= nbytes + NPY_HEADER
     ):
-        raise WireError(f"'{key}' is not a valid payload of the layout's {dtype} values")
+        raise WireError(f"'{key}' is not a valid payload of {count} {dtype} values")
     try:
         values = array.numpy()
     except (TypeError, ValueError) as err:
         raise WireError(f"'{key}' is not a numpy array") from err
     if values.dtype != np.dtype(dtype) or values.shape != (count,):
-        raise WireError(f"'{key}' is not a valid payload of the layout's {dtype} values")
+        raise WireError(f"'{key}' is not a valid payload of {count} {dtype} values")
     return values
 
 
@@ -205,19 +205,25 @@ def decode_seeds(arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[ZOStep
 
 
 def encode_head_probe(head: Tensors) -> dict[str, ArrayRecord]:
-    """``{"probe": ArrayRecord}``: HEAD's tensors (class axis first) less class 0's row, in name order, int8.
+    """``{"probe": ArrayRecord}``: HEAD's tensors (class axis first) centred over the classes, less
+    class 0's row, in name order, int8.
 
-    Subtracting class 0's row from every row changes no prediction of a softmax head (nor any
-    average of such heads), so that row is zero and not sent: half the bytes of SST-2's head.
+    Centring changes no prediction of a softmax head (every class's logit moves by the same
+    amount), it is the smallest head that predicts the same, and it is the form a backprop
+    client's head keeps (cross-entropy gradients sum to zero over the classes), so a probe
+    weighs like any head in norm bounds and coordinate statistics. The centred rows sum to
+    zero, so class 0's row need not travel: half the bytes of SST-2's head.
     """
-    flat = torch.cat([(head[n] - head[n][:1]).detach()[1:].reshape(-1).float().cpu() for n in sorted(head)])
+    centred = {name: value.detach().float().cpu() - value.detach().float().cpu().mean(0) for name, value in head.items()}
+    flat = torch.cat([centred[name][1:].reshape(-1) for name in sorted(centred)])
     codes, scales = quantize_int8(flat)
     packed = np.concatenate([codes.numpy().view(np.uint8), scales.numpy().astype("<f4").view(np.uint8)])
     return {HEAD_PROBE: ArrayRecord({"packed": Array(packed)})}
 
 
 def decode_head_probe(arrays: ArrayRecord, expected: Mapping[str, tuple[int, ...]]) -> Tensors:
-    """The head ``encode_head_probe`` sent, class 0's row zero; its size is checked against EXPECTED first."""
+    """The centred head ``encode_head_probe`` sent (class 0's row = minus the others' sum); the
+    payload's size, from EXPECTED's shapes, is checked before a byte is read."""
     if set(arrays.keys()) != {"packed"}:
         raise WireError("not a head probe (arrays must be ['packed'])")
     if any(len(shape) < 1 or shape[0] < 2 for shape in expected.values()):
@@ -229,9 +235,8 @@ def decode_head_probe(arrays: ArrayRecord, expected: Mapping[str, tuple[int, ...
     flat = dequantize_int8(codes, torch.from_numpy(packed[count:].view("<f4").copy()))
     head, offset = {}, 0
     for name, size in sizes.items():
-        shape = expected[name]
-        rows = flat[offset : offset + size].reshape(shape[0] - 1, *shape[1:])
-        head[name] = torch.cat([torch.zeros(1, *shape[1:]), rows])
+        rows = flat[offset : offset + size].reshape(expected[name][0] - 1, *expected[name][1:])
+        head[name] = torch.cat([-rows.sum(0, keepdim=True), rows])
         offset += size
     return head
 

@@ -473,8 +473,8 @@ class LoraStrategy(Strategy):
     def probed_head(self, arrays: ArrayRecord) -> Tensors:
         """A head-probe reply's sent tensors: the broadcast, with the head the client fitted (its only upload)."""
         heads = {n: tuple(self.current[n].shape) for n in self.sent_names() if role_of(n) == "head"}
-        if not heads:
-            raise ReplyError(f"'{wire.HEAD_PROBE}': this strategy shares no head")
+        if sorted(len(shape) for shape in heads.values()) != [1, 2] or len({s[0] for s in heads.values()}) != 1:
+            raise ReplyError(f"'{wire.HEAD_PROBE}': this strategy shares no head of one linear layer with a bias")
         return {**{n: self._broadcast[n] for n in self.sent_names()}, **wire.decode_head_probe(arrays, heads)}
 
     def replay_seeds(self, arrays: ArrayRecord, config: ConfigRecord) -> Tensors:

@@ -204,7 +204,7 @@ def test_a_payload_fifty_times_the_plan_is_rejected_before_it_is_read(monkeypatc
     monkeypatch.setattr(Array, "numpy", lambda self: reads.append(self) or pytest.fail("the payload was read"))
     arrays, _ = strategy.aggregate_train(1, [huge])
     assert arrays is None
-    assert strategy.ledger.rejected == ["client-2: 'values' is not a valid payload of the layout's float32 values"]
+    assert strategy.ledger.rejected == ["client-2: 'values' is not a valid payload of 59 float32 values"]
     assert reads == []
     monkeypatch.undo()
     assert strategy.aggregate_train(1, [honest])[0] is not None  # an honest reply still decodes

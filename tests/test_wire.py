@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedtune import wire
@@ -249,7 +249,29 @@ def test_zo_seed_payloads_are_bounded_and_sized_before_they_are_read(config_chan
 HEAD = {"classifier.weight": (3, 7), "classifier.bias": (3,)}
 
 
+def _probe_bytes() -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    head = {"classifier.weight": torch.randn(3, 7, generator=generator), "classifier.bias": torch.randn(3, generator=generator)}
+    return wire.encode_head_probe(head)[wire.HEAD_PROBE]["packed"].numpy()
+
+
+def test_a_head_probe_is_the_centred_head_and_predicts_what_the_fitted_head_predicts():
+    generator = torch.Generator().manual_seed(1)
+    head = {"classifier.weight": 3 * torch.randn(4, 7, generator=generator), "classifier.bias": torch.randn(4, generator=generator) + 5}
+    back = wire.decode_head_probe(wire.encode_head_probe(head)[wire.HEAD_PROBE], {n: tuple(v.shape) for n, v in head.items()})
+    step = max((v - v.mean(0)).abs().max().item() for v in head.values()) / 127
+    for name, value in head.items():
+        torch.testing.assert_close(back[name], value - value.mean(0), atol=step * len(value), rtol=0)  # class 0 sums C-1 roundings
+        assert back[name].sum(0).abs().max() < 1e-5  # centred: the rows sum to zero
+    features = torch.randn(200, 7, generator=generator)
+    logits = [features @ h["classifier.weight"].T + h["classifier.bias"] for h in (head, back)]
+    margins = [value - value.mean(1, keepdim=True) for value in logits]  # logits up to one shift per example
+    torch.testing.assert_close(margins[1], margins[0], atol=0.2, rtol=0)
+    assert (logits[0].argmax(1) == logits[1].argmax(1)).float().mean() > 0.97
+
+
 @settings(max_examples=300, deadline=None, database=None)
+@example(values=_probe_bytes(), extra=False)
 @given(
     values=st.one_of(
         st.binary(max_size=120).map(lambda raw: np.frombuffer(raw, np.uint8)),
@@ -259,7 +281,7 @@ HEAD = {"classifier.weight": (3, 7), "classifier.bias": (3,)}
     extra=st.booleans(),
 )
 def test_any_head_probe_payload_decodes_to_the_head_or_is_refused(values, extra):
-    """A probe is untrusted bytes: either exactly the head's shapes with class 0 at zero, or a WireError."""
+    """A probe is untrusted bytes: either exactly the head's shapes, centred, or a WireError."""
     arrays = ArrayRecord({"packed": Array(values), **({"more": Array(np.zeros(1, np.uint8))} if extra else {})})
     try:
         head = wire.decode_head_probe(arrays, HEAD)
@@ -267,7 +289,7 @@ def test_any_head_probe_payload_decodes_to_the_head_or_is_refused(values, extra)
         return
     assert not extra and values.dtype == np.uint8 and len(values) == 2 * 7 + 2 + 4  # 16 codes, one scale
     assert {name: tuple(value.shape) for name, value in head.items()} == HEAD
-    assert all(not value[0].any() for value in head.values())
+    assert all(value.sum(0).abs().max() <= 1e-3 * (1 + value.abs().max()) for value in head.values())  # centred
 
 
 def test_a_head_probe_of_another_head_is_refused_before_it_is_read(numpy_calls):
