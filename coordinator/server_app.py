@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.config import parse_config_text
 from fedtune.coordinator.federation import RoundRunner
 from fedtune.coordinator.identity import registered_names
+from fedtune.processes import exit_when_orphaned
 from fedtune.rundir import RunDir
 
 app = ServerApp()
@@ -20,6 +21,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    exit_when_orphaned()  # a ServerApp must not outlive a killed coordinator
     config = parse_config_text(str(context.run_config["fedtune-config"]))
     run = RunDir.open(str(context.run_config["run-dir"]))
     registered = registered_names if context.run_config.get("agent-identity") == "registered" else None

@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -60,6 +62,27 @@ def die_hard_with_parent() -> None:
     own parent monitors stop the superexec and ServerApp within seconds.
     """
     die_with_parent(signal.SIGKILL)
+
+
+def exit_when_orphaned(grace: float = 5.0, poll: float = 0.2) -> None:
+    """End this process GRACE seconds after its parent died, whatever its main thread is doing.
+
+    For the ServerApp. When its superexec dies, Flower's parent monitor interrupts it (SIGINT)
+    and its exit handler pushes the final status and logs to the SuperLink. If that SuperLink
+    is already gone (a SIGKILLed coordinator), the handler can wait on it without end, and the
+    orphaned ServerApp outlives the run. A resumed coordinator on the same port could then meet
+    it (seen in CI: it was still alive minutes after the kill). GRACE leaves Flower's clean
+    exit its time first.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fedtune-exit-when-orphaned", daemon=True).start()
 
 
 def free_port() -> int:

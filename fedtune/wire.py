@@ -214,8 +214,8 @@ def encode_head_probe(head: Tensors) -> dict[str, ArrayRecord]:
     weighs like any head in norm bounds and coordinate statistics. The centred rows sum to
     zero, so class 0's row need not travel: half the bytes of SST-2's head.
     """
-    centred = {name: value.detach().float().cpu() - value.detach().float().cpu().mean(0) for name, value in head.items()}
-    flat = torch.cat([centred[name][1:].reshape(-1) for name in sorted(centred)])
+    tensors = {name: value.detach().float().cpu() for name, value in head.items()}
+    flat = torch.cat([(tensors[name] - tensors[name].mean(0))[1:].reshape(-1) for name in sorted(tensors)])
     codes, scales = quantize_int8(flat)
     packed = np.concatenate([codes.numpy().view(np.uint8), scales.numpy().astype("<f4").view(np.uint8)])
     return {HEAD_PROBE: ArrayRecord({"packed": Array(packed)})}
