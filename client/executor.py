@@ -45,6 +45,9 @@ from fedtune.wire import RUN_FINISHED, payload_bytes
 
 POLL_SECONDS = 0.2
 LAST_REPLY_WAIT_SECONDS = 60.0  # an agent leaving the run waits this long for its reply to go out
+# ... and then stays online this long, so the coordinator pulls the reply before the node is
+# marked offline (a node that left first got "no reply (offline)" instead, seen in CI)
+LEAVING_LINGER_SECONDS = 10.0
 TASK_RETRY_SECONDS = 60.0  # give up on a vanished SuperNode instead of retrying forever
 
 
@@ -107,6 +110,7 @@ def serve_clientapps(
                 if leaving and replies:  # a reply half-sent when the SuperNode stops holds the coordinator up
                     replies.wait_for(handed_over, LAST_REPLY_WAIT_SECONDS, stop)
                 if problem:  # this agent cannot take part: its reply said so, now it leaves
+                    stop.wait(LEAVING_LINGER_SECONDS)
                     raise UserError(problem)
                 if leaving:
                     return
