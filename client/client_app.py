@@ -55,6 +55,8 @@ def train(msg: Message, context: Context) -> Message:
         coordinates = sum(param.numel() for param in params.values())
         if warning := trainer.utility_warning(coordinates, len(job.train)):
             print(f"fedtune: WARNING: {job.name}: {warning}", flush=True)
+        if warning := trainer.clip_warning(job.model, params, job.train, job.config.client, "this client's"):
+            print(f"fedtune: WARNING: {job.name}: {warning}", flush=True)
     with seeded_torch(rng.getrandbits(63), job.model.device):
         result = trainer.train(job.model, params, job.train, job.config.client, rng)
     job.save_private(plan)

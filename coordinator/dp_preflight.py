@@ -4,18 +4,22 @@ fedtune/dp_accounting.py estimates one step's noise against the most signal it c
 (``noise_to_signal``). The coordinator knows everything that estimate needs for client-level
 DP (σ, the sent coordinates, the expected clients per round). For sample-level DP each
 client's σ depends on its own number of examples: in a simulation the coordinator computes
-the partitions and judges the median client; a deployed agent judges itself when it first
-trains (client/client_app.py).
+the partitions and judges the median client (its size, and its per-example gradient norms
+against ``privacy.max_grad_norm``); a deployed agent judges itself when it first trains
+(client/client_app.py).
 """
 
 from __future__ import annotations
 
+import random
+
 from fedtune.config import Config
-from fedtune.dp_accounting import utility_warning
+from fedtune.dp_accounting import clip_warning, utility_warning
 from fedtune.engine.adapters import AdapterModel
-from fedtune.engine.data import expected_batch_size
+from fedtune.engine.data import TaskSpec, encode, expected_batch_size
 from fedtune.engine.partition import client_rows
 from fedtune.engine.trainers import DPSGDTrainer
+from fedtune.engine.trainers.dpsgd import per_example_grad_norms
 from fedtune.plan import role_of
 from fedtune.strategies import LoraStrategy
 
@@ -38,10 +42,17 @@ def privacy_warnings(config: Config, strategy: LoraStrategy, model: AdapterModel
         return [warning] if warning else []
     if config.privacy.mode != "sample" or not simulated:
         return []
-    sizes = sorted(len(client_rows(config, index)[0]) for index in range(config.federation.clients))
-    examples = sizes[len(sizes) // 2]
+    sizes = {index: len(client_rows(config, index)[0]) for index in range(config.federation.clients)}
+    median = sorted(sizes, key=sizes.__getitem__)[len(sizes) // 2]
+    examples = sizes[median]
     if examples == 0:
         return []  # the partitioner's own checks say what is wrong with empty partitions
     noise, rate = DPSGDTrainer.noise_for(config, examples, config.client.local_steps)
-    warning = utility_warning("sample", noise, coordinates(strategy.plan.trained), expected_batch_size(rate, examples))
-    return [f"{warning} (the median client, {examples} examples)"] if warning else []
+    warnings = []
+    if warning := utility_warning("sample", noise, coordinates(strategy.plan.trained), expected_batch_size(rate, examples)):
+        warnings.append(f"{warning} (the median client, {examples} examples)")
+    data = encode(client_rows(config, median)[0], TaskSpec.from_config(config), model.tokenizer, "the median client")
+    norms = per_example_grad_norms(model, model.trainable(strategy.plan.trained), data, config.client, random.Random(0))
+    if warning := clip_warning(config.privacy.max_grad_norm, norms, f"client-{median}'s (the median client)"):
+        warnings.append(warning)
+    return warnings

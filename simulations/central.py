@@ -25,7 +25,7 @@ from fedtune.engine.dp_ledger import PrivacyLedger
 from fedtune.engine.evaluate import eval_set, evaluate
 from fedtune.engine.partition import client_pool
 from fedtune.engine.rounds import RoundBook, finish_run
-from fedtune.engine.trainers import BudgetSpent, make_trainer
+from fedtune.engine.trainers import BudgetSpent, DPSGDTrainer, make_trainer
 from fedtune.errors import UserError
 from fedtune.rundir import RunDir
 from fedtune.strategies import STRATEGIES
@@ -62,6 +62,9 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
             extra |= {"status": "budget-reached", "reason": f"before round {rnd}: {spent}"}
             break
         rng = random.Random(f"{config.seed}:central:{rnd}")
+        if rnd == 1 and isinstance(trainer, DPSGDTrainer):
+            if warning := trainer.clip_warning(model, params, train, config.client, "the training"):
+                echo(f"WARNING: {warning}")
         result = trainer.train(model, params, train, config.client, rng, steps)
         record: dict[str, Any] = {"round": rnd, "train_loss": result.loss, "steps": result.steps}
         if ledger is not None:

@@ -307,6 +307,9 @@ def test_killed_coordinator_resumes_after_its_last_round(site, tmp_path):
         stop(*agents)
     assert resumed.returncode == 0, output
     assert "after round 1" in output
+    for i in range(3):  # each agent judged its clip on its own data, once: before its first DP-SGD round
+        assert "max_grad_norm 1 clips most examples" in (tmp_path / f"client-{i}.log").read_text()
+        assert "max_grad_norm" not in (tmp_path / "restarted" / f"client-{i}.log").read_text()
     assert rounds_done(run) == [1, 2, 3]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-1", "round-2", "round-3"]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"

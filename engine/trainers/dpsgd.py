@@ -19,7 +19,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedtune.config import ClientSection, Config
-from fedtune.dp_accounting import calibrated_noise, dp_random, torch_generator, utility_warning
+from fedtune.dp_accounting import calibrated_noise, clip_warning, dp_random, torch_generator, utility_warning
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.data import (
     IGNORE_INDEX,
@@ -74,6 +74,18 @@ class DPSGDTrainer:
         return utility_warning(
             "sample", self.noise_multiplier, coordinates, expected_batch_size(self.sample_rate, examples)
         )
+
+    def clip_warning(
+        self,
+        model: AdapterModel,
+        params: dict[str, torch.nn.Parameter],
+        data: ExampleSet,
+        settings: ClientSection,
+        whose: str,
+    ) -> str | None:
+        """fedtune/dp_accounting.py's clip warning, from norms measured on DATA (WHOSE examples, for the line)."""
+        norms = per_example_grad_norms(model, params, data, settings, random.Random(0))  # not the secret draws
+        return clip_warning(self.max_grad_norm, norms, whose)
 
     def refusal(self, target_epsilon: float | None, steps: int) -> str | None:
         """Why this client must not train this round (its budget would be exceeded), else None."""
@@ -140,6 +152,44 @@ class DPSGDTrainer:
             loss=total_loss / steps,
             metrics={"noise_multiplier": self.noise_multiplier, "sample_rate": rate},
         )
+
+
+CLIP_PROBE_EXAMPLES = 64  # examples whose gradient norms the clip preflight measures
+
+
+def per_example_grad_norms(
+    model: AdapterModel,
+    params: dict[str, torch.nn.Parameter],
+    data: ExampleSet,
+    settings: ClientSection,
+    rng: random.Random,
+    count: int = CLIP_PROBE_EXAMPLES,
+) -> list[float]:
+    """The norms ``privacy.max_grad_norm`` would clip: each of COUNT random examples' gradient over
+    PARAMS at the model's current state, in the client's physical batches.
+
+    A preflight on the caller's own data, printed where it runs and never sent. The gradients are
+    cleared afterwards and the shared model is left unwrapped, as training leaves it.
+    """
+    chosen = rng.sample(range(len(data)), min(count, len(data)))
+    norms: list[float] = []
+    module = GradSampleModule(model.model, batch_first=True, loss_reduction="mean")
+    model.model.train()  # Opacus records activations only in training mode
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for chunk in physical_chunks(chosen, settings.max_physical_batch, data.length):
+                if not chunk:
+                    continue
+                example_mean_loss(module, to_device(data.collate(chunk), model.device), model.task).backward()
+                squares = sum(p.grad_sample.flatten(1).double().square().sum(1) for p in params.values())
+                norms += squares.sqrt().tolist()
+                for param in params.values():
+                    param.grad_sample, param.grad = None, None
+    finally:
+        module._close()
+        model.model.eval()
+    return norms
 
 
 def example_mean_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
