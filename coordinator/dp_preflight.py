@@ -19,7 +19,7 @@ from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.data import TaskSpec, encode, expected_batch_size
 from fedtune.engine.partition import client_rows
 from fedtune.engine.trainers import DPSGDTrainer
-from fedtune.engine.trainers.dpsgd import per_example_grad_norms
+from fedtune.engine.trainers.dpsgd import CLIP_PROBE_EXAMPLES, per_example_grad_norms
 from fedtune.plan import role_of
 from fedtune.strategies import LoraStrategy
 
@@ -51,7 +51,9 @@ def privacy_warnings(config: Config, strategy: LoraStrategy, model: AdapterModel
     warnings = []
     if warning := utility_warning("sample", noise, coordinates(strategy.plan.trained), expected_batch_size(rate, examples)):
         warnings.append(f"{warning} (the median client, {examples} examples)")
-    data = encode(client_rows(config, median)[0], TaskSpec.from_config(config), model.tokenizer, "the median client")
+    rows = client_rows(config, median)[0]
+    rows = random.Random(0).sample(rows, min(CLIP_PROBE_EXAMPLES, len(rows)))  # tokenize only what is measured
+    data = encode(rows, TaskSpec.from_config(config), model.tokenizer, "the median client")
     norms = per_example_grad_norms(model, model.trainable(strategy.plan.trained), data, config.client, random.Random(0))
     if warning := clip_warning(config.privacy.max_grad_norm, norms, f"client-{median}'s (the median client)"):
         warnings.append(warning)
