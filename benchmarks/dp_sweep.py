@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "simulations/configs/sst2-dp.yaml"
 
-# name -> overrides of the recipe (ffa, batch 512, AdamW 2e-2, clip 1.5, ε = 8, 10 rounds x 2 steps)
+# name -> overrides of the recipe (ffa, batch 512, AdamW 2e-2, clip 1.5, ε = 8; 10 rounds x 2 steps, from PROXY)
 OLD = ["client.lr=0.01", "privacy.max_grad_norm=10"]  # the first sweep's recipe: AdamW 1e-2, clip 10
 POINTS: dict[str, list[str]] = {
     # the first guess (AdamW 2e-3, clip 1): DP learns nothing, and clipping alone is why
@@ -75,7 +75,7 @@ POINTS: dict[str, list[str]] = {
 }
 PROXY = [
     "federation.clients=1", "federation.min_clients=1", "data.partition.kind=iid", "federation.eval_every=0",
-    "output.plots=false",
+    "output.plots=false", "federation.rounds=10", "client.local_steps=2",  # the sweep's 20 steps, as it ran
 ]  # fmt: skip
 
 

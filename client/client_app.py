@@ -41,7 +41,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         trainer = make_trainer(
             job.config, job.mode, round_number, name=job.name, examples=len(job.train), ledger=ledger,
-            steps=job.config.client.local_steps,
+            steps=job.config.client.local_steps, state_dir=job.state_dir,
         )  # fmt: skip
     except BudgetSpent as spent:
         print(f"fedtune: {job.name}: {spent}", flush=True)

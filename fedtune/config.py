@@ -138,6 +138,7 @@ class ClientSection(Section):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer_state: Literal["fresh", "kept"] = "fresh"  # kept: AdamW's moments carry over between rounds
     weight_decay: float = Field(0.0, ge=0.0)
     grad_accum: int = Field(1, ge=1)
     max_physical_batch: int | None = Field(None, ge=1)  # a (logical) batch runs in chunks of at most this size

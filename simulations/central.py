@@ -57,7 +57,9 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
     for rnd in range(1, config.federation.rounds + 1):
         round_start = time.time()
         try:
-            trainer = make_trainer(config, mode, rnd, name="central", examples=len(train), ledger=ledger, steps=steps)
+            trainer = make_trainer(
+                config, mode, rnd, name="central", examples=len(train), ledger=ledger, steps=steps, state_dir=run.path
+            )
         except BudgetSpent as spent:
             extra |= {"status": "budget-reached", "reason": f"before round {rnd}: {spent}"}
             break

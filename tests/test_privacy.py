@@ -15,6 +15,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from opacus.accountants import RDPAccountant
+from safetensors.torch import load_file
 
 from conftest import run_cli, shared_data
 from fedtune.config import load_config
@@ -29,6 +30,7 @@ from fedtune.engine.rounds import PUBLIC_UNDER_CLIENT_DP
 from fedtune.engine.trainers.backprop import BackpropTrainer, make_optimizer
 from fedtune.engine.trainers.base import seeded_torch
 from fedtune.engine.trainers.dpsgd import DPSGDTrainer, example_mean_loss, per_example_grad_norms
+from fedtune.engine.trainers.moments import MOMENTS_FILE
 from fedtune.errors import UserError
 from fedtune.plan import role_of
 from fedtune.records import read_records
@@ -58,10 +60,10 @@ def _target_between(epsilons: list[float], rounds_allowed: int) -> float:
     return (epsilons[rounds_allowed - 1] + epsilons[rounds_allowed]) / 2
 
 
-def _budgeted_run(mode: str, sigma: float, target: float, out):
+def _budgeted_run(mode: str, sigma: float, target: float, out, *extra: str):
     """A 5-round simulation of SMALL at noise σ and a target ε that stops it early."""
     privacy = [f"privacy.mode={mode}", f"privacy.noise_multiplier={sigma}", f"privacy.target_epsilon={target}"]
-    settings = [*SMALL, "federation.rounds=5", *privacy]
+    settings = [*SMALL, "federation.rounds=5", *privacy, *extra]
     return run_cli("simulate", QUICKSTART, *[f"--set={s}" for s in settings], "--out", str(out))
 
 
@@ -213,7 +215,7 @@ def test_sample_level_run_accounts_each_client_like_opacus_and_stops_at_its_budg
     rates = {f"client-{k}": 16 / len(client_rows(config, k)[0]) for k in range(3)}
     per_round = [max(opacus_epsilon([(sigma, q, steps * r)]) for q in rates.values()) for r in (1, 2, 3)]
     target = _target_between(per_round, 2)
-    result = _budgeted_run("sample", sigma, target, tmp_path / "run")
+    result = _budgeted_run("sample", sigma, target, tmp_path / "run", "client.optimizer_state=kept")
     assert result.returncode == 0, result.stdout + result.stderr
     records = _records(tmp_path / "run")
     assert [r["round"] for r in records] == [1, 2]
@@ -232,6 +234,10 @@ def test_sample_level_run_accounts_each_client_like_opacus_and_stops_at_its_budg
     for name in rates:  # the ledger a restarted agent would continue from
         history = json.loads((tmp_path / "run" / "clients" / name / "privacy.json").read_text())["history"]
         assert history == [[sigma, rates[name], 2 * steps]]
+        kept = load_file(str(tmp_path / "run" / "clients" / name / MOMENTS_FILE))  # AdamW's, across both rounds
+        assert {key for key in kept if key.endswith("/step")} and all(
+            float(value) == 2 * steps for key, value in kept.items() if key.endswith("/step")
+        )
 
 
 # -- client level: DP-FedAvg in the strategy ----------------------------------------

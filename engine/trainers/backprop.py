@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,7 @@ from fedtune.engine.data import (
     poisson_sample,
     sample_rate,
 )
+from fedtune.engine.trainers import moments
 from fedtune.engine.trainers.base import TrainResult, to_device
 
 
@@ -56,6 +58,9 @@ def averaged_over(batch: dict[str, torch.Tensor], task: str) -> int:
 
 
 class BackpropTrainer:
+    def __init__(self, moments_file: Path | None = None) -> None:
+        self.moments_file = moments_file  # where the optimizer's state is kept across rounds, if it is
+
     def train(
         self,
         model: AdapterModel,
@@ -67,6 +72,8 @@ class BackpropTrainer:
     ) -> TrainResult:
         steps = steps or settings.local_steps
         optimizer = make_optimizer(params, settings)
+        if self.moments_file:
+            moments.restore(optimizer, params, self.moments_file)
         batches = weighted_batches(data, settings, rng)
         model.model.train()
         total_loss, examples = 0.0, 0
@@ -86,4 +93,6 @@ class BackpropTrainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         model.model.eval()
+        if self.moments_file:
+            moments.keep(optimizer, params, self.moments_file)
         return TrainResult(steps=steps, examples=examples, loss=total_loss / steps)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from pathlib import Path
 
 import torch
 from opacus import GradSampleModule
@@ -30,6 +31,7 @@ from fedtune.engine.data import (
     sample_rate,
 )
 from fedtune.engine.dp_ledger import PrivacyLedger
+from fedtune.engine.trainers import moments
 from fedtune.engine.trainers.backprop import make_optimizer
 from fedtune.engine.trainers.base import TrainResult, to_device
 
@@ -42,22 +44,30 @@ class DPSGDTrainer:
         max_grad_norm: float,
         sample_rate: float,
         secret: random.Random,
+        moments_file: Path | None = None,
     ) -> None:
         self.ledger = ledger
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.sample_rate = sample_rate
         self.secret = secret  # Poisson draws and noise; unpredictable unless privacy.seed is set
+        self.moments_file = moments_file  # the optimizer's state across rounds (noised gradients only), if kept
 
     @classmethod
     def for_client(
-        cls, config: Config, ledger: PrivacyLedger, examples: int, name: str, round_number: int, steps: int
+        cls,
+        config: Config,
+        ledger: PrivacyLedger,
+        examples: int,
+        name: str,
+        round_number: int,
+        steps: int,
+        moments_file: Path | None = None,
     ) -> DPSGDTrainer:
         """σ from ``privacy.noise_multiplier``, or calibrated so the planned rounds of STEPS reach target ε."""
         noise, rate = cls.noise_for(config, examples, steps)
-        return cls(
-            ledger, noise, config.privacy.max_grad_norm, rate, dp_random(config.privacy.seed, name, round_number)
-        )
+        secret = dp_random(config.privacy.seed, name, round_number)
+        return cls(ledger, noise, config.privacy.max_grad_norm, rate, secret, moments_file)
 
     @staticmethod
     def noise_for(config: Config, examples: int, steps: int) -> tuple[float, float]:
@@ -115,8 +125,11 @@ class DPSGDTrainer:
         module = None
         try:
             module = GradSampleModule(model.model, batch_first=True, loss_reduction="mean")
+            inner = make_optimizer(params, settings)
+            if self.moments_file:
+                moments.restore(inner, params, self.moments_file)
             optimizer = DPOptimizer(
-                make_optimizer(params, settings),
+                inner,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
                 expected_batch_size=expected_batch_size(rate, len(data)),  # = batch_size unless data is smaller
@@ -142,6 +155,8 @@ class DPSGDTrainer:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     self.ledger.step(self.noise_multiplier, rate)
+            if self.moments_file:
+                moments.keep(inner, params, self.moments_file)
         finally:
             if module is not None:
                 module._close()  # remove the hooks and per-sample buffers from the shared model
