@@ -268,6 +268,14 @@ class OutputSection(Section):
     name: str | None = Field(None, pattern=r"^[\w.-]+$")
     plots: bool = True
 
+    @field_validator("name")
+    @classmethod
+    def _one_directory(cls, value: str | None) -> str | None:
+        """An agent keeps its state in --state-dir/NAME/...: a name of dots would leave that directory."""
+        if value is not None and set(value) == {"."}:
+            raise ValueError("a run name must name a directory, not . or ..")
+        return value
+
 
 class Config(Section):
     seed: int = Field(0, ge=0)

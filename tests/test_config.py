@@ -32,6 +32,7 @@ def _write(tmp_path, raw) -> str:
         ({"model": {"name": "gpt-17"}}, "model.name", "minilm-l6, smollm2-135m"),
         ({"strategy": {"name": "fedfancy"}}, "strategy.name", "'fedit', 'ffa', 'fedsa', 'fair', 'flexlora', 'hetlora', 'flora' or 'fedex'"),
         ({"data": {"partition": {"kind": "zipf"}}}, "data.partition.kind", "'iid', 'dirichlet' or 'field'"),
+        ({"output": {"name": ".."}}, "output.name", "not . or .."),  # an agent's state dir is --state-dir/NAME
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(tmp_path, change, field, hint):

@@ -39,7 +39,7 @@ def restore(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Paramet
         ) from None
     current = optimizer.state_dict()
     for index, (name, param) in enumerate(params.items()):
-        state = {key.split("/", 1)[1]: value for key, value in stored.items() if key.split("/", 1)[0] == name}
+        state = {key.partition("/")[2]: value for key, value in stored.items() if key.partition("/")[0] == name}
         if state and all(value.dim() == 0 or value.shape == param.shape for value in state.values()):
             current["state"][index] = state
     optimizer.load_state_dict(current)
