@@ -4,7 +4,8 @@ A client restarts its optimizer every round by default. With AdamW and few local
 that makes each round's first steps sign-like (step 1 moves every coordinate by the
 learning rate, whatever its gradient), which under DP-SGD's noise is mostly noise. Kept,
 the moments carry on from the client's previous round (the global tensors they apply to
-are new; the statistics of the client's gradients are not).
+are new; the statistics of the client's gradients are not). On the SST-2 DP recipe at 2
+local steps a round it did not help (BENCHMARKS.md, "The DP recipe in the federation").
 
 The file lives in the client's state dir next to its private tensors and is read only by
 the client. Under DP-SGD it is a function of noised gradients only (post-processing, no
