@@ -499,7 +499,7 @@ def test_without_dp_a_batch_in_physical_chunks_takes_the_same_steps(job, samplin
         model.load_state(start)
     update = math.sqrt(sum(float((whole[k] - start[k]).square().sum()) for k in start))
     mismatch = math.sqrt(sum(float((chunked[k] - whole[k]).square().sum()) for k in start))
-    assert update > 1e-2 and mismatch <= 1e-4 * update, (mismatch, update)
+    assert update > 1e-2 and mismatch <= 1e-3 * update, (mismatch, update)
     assert float(chunked["loss"]) == pytest.approx(float(whole["loss"]), rel=1e-5)
     assert int(chunked["examples"]) == int(whole["examples"])
 
