@@ -69,15 +69,20 @@ def partition_rows(
     table = datasets.Dataset.from_dict({column: [str(r[column]) for r in rows], INDEX_COLUMN: list(range(len(rows)))})
     partitioner = make_partitioner(kind, clients, column, alpha, seed, min_size)
     partitioner.dataset = table
-    if partitioner.num_partitions != clients:
+    try:  # Dirichlet draws its split here, on first use: it may fail to give every client min_size rows
+        found = partitioner.num_partitions
+        if found == clients:
+            return tuple(tuple(partitioner.load_partition(i)[INDEX_COLUMN]) for i in range(clients))
+    except ValueError as err:
         raise UserError(
-            f"data.partition: column {column!r} has {partitioner.num_partitions} distinct values, "
-            f"so federation.clients must be {partitioner.num_partitions} (got {clients})"
-        )
-    try:
-        return tuple(tuple(partitioner.load_partition(i)[INDEX_COLUMN]) for i in range(clients))
-    except ValueError as err:  # e.g. Dirichlet cannot meet min_partition_size
-        raise UserError(f"data.partition: {err}") from None
+            f"data.partition: {kind} (alpha {alpha:g}) could not give each of {clients} clients at least "
+            f"min_size {min_size} of {len(rows)} rows ({err}); raise data.partition.alpha, lower "
+            "data.partition.min_size or federation.clients, or use kind iid"
+        ) from None
+    raise UserError(
+        f"data.partition: column {column!r} has {found} distinct values, so federation.clients must be {found} "
+        f"(got {clients})"
+    )
 
 
 def client_partition(config: Config, partition_id: int) -> list[dict[str, Any]]:

@@ -72,6 +72,13 @@ def test_field_partition_rejects_a_wrong_client_count():
         _parts("field", 4, column="domain")
 
 
+def test_a_dirichlet_split_that_cannot_fill_every_client_is_one_clear_error():
+    source = str(shared_data("sst2", "train.tsv"))
+    with pytest.raises(UserError, match="could not give each of 1000 clients at least min_size 10") as raised:
+        _parts("dirichlet", 1000, alpha=0.5, source=source)
+    assert "raise data.partition.alpha" in str(raised.value)
+
+
 def test_client_rows_hold_out_part_of_each_partition():
     config = Config.model_validate(
         {
