@@ -110,3 +110,28 @@ def test_an_existing_run_directory_is_never_overwritten(finished_run):
     result = run_cli("simulate", "simulations/configs/quickstart.yaml", "--out", str(run), timeout=120)
     assert result.returncode == 2 and "already exists" in result.stderr
     assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_flower_s_message_polling_yields_the_cpu_to_the_client_actors():
+    """Flower's Simulation Engine polls every node's inbox from threads named after their target; Ray runs
+    the clients at nice 15. Lowered to nice 19, the poll no longer takes the clients' cores."""
+    import os
+    import threading
+
+    from fedtune.processes import LOWEST_PRIORITY, yield_to_clients
+
+    stop = threading.Event()
+
+    def add_messages_to_queue() -> None:  # the name Flower's polling thread carries
+        stop.wait()
+
+    poller, bystander = threading.Thread(target=add_messages_to_queue), threading.Thread(target=stop.wait)
+    poller.start(), bystander.start()
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, bystander.native_id)
+        assert yield_to_clients() == 1
+        assert os.getpriority(os.PRIO_PROCESS, poller.native_id) == LOWEST_PRIORITY
+        assert os.getpriority(os.PRIO_PROCESS, bystander.native_id) == before < LOWEST_PRIORITY
+    finally:
+        stop.set()
+        poller.join(), bystander.join()
