@@ -28,7 +28,6 @@ from fedtune.engine.checkpoint import load_checkpoint
 from fedtune.engine.data import ExampleSet
 from fedtune.engine.evaluate import eval_set, evaluate
 from fedtune.engine.rounds import RoundBook, finish_run
-from fedtune.processes import yield_to_clients
 from fedtune.rundir import RunDir
 from fedtune.strategies import LoraStrategy, build_strategy
 from fedtune.strategies.identity import NodeNames
@@ -90,7 +89,6 @@ class RoundRunner:
         book = RoundBook(self.config, self.run, say, self.elapsed_before)
         for rnd in range(self.first_round, fed.rounds + 1):
             round_start = time.time()
-            yield_to_clients()  # in a simulation, Flower's message polling runs beside the client actors
             if self.strategy.privacy and (reason := self.strategy.privacy.refusal()):
                 return self._finish(book.elapsed(), stopped=f"before round {rnd}: {reason}", budget=True)
             train_metrics, traffic = self._train_round(grid, rnd)

@@ -23,6 +23,8 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
 
+from fedtune.processes import yield_to_clients
+
 REPLY_POLL_SECONDS = 0.2
 MIN_PULL_SECONDS = 1.0  # a reply that is being uploaded at the deadline still gets this long
 
@@ -58,6 +60,7 @@ def collect_replies(grid: Grid, message_ids: Iterable[str], timeout: float) -> l
                 pending.discard(reply.metadata.reply_to_message_id)
             if not pending or past_deadline:
                 break
+            yield_to_clients()  # in a simulation, Flower's message polling shares this process (and the cores)
             time.sleep(REPLY_POLL_SECONDS)
     finally:
         _deadline = float("inf")
