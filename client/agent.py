@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import subprocess
 import sys
 import threading
@@ -140,6 +141,10 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[str, str] | None:
     from fedtune.client.executor import Deliveries, serve_clientapps
 
     port = free_port()
+    secret = secrets.token_bytes(32)
+    secret_file = settings.state_dir / ".superexec-secret"  # read by the SuperNode at start, then removed
+    with open(os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        handle.write(secret)
     node_config = " ".join(
         f'{key}="{value}"'
         for key, value in (
@@ -166,6 +171,8 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[str, str] | None:
         str(port),
         "--node-config",
         node_config,
+        "--superexec-auth-secret-file",
+        str(secret_file),
     ]
     args += ["--insecure"] if settings.insecure else ["--root-certificates", str(settings.ca_cert)]
     if settings.key:
@@ -188,6 +195,7 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[str, str] | None:
     watcher.start()
     try:
         _wait_for_listener(port, node, stop)
+        secret_file.unlink(missing_ok=True)
         if not stop.is_set():
             serve_clientapps(
                 f"127.0.0.1:{port}",
@@ -195,8 +203,10 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[str, str] | None:
                 say=lambda line: print(line, flush=True),
                 serve=settings.serve,
                 replies=replies,
+                secret=secret,
             )
     finally:
+        secret_file.unlink(missing_ok=True)
         stop.set()
         _terminate(node)
         watcher.join(timeout=5)

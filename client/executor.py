@@ -41,6 +41,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from fedtune import faults
 from fedtune.app import app_fab_hash
 from fedtune.errors import UserError
+from fedtune.flower_internals import task_request_signer
 from fedtune.wire import RUN_FINISHED, payload_bytes
 
 POLL_SECONDS = 0.2
@@ -49,6 +50,7 @@ LAST_REPLY_WAIT_SECONDS = 60.0  # an agent leaving the run waits this long for i
 # marked offline (a node that left first got "no reply (offline)" instead, seen in CI)
 LEAVING_LINGER_SECONDS = 10.0
 TASK_RETRY_SECONDS = 60.0  # give up on a vanished SuperNode instead of retrying forever
+RUN_STATUSES = ("completed", "stopped", "budget-reached")  # summary.json's; anything else is not printed
 
 
 class Deliveries:
@@ -86,13 +88,19 @@ def serve_clientapps(
     say: Callable[[str], None] = print,
     serve: bool = False,
     replies: Deliveries | None = None,
+    secret: bytes | None = None,
 ) -> None:
     """Execute every ClientApp task the local SuperNode hands out, until ``stop`` is set or,
     unless SERVE, the coordinator says the run is over. REPLIES counts the replies the
-    SuperNode has sent on, so that an agent that must leave does so after its reply."""
+    SuperNode has sent on, so that an agent that must leave does so after its reply. SECRET
+    signs the requests for tasks (the SuperNode's ``--superexec-auth-secret-file``): another
+    local user who reaches the SuperNode's loopback port cannot take this agent's tasks."""
     single_try = make_simple_http_retry_invoker()
     single_try.max_tries = 1  # failures come back to this loop, where `stop` is checked
-    dispatcher = _client(runtime_address, single_try, RuntimeVersionHttpInterceptor(component_name="flower-superexec"))
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="flower-superexec")]
+    if secret:
+        interceptors.append(task_request_signer(secret))
+    dispatcher = _client(runtime_address, single_try, *interceptors)
     handed_over = 0  # replies given to the SuperNode
     try:
         while not stop.is_set():
@@ -179,8 +187,11 @@ def describe_task(message: Message, reply: Message) -> tuple[str, bool]:
     """One line for the agent's terminal about a finished task, and whether it ended the run."""
     config = message.content["config"] if "config" in message.content.config_records else {}
     if config.get("event") == RUN_FINISHED:
-        result = ", ".join(f"{k} {float(config[k]):.4f}" for k in ("eval_accuracy", "eval_loss") if k in config)
-        return f"fedtune: run finished ({config.get('status', 'completed')}{', ' + result if result else ''})", True
+        numbers = {k: config[k] for k in ("eval_accuracy", "eval_loss") if isinstance(config.get(k), float)}
+        result = ", ".join(f"{k} {value:.4f}" for k, value in numbers.items())
+        status = config.get("status", "completed")
+        status = status if status in RUN_STATUSES else "unknown status"  # never the coordinator's text as is
+        return f"fedtune: run finished ({status}{', ' + result if result else ''})", True
     metrics = dict(reply.content["metrics"]) if "metrics" in reply.content.metric_records else {}
     round_number = config.get("round", "?")
     if message.metadata.message_type == MessageType.TRAIN:

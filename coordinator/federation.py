@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from fedtune.config import Config
 from fedtune.coordinator.dp_preflight import privacy_warnings
-from fedtune.coordinator.replies import collect_replies, send_and_receive
+from fedtune.coordinator.replies import ReplyBudget, collect, send, send_and_collect
 from fedtune.coordinator.report import say
 from fedtune.dp_accounting import json_epsilon
 from fedtune.engine.adapters import AdapterModel, build_adapter_model
@@ -34,6 +34,7 @@ from fedtune.strategies.identity import NodeNames
 from fedtune.wire import RUN_FINISHED
 
 END_NOTICE_SECONDS = 10.0  # how long the end-of-run notice waits for agents' acknowledgements
+EVAL_GRACE_SECONDS = 30.0  # evaluation's wait for the agents that trained, when training used the round's deadline
 
 
 @dataclass
@@ -75,7 +76,7 @@ class RoundRunner:
             federation.arrays = ArrayRecord(tensors)
             federation.first_round = rounds[-1] + 1
             federation.elapsed_before = state.get("elapsed_s", 0.0)
-            federation.client_loads = state.get("client_loads", {})
+            federation.client_loads = state.get("client_loads") or run.read_private("client-loads.json")
             federation.client_epsilon = state.get("client_epsilon", {})
             strategy.retired = set(state.get("budget_spent", []))  # clients that stopped for budget
             say(f"resuming {run.path.name} after round {rounds[-1]}")
@@ -91,7 +92,7 @@ class RoundRunner:
             round_start = time.time()
             if self.strategy.privacy and (reason := self.strategy.privacy.refusal()):
                 return self._finish(book.elapsed(), stopped=f"before round {rnd}: {reason}", budget=True)
-            train_metrics, traffic = self._train_round(grid, rnd)
+            train_metrics, traffic, deadline = self._train_round(grid, rnd)
             if train_metrics is None:
                 budget = self._clients_with_budget() < fed.min_clients
                 return self._finish(book.elapsed(), stopped=self._why_no_round(rnd), budget=budget)
@@ -116,44 +117,52 @@ class RoundRunner:
                 record["robust_capped"] = ledger.capped_weights
             record.update(self._privacy_metrics())
             if book.evaluates(rnd):
-                record.update(self._evaluate(grid, rnd))
+                record.update(self._evaluate(grid, rnd, deadline))
             state = {
                 "strategy": self.strategy.state_dict(),
-                "client_loads": self.client_loads,
                 "client_epsilon": self.client_epsilon,
                 "budget_spent": sorted(self.strategy.retired),
             }
+            if self._participation_is_private():  # who took part, and how often, is the operator's alone
+                self.run.write_private("client-loads.json", self.client_loads)
+            else:
+                state["client_loads"] = self.client_loads
             book.close_round(record, round_start, self.model, self.arrays.to_torch_state_dict(), state)
         return self._finish(book.elapsed())
 
-    def _train_round(self, grid: Grid, rnd: int) -> tuple[dict | None, dict[str, int]]:
+    def _train_round(self, grid: Grid, rnd: int) -> tuple[dict | None, dict[str, int], float]:
         """Train, aggregate; retry when too few usable replies come back. (metrics or None, bytes and the
-        server's aggregation time: checking and decoding the replies plus the strategy's math)."""
+        server's aggregation time: checking and decoding the replies plus the strategy's math, the deadline
+        of the attempt that counted: evaluation shares it)."""
         fed = self.config.federation
         traffic = {"bytes_up": 0, "bytes_down": 0}
         for attempt in range(fed.round_retries + 1):
             self._wait_for_clients(grid)
+            deadline = time.time() + fed.round_timeout
             messages = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), grid))
             if rnd == self.first_round and attempt == 0:  # clients load the model first: the longest round
                 say(f"sending round {rnd} to {len(messages)} clients; they load the model, then train")
-            replies = send_and_receive(grid, messages, fed.round_timeout)
+            budget = ReplyBudget(self.strategy.max_reply_bytes(MessageType.TRAIN))
+            timer = _Timed(self.strategy.receive)  # replies are checked and decoded as they arrive
+            self.strategy.ledger.silent = collect(grid, send(grid, messages), deadline, budget, timer)
             started = time.perf_counter()
-            new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
-            traffic["aggregate_s"] = round(traffic.get("aggregate_s", 0.0) + time.perf_counter() - started, 4)
+            new_arrays, train_metrics = self.strategy.aggregate(rnd)
+            spent = timer.seconds + time.perf_counter() - started
+            traffic["aggregate_s"] = round(traffic.get("aggregate_s", 0.0) + spent, 4)
             traffic["bytes_up"] += self.strategy.ledger.bytes_up
             traffic["bytes_down"] += self.strategy.ledger.bytes_down
             self._note_epsilons()
             if new_arrays is not None:
                 self.arrays = new_arrays
-                return dict(train_metrics), traffic
+                return dict(train_metrics), traffic, deadline
             if self._clients_with_budget() < fed.min_clients:
-                return None, traffic
+                return None, traffic, deadline
             say(
                 f"round {rnd}: {len(self.strategy.ledger.updates)} usable replies < min_clients "
                 f"{fed.min_clients} (attempt {attempt + 1}/{fed.round_retries + 1}); "
                 + "; ".join(self.strategy.ledger.rejected[:3])
             )
-        return None, traffic
+        return None, traffic, time.time()
 
     def _note_epsilons(self) -> None:
         """Sample-level DP: remember every client's latest ε and who has stopped for budget."""
@@ -203,17 +212,21 @@ class RoundRunner:
             }
         return {}
 
-    def _evaluate(self, grid: Grid, rnd: int) -> dict[str, float]:
-        """Clients and server evaluate the new global adapter at the same time."""
+    def _evaluate(self, grid: Grid, rnd: int, deadline: float) -> dict[str, float]:
+        """Clients and server evaluate the new global adapter at the same time, within the round's DEADLINE
+        (agents silent in training are not asked; when training used the deadline up, the agents that
+        trained get EVAL_GRACE_SECONDS), so one silent agent holds a round once, not twice."""
         result: dict[str, float] = {}
-        started = time.time()
-        sent = grid.push_messages(self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(), grid))
+        sent = send(grid, self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(), grid))
+        grace = min(EVAL_GRACE_SECONDS, self.config.federation.round_timeout)
+        deadline = max(deadline, time.time() + grace)
         if self.eval_data is not None:
             self.model.load_state(self.arrays.to_torch_state_dict())
             metrics = evaluate(self.model, self.eval_data)
             result["eval_accuracy"] = metrics["accuracy"]
             result["eval_loss"] = metrics["loss"]
-        replies = collect_replies(grid, sent, self.config.federation.round_timeout - (time.time() - started))
+        replies: list[Message] = []
+        collect(grid, sent, deadline, ReplyBudget(self.strategy.max_reply_bytes(MessageType.EVALUATE)), replies.append)
         client_metrics = self.strategy.aggregate_evaluate(rnd, replies)
         if client_metrics:
             result["client_accuracy"] = client_metrics["accuracy"]
@@ -242,10 +255,15 @@ class RoundRunner:
 
     def _finish(self, wall_s: float, stopped: str | None = None, budget: bool = False) -> dict[str, Any]:
         """Summary and final line; a run that hit its privacy budget ended as planned, not stopped."""
-        extra = {
+        loads = {
             "client_processes": len(self.client_loads),
             "client_base_model_loads": sum(self.client_loads.values()),
         }
+        extra = {}
+        if self._participation_is_private():
+            self.run.write_private("summary.json", loads)
+        else:
+            extra |= loads
         if stopped:
             extra |= {"status": "budget-reached" if budget else "stopped", "reason": stopped}
         summary = finish_run(self.run, self.config, self.config.strategy.name, wall_s, extra)
@@ -264,4 +282,20 @@ class RoundRunner:
             Message(RecordDict({"config": ConfigRecord(notice)}), message_type=MessageType.QUERY, dst_node_id=node)
             for node in self._grid.get_node_ids()
         ]
-        collect_replies(self._grid, self._grid.push_messages(messages), timeout=END_NOTICE_SECONDS)
+        send_and_collect(self._grid, messages, timeout=END_NOTICE_SECONDS)
+
+    def _participation_is_private(self) -> bool:
+        """Under client-level DP, how many clients took part (and which were new) is not released."""
+        return self.config.privacy.mode == "client"
+
+
+class _Timed:
+    """A reply handler that adds up the seconds it spends (the coordinator's share of a round)."""
+
+    def __init__(self, handler: Callable[[Message], None]) -> None:
+        self.handler, self.seconds = handler, 0.0
+
+    def __call__(self, reply: Message) -> None:
+        started = time.perf_counter()
+        self.handler(reply)
+        self.seconds += time.perf_counter() - started

@@ -7,8 +7,8 @@ ServerApp waits for ``federation.min_clients`` agents and writes the same run
 directory; ``--resume`` continues after the last checkpoint.
 
 Who can reach what: agents (and anyone holding the CA) reach only the Fleet API on
-``--address`` (coordinator/superlink_main.py), with requests capped at
-``federation.max_message_mb``; the Control and Runtime APIs listen on loopback, for this
+``--address`` (coordinator/superlink_main.py, coordinator/fleet_guard.py), with a message
+capped at ``federation.max_message_mb``; the Control and Runtime APIs listen on loopback, for this
 process's own ``flwr`` CLI and the ServerApp. Each agent key is registered under its
 file's stem (``NAME.pub``), the name the ServerApp binds to that agent's node. The
 SuperLink keeps its state in memory: nothing an agent sends outlives the run on disk.
@@ -100,7 +100,7 @@ def run_coordinator(config: Config, run: RunDir, settings: CoordinatorSettings, 
         tls=tls,
         extra_args=extra,
         log_file=run.logs / "superlink.log",
-        max_request_bytes=int(config.federation.max_message_mb * 2**20),
+        max_message_bytes=int(config.federation.max_message_mb * 2**20),
     )
     with open(log_path, "a") as log, link:
         for key in keys:

@@ -26,6 +26,7 @@ from typing import TextIO
 import psutil
 
 from fedtune.app import APP_DIR
+from fedtune.coordinator.fleet_guard import ListenerLimits
 from fedtune.errors import UserError
 from fedtune.processes import die_hard_with_parent, free_port, quiet_environment, terminate, tool_path
 
@@ -73,7 +74,8 @@ class SuperLink:
     tls: Tls | None = None
     extra_args: list[str] = field(default_factory=list)
     log_file: Path | None = None
-    max_request_bytes: int = 64 * 2**20  # deployment: largest request the public Fleet API accepts
+    max_request_bytes: int = ListenerLimits.max_request_bytes  # deployment: the public Fleet API's largest request
+    max_message_bytes: int = 64 * 2**20  # deployment: largest message (all its objects) an agent may push
     home: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fedtune-flwr-")))
     process: subprocess.Popen | None = None
     local_port: int = 0  # Control and Runtime APIs (the public port itself in simulation)
@@ -95,6 +97,8 @@ class SuperLink:
                 public,
                 "--max-request-bytes",
                 str(self.max_request_bytes),
+                "--max-message-bytes",
+                str(self.max_message_bytes),
                 "--host",
                 "127.0.0.1",
                 "--port",

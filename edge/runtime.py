@@ -310,9 +310,10 @@ def _generator_model(path: Path, manifest: dict[str, Any], threads: int) -> og.M
     for key, value in _items(described):
         if key == "filename" and value != "model.onnx" or "custom_ops" in key:
             raise EdgeError(f"{path / GENAI_CONFIG}: {key} = {value!r} is not allowed in a bundle (only model.onnx, no custom ops)")
-    unknown = set(described["model"]["decoder"].get("session_options", {})) - GENAI_SESSION_OPTIONS
-    if unknown:
-        raise EdgeError(f"{path / GENAI_CONFIG}: session options {sorted(unknown)} are not allowed in a bundle")
+    for key, value in _items(described):  # every model part (decoder, embedding, vision, ...) has its own
+        unknown = set(value) - GENAI_SESSION_OPTIONS if key == "session_options" and isinstance(value, dict) else set()
+        if unknown or (key == "session_options" and not isinstance(value, dict)):
+            raise EdgeError(f"{path / GENAI_CONFIG}: session options {sorted(unknown)} are not allowed in a bundle")
     config = og.Config(str(path))
     config.clear_providers()
     options = {"intra_op_num_threads": threads, "log_severity_level": 3}

@@ -9,7 +9,9 @@
 <run>/plots/metrics.png      metrics against rounds
 <run>/logs/                  full logs of the processes fedtune started; with
                              client-level DP also private-metrics.jsonl (un-noised
-                             per-round statistics: the operator's, never to publish)
+                             per-round statistics), private-client-loads.json and
+                             private-summary.json (who took part): the operator's,
+                             never to publish
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ class RunDir:
     @property
     def private_metrics_file(self) -> Path:
         return self.logs / "private-metrics.jsonl"
+
+    def write_private(self, name: str, data: dict[str, Any]) -> None:
+        """A JSON file of the operator's alone, under logs/ (what a DP release must not contain)."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.logs / f"private-{name}").write_text(json.dumps(data, indent=2) + "\n")
+
+    def read_private(self, name: str) -> dict[str, Any]:
+        path = self.logs / f"private-{name}"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def client_dir(self, name: str) -> Path:
         return self.path / "clients" / name

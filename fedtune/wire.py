@@ -185,19 +185,28 @@ def encode_seeds(steps: list[ZOStep], weight_decay: float) -> dict[str, ArrayRec
     return {"zo": ArrayRecord({"packed": Array(pack(steps))}), "zo-config": ConfigRecord(config)}
 
 
-def decode_seeds(arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[ZOStep], float]:
-    """``(steps, weight decay)`` from ``encode_seeds``' records; counts and size are checked before reading."""
+def seed_payload_bytes(steps: int, samples: int) -> int:
+    """Bytes of STEPS ZO steps of SAMPLES perturbations each: a seed and a projected gradient per
+    perturbation, a learning rate per step (fedtune/spsa.py's ``pack``)."""
+    return 12 * steps * samples + 4 * steps
+
+
+def decode_seeds(
+    arrays: ArrayRecord, config: ConfigRecord, max_steps: int = MAX_ZO_STEPS, max_samples: int = MAX_ZO_SAMPLES
+) -> tuple[list[ZOStep], float]:
+    """``(steps, weight decay)`` from ``encode_seeds``' records; counts (at most MAX_STEPS steps of at most
+    MAX_SAMPLES perturbations: replaying them is the receiver's work) and size are checked before reading."""
     try:
         steps, samples, weight_decay = (config[key] for key in ("steps", "samples", "weight-decay"))
     except KeyError as err:
         raise WireError("not a ZO seed payload (zo-config needs steps, samples and weight-decay)") from err
-    if not (_all([steps, samples], int) and 1 <= steps <= MAX_ZO_STEPS and 1 <= samples <= MAX_ZO_SAMPLES):
-        raise WireError(f"not a ZO seed payload (steps must be 1 to {MAX_ZO_STEPS}, samples 1 to {MAX_ZO_SAMPLES})")
+    if not (_all([steps, samples], int) and 1 <= steps <= max_steps and 1 <= samples <= max_samples):
+        raise WireError(f"not a ZO seed payload (steps must be 1 to {max_steps}, samples 1 to {max_samples})")
     if not (isinstance(weight_decay, float) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise WireError("not a ZO seed payload (weight-decay must be a finite float >= 0)")
     if set(arrays.keys()) != {"packed"}:
         raise WireError("not a ZO seed payload (arrays must be ['packed'])")
-    packed = read_array(arrays, "packed", "uint8", 12 * steps * samples + 4 * steps)
+    packed = read_array(arrays, "packed", "uint8", seed_payload_bytes(steps, samples))
     try:
         return unpack(packed, steps, samples), weight_decay
     except ValueError as err:

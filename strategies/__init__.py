@@ -42,4 +42,6 @@ def build_strategy(config: Config) -> LoraStrategy:
     if config.privacy.mode == "client":
         strategy.privacy = ClientLevelDP.from_config(config)
     strategy.budget_replies = config.privacy.mode == "sample"
+    if config.client.zo_upload == "seeds":  # the only runs whose replies may be seeds, as many as its ZO clients make
+        strategy.seed_limits = (config.client.zo_steps or config.client.local_steps, config.client.zo_samples)
     return strategy

@@ -35,7 +35,7 @@ from fedtune import faults, spsa, wire
 from fedtune.config import Config
 from fedtune.plan import RESIDUAL, ParameterPlan, checksum, role_of
 from fedtune.strategies.identity import NodeNames
-from fedtune.strategies.robust import RobustSettings, aggregate_tensors, bound_updates
+from fedtune.strategies.robust import RobustSettings, aggregate_tensors, bound_updates, cap_weights
 from fedtune.wire import payload_bytes
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ MAX_EXAMPLES = 10**9  # a client's num-examples: far above any partition, far be
 MAX_STEPS = 10**7  # local steps a client reports for one round
 MAX_MODEL_LOADS = 10**6
 MAX_RANK = 4096  # adapter.r's limit
+REPLY_RECORDS_BYTES = 2**18  # a reply's metrics, info and layout records, and its objects' headers
 
 
 class ReplyError(ValueError):
@@ -202,6 +203,7 @@ class RoundLedger:
     clip_norm: float | None = None  # client-level DP: the C this round's updates were clipped to
     clipped_updates: int = 0  # strategy.robust: updates scaled down to norm_bound × the median norm
     capped_weights: int = 0  # strategy.robust: num-examples lowered to max_weight_ratio × the median
+    silent: set[int] = field(default_factory=set)  # nodes that did not answer training by the deadline: not asked to evaluate
 
 
 class LoraStrategy(Strategy):
@@ -225,6 +227,7 @@ class LoraStrategy(Strategy):
         self.identity = NodeNames()  # which name each node may use; the coordinator sets its registry
         self.privacy: ClientLevelDP | None = None  # client-level DP, set by build_strategy
         self.budget_replies = False  # sample-level DP: clients may reply "privacy budget spent"
+        self.seed_limits: tuple[int, int] | None = None  # client.zo_upload seeds: (ZO steps, samples) a reply may hold
         self.retired: set[str] = set()  # clients whose privacy budget is spent: not sampled to train
         self._broadcast: Tensors = {}  # this round's sent tensors as clients decoded them
 
@@ -273,7 +276,11 @@ class LoraStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         for reply in replies:
-            self._accept(reply)
+            self.receive(reply)
+        return self.aggregate(server_round)
+
+    def aggregate(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's new global tensors from the replies received so far (``receive``)."""
         updates = sorted(self.ledger.updates, key=lambda u: u.name)  # arrival order must not change the sums
         if len(updates) < self.min_clients:
             log(
@@ -333,6 +340,9 @@ class LoraStrategy(Strategy):
                 continue
             if count > 0:  # a client without held-out examples has nothing to count
                 results.append((count, metrics))
+        if results and self.robust.bounded:  # one client's count must not decide the published client metrics
+            counts, _ = cap_weights([count for count, _ in results], self.robust.max_weight_ratio)
+            results = [(count, metrics) for count, (_, metrics) in zip(counts, results)]
         return MetricRecord(weighted_metrics(results)) if results else None
 
     def _evaluation(self, content: RecordDict) -> tuple[int, dict[str, float]]:
@@ -355,6 +365,8 @@ class LoraStrategy(Strategy):
         nodes = sorted(grid.get_node_ids())
         if kind == MessageType.TRAIN:
             nodes = [node for node in nodes if self.identity.bound.get(node) not in self.retired]
+        else:
+            nodes = [node for node in nodes if node not in self.ledger.silent]
         if kind == MessageType.TRAIN and self.privacy is not None:
             chosen = self.privacy.sample(nodes, server_round)  # Poisson, secret: what the accountant assumes
         else:
@@ -391,7 +403,18 @@ class LoraStrategy(Strategy):
         """What each chosen node receives: the SHARED encoding of the sent tensors, for every node."""
         return dict.fromkeys(nodes, shared)
 
-    def _accept(self, reply: Message) -> None:
+    def max_reply_bytes(self, message_type: str) -> int:
+        """The most a reply to this round's MESSAGE_TYPE instructions may weigh: every sent tensor in
+        float32 (the widest codec), or the run's most ZO seeds, plus its records; evaluate replies carry
+        metrics only."""
+        if message_type != MessageType.TRAIN:
+            return REPLY_RECORDS_BYTES
+        payloads = [4 * sum(self.current[name].numel() for name in self.sent_names())]
+        if self.seed_limits is not None:
+            payloads.append(wire.seed_payload_bytes(*self.seed_limits))
+        return REPLY_RECORDS_BYTES + max(payloads)
+
+    def receive(self, reply: Message) -> None:
         """Decode a train reply into the ledger, or record why it was rejected; no reply fails the round."""
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -478,8 +501,11 @@ class LoraStrategy(Strategy):
         return {**{n: self._broadcast[n] for n in self.sent_names()}, **wire.decode_head_probe(arrays, heads)}
 
     def replay_seeds(self, arrays: ArrayRecord, config: ConfigRecord) -> Tensors:
-        """A ZO client's sent tensors, rebuilt from its seeds and the broadcast it started from."""
-        steps, weight_decay = wire.decode_seeds(arrays, config)
+        """A ZO client's sent tensors, rebuilt from its seeds and the broadcast it started from; only in a run
+        that configured seed uploads, and no more steps and perturbations than the run's ZO clients make."""
+        if self.seed_limits is None:
+            raise ReplyError("ZO seed uploads: not in this run (client.zo_upload is delta)")
+        steps, weight_decay = wire.decode_seeds(arrays, config, *self.seed_limits)
         shapes = {n: tuple(v.shape) for n, v in self.current.items() if role_of(n) in self.plan.trained}
         return spsa.replay(self._broadcast, shapes, steps, weight_decay)
 

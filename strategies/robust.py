@@ -1,18 +1,25 @@
 """Robust aggregation: bounds on what one client can do to a round, and robust statistics.
 
 Pure tensor math on lists of ``{name: tensor}`` dicts (no Flower), applied by
-``LoraStrategy.aggregate_train`` before the strategy's ``combine`` (``strategy.robust``):
+``LoraStrategy.aggregate`` before the strategy's ``combine`` (``strategy.robust``):
 
 - ``none``: no bounds, the example-weighted mean (fedtune before robust aggregation).
 - ``norm-bound`` (default): two bounds, then the strategy's usual weighted combine.
   (1) weights: a client's ``num-examples`` counts at most ``max_weight_ratio`` × the
-  round's median count, so one client claiming 10⁹ examples gets the weight of three
-  typical clients, not all of it. (2) norms: a client's update u_k = sent_k − broadcast
-  (the round's broadcast as the clients decoded it) is one float64 vector over all sent
-  tensors; if ‖u_k‖ > ``norm_bound`` × median_k ‖u_k‖ it is scaled down to that length
-  (clipped, not rejected: an honest client with an unusually large step still counts).
-  Together: one client moves the global model by at most share·bound·median norm, where
-  share ≤ ratio·median / (ratio·median + the other clients' counts).
+  median count of the *other* clients, so one client claiming 10⁹ examples gets the weight
+  of three typical clients, not all of it. (2) norms: a client's update u_k = sent_k −
+  broadcast (the round's broadcast as the clients decoded it) is one float64 vector over
+  all sent tensors; if ‖u_k‖ > ``norm_bound`` × the median of the other clients' norms it
+  is scaled down to that length (clipped, not rejected: an honest client with an unusually
+  large step still counts). The reference leaves the client out, so no client sets its own
+  bound: with the round's plain median, one of two replies *was* the median. What this
+  promises, by the number K of replies in the round:
+  K ≥ 3: one client moves the global model by at most share·bound·(median norm of the
+  others), share ≤ ratio·m / (ratio·m + the other clients' counts), m the others' median
+  count; K = 2: each reply is bounded by the other at factors of at most 1, so neither
+  counts for more nor moves further than the other (a hostile one can cancel the honest
+  update, not replace it); K = 1: nothing to compare with, the reply is used as is
+  (``federation.min_clients`` ≥ 2, the default, never updates from one reply).
 - ``trimmed-mean``: the bounds, then per coordinate the mean after dropping the
   ⌊``trim_fraction``·K⌋ smallest and largest of the K clients' values (unweighted).
 - ``median``: the bounds, then the per-coordinate median (unweighted; the mean of the
@@ -91,28 +98,35 @@ def weighted_mean(tensors: Sequence[Tensors], weights: Sequence[float]) -> Tenso
     return {name: sum((w / total) * t[name] for t, w in zip(tensors, weights)) for name in tensors[0]}
 
 
+def others_bounds(values: Sequence[float], factor: float) -> list[float]:
+    """Each client's bound: FACTOR × the median of the *other* clients' values, so that no client sets
+    its own. With two clients each is bounded by the other, at a factor of at most 1 (neither counts
+    for more, nor moves further, than the other); a lone client has no reference (infinite bound)."""
+    if len(values) < 2:
+        return [math.inf] * len(values)
+    factor = factor if len(values) > 2 else min(factor, 1.0)
+    return [factor * statistics.median([v for j, v in enumerate(values) if j != k]) for k in range(len(values))]
+
+
 def cap_weights(counts: Sequence[float], ratio: float) -> tuple[list[float], int]:
-    """Each count limited to ``ratio`` × the median count, and how many were lowered."""
-    limit = ratio * statistics.median(counts)
-    return [min(float(n), limit) for n in counts], sum(n > limit for n in counts)
+    """Each count limited to ``ratio`` × the median of the other counts, and how many were lowered."""
+    limits = others_bounds([float(n) for n in counts], ratio)
+    return [min(float(n), limit) for n, limit in zip(counts, limits)], sum(n > lim for n, lim in zip(counts, limits))
 
 
-def update_norms(tensors: Sequence[Tensors], references: Sequence[Tensors]) -> list[float]:
+def update_norms(tensors: Sequence[Tensors], starts: Sequence[Tensors]) -> list[float]:
     """‖T_k − R_k‖ over all of T_k's tensors as one vector, in float64; R_k is where client k started."""
     return [
         math.sqrt(sum(float((t.double() - start[name].double()).square().sum()) for name, t in update.items()))
-        for update, start in zip(tensors, references, strict=True)
+        for update, start in zip(tensors, starts, strict=True)
     ]
 
 
-def clip_updates(
-    tensors: Sequence[Tensors], references: Sequence[Tensors], bound: float
-) -> tuple[list[Tensors], int]:
-    """Updates (T_k − R_k) longer than ``bound`` × the median update norm scaled to that length."""
-    norms = update_norms(tensors, references)
-    limit = bound * statistics.median(norms)
+def clip_updates(tensors: Sequence[Tensors], starts: Sequence[Tensors], bound: float) -> tuple[list[Tensors], int]:
+    """Updates (T_k − R_k) longer than ``bound`` × the median of the other updates' norms scaled to that length."""
+    norms = update_norms(tensors, starts)
     result, clipped = [], 0
-    for update, reference, norm in zip(tensors, references, norms):
+    for update, reference, norm, limit in zip(tensors, starts, norms, others_bounds(norms, bound)):
         if norm <= limit:
             result.append(dict(update))
             continue
@@ -123,14 +137,14 @@ def clip_updates(
 
 
 def bound_updates(
-    tensors: Sequence[Tensors], counts: Sequence[float], references: Sequence[Tensors], settings: RobustSettings
+    tensors: Sequence[Tensors], counts: Sequence[float], starts: Sequence[Tensors], settings: RobustSettings
 ) -> Bounded:
     """Both bounds of ``norm-bound`` (also applied before ``trimmed-mean`` and ``median``).
 
-    ``references[k]`` is what client k started from: the round's broadcast, or with per-client
+    ``starts[k]`` is what client k started from: the round's broadcast, or with per-client
     ranks the broadcast at that client's rank (strategies/per_client_rank.py)."""
     weights, capped = cap_weights(counts, settings.max_weight_ratio)
-    clipped_tensors, clipped = clip_updates(tensors, references, settings.norm_bound)
+    clipped_tensors, clipped = clip_updates(tensors, starts, settings.norm_bound)
     return Bounded(clipped_tensors, weights, clipped, capped)
 
 

@@ -51,3 +51,18 @@ def test_a_port_taken_every_time_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(agent, "_serve", lambda settings, home: ("port-taken", "the port was taken"))
     with pytest.raises(agent.UserError, match="the port was taken"):
         run_agent(settings(tmp_path), echo=lambda line: None)
+
+
+def test_the_agent_prints_only_the_run_statuses_it_knows():
+    """Issue 31, finding 11: the coordinator's `status` text reached the agent's terminal as sent."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedtune.client.executor import describe_task
+    from flower_helpers import enter_run
+
+    enter_run()
+    for status, shown in [("completed", "completed"), ("\x1b[2J\x1b]0;pwned\x07", "unknown status")]:
+        notice = {"event": "run-finished", "status": status, "eval_accuracy": 0.5, "eval_loss": "\x1b[31m"}
+        message = Message(RecordDict({"config": ConfigRecord(notice)}), dst_node_id=2, message_type="query")
+        line, finished = describe_task(message, Message(RecordDict(), reply_to=message))
+        assert finished and line == f"fedtune: run finished ({shown}, eval_accuracy 0.5000)"

@@ -209,6 +209,14 @@ def test_causal_lm_bundle_generates_like_pytorch(tmp_path):
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(EdgeError, match="custom_ops_library = '/tmp/evil.so' is not allowed"):
         Bundle.load(tmp_path / "lm")
+    # issue 31, finding 11: session options of any model part, not only the decoder's
+    described = json.loads(original)
+    described["model"]["embedding"] = {"filename": "model.onnx", "session_options": {"enable_profiling": "x"}}
+    config.write_text(json.dumps(described))
+    manifest["sha256"]["genai_config.json"] = sha256_file(config)
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(EdgeError, match=r"session options \['enable_profiling'\] are not allowed"):
+        Bundle.load(tmp_path / "lm")
 
 
 def test_fedsa_personalised_bundle_matches_pytorch_on_that_clients_data(tmp_path):

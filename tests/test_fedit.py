@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedtune.strategies.base import payload_bytes
 from fedtune.strategies.fedit import FedIT, weighted_mean
+from fedtune.strategies.robust import RobustSettings
 from flower_helpers import StaticGrid, enter_run, reply, tensors_of
 
 NAMES = ["m.q.lora_A.weight", "m.q.lora_B.weight", "m.classifier.weight"]
@@ -31,6 +32,7 @@ def test_weighted_mean_is_example_weighted():
 def test_fedit_round_aggregates_good_replies_and_rejects_malformed_ones():
     enter_run()
     strategy = FedIT(fraction=1.0, min_clients=2)
+    strategy.robust = RobustSettings("none")  # the plain example-weighted mean (two replies bound each other)
     messages = list(
         strategy.configure_train(1, ArrayRecord(_tensors(0)), ConfigRecord(), StaticGrid([11, 12, 13, 14, 15]))
     )
@@ -66,6 +68,7 @@ def test_fedit_round_aggregates_good_replies_and_rejects_malformed_ones():
 def test_too_few_good_replies_leave_the_global_adapter_unchanged():
     enter_run()
     strategy = FedIT(fraction=1.0, min_clients=2)
+    strategy.robust = RobustSettings("none")  # the plain example-weighted mean (two replies bound each other)
     messages = list(strategy.configure_train(1, ArrayRecord(_tensors(0)), ConfigRecord(), StaticGrid([1, 2])))
     bad = {**_tensors(1), NAMES[0]: torch.full(SHAPES[0], math.inf)}
     arrays, _ = strategy.aggregate_train(1, [reply(messages[0], _tensors(1)), reply(messages[1], bad)])

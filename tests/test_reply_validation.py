@@ -27,6 +27,7 @@ from fedtune.spsa import ZOStep
 from fedtune.strategies import STRATEGIES, build_strategy
 from fedtune.strategies.base import MAX_EXAMPLES, LoraStrategy, client_error, weighted_metrics
 from fedtune.strategies.fedit import FedIT
+from fedtune.strategies.robust import cap_weights
 from flower_helpers import StaticGrid, enter_run, reply, tensors_of
 
 SHAPES = {
@@ -51,15 +52,38 @@ def _adapter(seed: int = 0) -> dict[str, torch.Tensor]:
     return {name: torch.randn(shape, generator=generator) * 0.1 for name, shape in SHAPES.items()}
 
 
-def _strategy(name: str = "fedit", privacy: str = "none", min_clients: int = 2) -> LoraStrategy:
+def _strategy(name: str = "fedit", privacy: str = "none", min_clients: int = 2, zo_upload: str = "seeds") -> LoraStrategy:
     config = Config.model_validate(
         {
             "strategy": {"name": name},
             "federation": {"clients": len(NODES), "min_clients": min_clients},
             "privacy": PRIVACY[privacy],
+            "client": {"zo_upload": zo_upload, "zo_steps": 3, "zo_samples": 1},  # _zo_content's valid rounds
         }
     )
     return build_strategy(config)
+
+
+def _seed_reply(message: Message, steps: int, samples: int) -> Message:
+    records = wire.encode_seeds([ZOStep(0.01, list(range(samples)), [0.1] * samples)] * steps, 0.0)
+    content = RecordDict({**records, "metrics": MetricRecord({"num-examples": 10}), "info": ConfigRecord({"name": "z"})})
+    return Message(content=content, reply_to=message)
+
+
+def test_seed_replies_count_only_where_configured_and_within_the_run_s_zo_steps():
+    """Issue 31, finding 7: seeds were accepted in any run, up to 100,000 steps × 64 samples to replay."""
+    for zo_upload, steps, samples, problem in [
+        ("delta", 1, 1, "ZO seed uploads: not in this run"),
+        ("seeds", 4, 1, "steps must be 1 to 3, samples 1 to 1"),
+        ("seeds", 3, 2, "steps must be 1 to 3, samples 1 to 1"),
+        ("seeds", 3, 1, None),
+    ]:
+        strategy = _strategy(min_clients=1, zo_upload=zo_upload)
+        message = next(iter(_messages(strategy).values()))
+        strategy.aggregate_train(1, [_seed_reply(message, steps, samples)])
+        reasons = strategy.ledger.rejected
+        assert any(problem in r for r in reasons) if problem else not reasons, (zo_upload, steps, samples, reasons)
+        assert (problem is None) == bool(strategy.ledger.updates)
 
 
 def _messages(strategy: LoraStrategy, nodes: list[int] = NODES) -> dict[int, Message]:
@@ -556,6 +580,7 @@ def test_random_malformed_evaluate_replies_are_skipped_and_the_metrics_stay_fini
         assert result is None
         return
     merged = dict(result)
-    assert merged["num-examples"] == sum(counted) and set(merged) == {"num-examples", "accuracy", "loss"}
+    counts, _ = cap_weights([n for n in counted if n > 0], strategy.robust.max_weight_ratio)  # issue 31, finding 11
+    assert merged["num-examples"] == pytest.approx(sum(counts)) and set(merged) == {"num-examples", "accuracy", "loss"}
     assert 0 <= merged["accuracy"] <= 1
     json.dumps(merged, allow_nan=False)

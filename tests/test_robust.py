@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ from fedtune.strategies import build_strategy
 from fedtune.strategies.fair import fair_aggregate
 from fedtune.strategies.robust import (
     RobustSettings,
+    cap_weights,
     clip_updates,
     coordinate_median,
+    others_bounds,
     trimmed_mean,
     update_norms,
     weighted_mean,
@@ -131,7 +134,7 @@ def test_coordinatewise_statistics_ignore_the_liar(method):
 # -- finding 4: one huge update ---------------------------------------------------------
 
 
-def test_a_huge_update_is_clipped_to_norm_bound_times_the_median():
+def test_a_huge_update_is_clipped_to_norm_bound_times_the_median_of_the_others():
     generator = torch.Generator().manual_seed(1)
     reference = {"a": torch.randn(5, 4, generator=generator), "b": torch.randn(7, generator=generator)}
     updates = []
@@ -141,7 +144,7 @@ def test_a_huge_update_is_clipped_to_norm_bound_times_the_median():
     huge = {n: reference[n] + (v - reference[n]) * 1e6 for n, v in updates[0].items()}
     tensors = [huge, *updates[1:]]
     norms = update_norms(tensors, [reference] * 5)
-    median = sorted(norms)[2]
+    median = statistics.median(norms[1:])  # the others' median: no update sets its own bound
     clipped, count = clip_updates(tensors, [reference] * 5, 3.0)
     assert count == 1
     assert update_norms(clipped[:1], [reference])[0] == pytest.approx(3.0 * median, rel=1e-5)
@@ -246,14 +249,25 @@ def test_robust_none_keeps_the_old_mean_even_for_outliers():
     assert all(torch.equal(new[name], expected[name]) for name in new)
 
 
-def test_weights_are_capped_at_the_ratio_times_the_median_count():
+def test_weights_are_capped_at_the_ratio_times_the_others_median_count():
     clients = [_honest(k) for k in range(4)] + [lambda b: (_honest(9)(b)[0], 10_000)]
     strategy = _strategy("fedit", clients=5, max_weight_ratio=2.0)
     _, sent, new = _round(strategy, clients)
-    counts = [80, 85, 90, 95]  # median of all five counts: 90
-    expected = _old_weighted_mean(sent, [*counts, 2.0 * 90])
+    counts = [80, 85, 90, 95]  # the liar's cap: 2 × the median of the other four counts, 87.5
+    expected = _old_weighted_mean(sent, [*counts, 2.0 * 87.5])
     assert strategy.ledger.capped_weights == 1
     assert all(torch.allclose(new[name], expected[name], atol=1e-6) for name in new)
+
+
+def test_with_two_replies_neither_counts_for_more_nor_moves_further_than_the_other():
+    """Issue 31, finding 8: with the round's own median, one of two replies *was* the median."""
+    honest, liar = {"a": torch.ones(4)}, {"a": torch.full((4,), 1e6)}
+    start = {"a": torch.zeros(4)}
+    weights, capped = cap_weights([10, 10**9], 3.0)
+    clipped, count = clip_updates([honest, liar], [start, start], 3.0)
+    assert (weights, capped) == ([10.0, 10.0], 1)
+    assert count == 1 and torch.allclose(clipped[1]["a"], honest["a"])  # no longer than the honest update
+    assert others_bounds([5.0], 3.0) == [math.inf]  # one reply: nothing to compare with
 
 
 def test_settings_are_validated():
