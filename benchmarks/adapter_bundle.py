@@ -19,11 +19,11 @@ import statistics
 import time
 from pathlib import Path
 
+from fedtune.core.records import read_records
+from fedtune.core.rundir import RunDir
 from fedtune.edge import Bundle
 from fedtune.edge.adapters import export_adapter_bundle
 from fedtune.edge.export import export_bundle
-from fedtune.records import read_records
-from fedtune.rundir import RunDir
 
 
 def main() -> None:

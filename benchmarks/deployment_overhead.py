@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fedtune.processes import free_port  # noqa: E402
+from fedtune.core.processes import free_port  # noqa: E402
 
 
 def fedtune(*args: str, log: Path | None = None) -> subprocess.Popen:

@@ -90,14 +90,14 @@ def measure(case: str, data: str, steps: int) -> dict:
     import torch
 
     import fedtune.engine.trainers.dpsgd as dpsgd
-    from fedtune.config import load_config
+    from fedtune.cli.resolve import resolve
+    from fedtune.core.config import load_config
+    from fedtune.core.records import read_records
     from fedtune.engine.adapters import build_adapter_model
     from fedtune.engine.data import TaskSpec, encode
     from fedtune.engine.dp_ledger import PrivacyLedger
-    from fedtune.engine.resolve import resolve
     from fedtune.engine.trainers import BackpropTrainer, DPSGDTrainer
     from fedtune.engine.trainers.base import to_device
-    from fedtune.records import read_records
 
     batch, physical, how = CASES[case]
     overrides = ["model.max_length=64", "data.text_field=sentence", "data.labels=[0,1]", f"client.local_steps={steps}"]

@@ -1,5 +1,5 @@
 """The DP recipe sweep: which settings let sample-level DP-SGD learn, and the noise-to-signal
-ratio (fedtune/dp_accounting.py) of each, against whether it learned.
+ratio (core/dp_accounting.py) of each, against whether it learned.
 
 A proxy for one client of ``simulations/configs/sst2-dp.yaml``'s federation: an IID tenth of
 SST-2's training rows (``fedtune partition --set data.partition.kind=iid``: 6,061 rows, the
@@ -93,11 +93,11 @@ def iid_share(out: Path) -> Path:
 
 
 def point(out: Path, name: str, overrides: list[str], part: Path) -> dict:
-    from fedtune.config import load_config
-    from fedtune.dp_accounting import noise_to_signal
+    from fedtune.cli.resolve import resolve
+    from fedtune.core.config import load_config
+    from fedtune.core.dp_accounting import noise_to_signal
     from fedtune.engine.adapters import coordinates_by_role
-    from fedtune.engine.resolve import resolve
-    from fedtune.plan import ROLES
+    from fedtune.strategies import strategy_class
 
     run = out / "runs" / name
     settings = [f"data.train={part}", *PROXY, *overrides]
@@ -110,7 +110,7 @@ def point(out: Path, name: str, overrides: list[str], part: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     config = resolve(load_config(CONFIG, settings), name_hint="sweep", need_train_data=False)
-    roles = {"ffa": ("lora_B", "head"), "fedit": ROLES}[config.strategy.name]
+    roles = strategy_class(config).plan.sent
     sizes = coordinates_by_role(config, ["0", "1"])
     coordinates = sum(sizes[r] for r in roles)
     noise = records[-1].get("noise_multiplier")

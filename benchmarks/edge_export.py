@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from fedtune.core.records import read_records
+from fedtune.core.rundir import RunDir
 from fedtune.edge import Bundle, bench
 from fedtune.edge.export import export_bundle
 from fedtune.engine.checkpoint import load_run_model
-from fedtune.records import read_records
-from fedtune.rundir import RunDir
 
 SST2_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2" / "dev.tsv"
 PROMPTS = [

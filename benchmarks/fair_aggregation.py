@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedtune.config import Config
+from fedtune.cli.resolve import resolve
+from fedtune.core.config import Config
 from fedtune.engine.adapters import build_adapter_model
-from fedtune.engine.resolve import resolve
-from fedtune.strategies.base import ClientUpdate
 from fedtune.strategies.fair import LoraFair
 from fedtune.strategies.fedit import FedIT
+from fedtune.strategies.updates import ClientUpdate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from flower_helpers import StaticGrid, enter_run, reply  # noqa: E402

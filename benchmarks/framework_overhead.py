@@ -50,11 +50,11 @@ def plain_loop(config_path: str, overrides: list[str]) -> dict:
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedtune.config import load_config
+    from fedtune.cli.resolve import resolve
+    from fedtune.core.config import load_config
     from fedtune.engine.base_model import model_dir
     from fedtune.engine.data import collate
     from fedtune.engine.partition import client_rows
-    from fedtune.engine.resolve import resolve
 
     config = resolve(load_config(config_path, overrides), name_hint="plain", need_train_data=True)
     torch.manual_seed(config.seed)
@@ -98,7 +98,7 @@ def plain_loop(config_path: str, overrides: list[str]) -> dict:
         global_state = {k: sum(s[k] * n for s, n in zip(states, sizes)) / sum(sizes) for k in states[0]}
     set_peft_model_state_dict(model, global_state)
     model.eval()
-    from fedtune.records import read_records
+    from fedtune.core.records import read_records
 
     rows = read_records(config.data.eval)[: config.data.eval_max_examples]
     examples = sorted(encode(rows), key=lambda e: len(e["input_ids"]))

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from llama_cpp import Llama
 
+from fedtune.core.rundir import RunDir
 from fedtune.engine.checkpoint import load_run_model
-from fedtune.rundir import RunDir
 
 PROMPTS = [
     "Message: my parcel never arrived and nobody answers\nIntent:",

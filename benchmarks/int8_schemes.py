@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fedtune.edge import export as edge_export
+from fedtune.core.rundir import RunDir
+from fedtune.edge.export import CALIBRATION_EXAMPLES, QualityCheck, export_classifier
+from fedtune.edge.parity import calibration_feeds, check_rows, torch_outputs
 from fedtune.edge.quantize import _dynamic, _static, int8_classifier
 from fedtune.engine.checkpoint import load_run_model
 from fedtune.engine.data import TaskSpec, encode
-from fedtune.rundir import RunDir
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -47,18 +48,14 @@ def main() -> None:
     config = run.config()
     adapter, round_number = load_run_model(run, None, None, quantization="none")
     spec = TaskSpec.from_config(config)
-    rows = edge_export._check_rows(config, None, args.check_examples + edge_export.CALIBRATION_EXAMPLES)
+    rows = check_rows(config, None, args.check_examples + CALIBRATION_EXAMPLES)
     checks = encode(rows[: args.check_examples], spec, adapter.tokenizer, "check data")
-    calibration = edge_export._calibration_feeds(encode(rows[args.check_examples :], spec, adapter.tokenizer, "calibration"))
+    calibration = calibration_feeds(encode(rows[args.check_examples :], spec, adapter.tokenizer, "calibration"))
     merged = adapter.model.merge_and_unload().eval()
     work = Path(tempfile.mkdtemp(prefix="int8-schemes-"))
     fp32 = work / "fp32.onnx"
-    edge_export._export_classifier(merged, fp32)
-    reference = edge_export._torch_outputs(merged, checks)
-
-    def check(path: Path) -> tuple[bool, dict]:
-        gate = edge_export._quality_gate(config.model.task, reference, edge_export._ort_outputs(path, checks, merged), checks)
-        return gate["accuracy_drop_points"] <= 1.0, gate
+    export_classifier(merged, fp32)
+    check = QualityCheck(merged, checks, torch_outputs(merged, checks), config.model.task, max_drop=1.0, min_agreement=1.0)
 
     models = {"fp32": fp32}
     for name, make in {

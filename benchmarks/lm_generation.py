@@ -26,10 +26,10 @@ import onnxruntime_genai as og
 import torch
 from transformers import DynamicCache
 
+from fedtune.core.rundir import RunDir
 from fedtune.edge import Bundle
 from fedtune.edge.export import export_bundle
 from fedtune.engine.checkpoint import load_run_model
-from fedtune.rundir import RunDir
 
 PROMPTS = [
     "Review: a gripping, well acted film\nSentiment:",

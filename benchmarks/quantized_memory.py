@@ -46,10 +46,10 @@ def measure(model_name: str, quantization: str, batch: int, length: int, data: s
     import torch
 
     sys.path.insert(0, str(REPO))
-    from fedtune.config import load_config
+    from fedtune.cli.resolve import resolve
+    from fedtune.core.config import load_config
+    from fedtune.core.records import read_records
     from fedtune.engine.adapters import build_adapter_model
-    from fedtune.engine.resolve import resolve
-    from fedtune.records import read_records
 
     task = "causal-lm" if model_name.startswith("smollm2") else "classification"
     overrides = [f"model.name={model_name}", f"model.task={task}", f"model.quantization={quantization}"]

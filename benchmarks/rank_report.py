@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from fedtune.rundir import RunDir  # noqa: E402
+from fedtune.core.rundir import RunDir  # noqa: E402
 
 
 def row(label: str, run: RunDir) -> dict:

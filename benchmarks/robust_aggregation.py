@@ -106,14 +106,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--strategy", default="fedit", help="strategy.name for every run (default: the config's)")
+    parser.add_argument("--strategy", help="strategy.name for every run (default: the config's)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, clean first")
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--report", action="store_true", help="only write the table from results.json")
     args = parser.parse_args()
     scenarios = args.scenarios.split(",")
     common = [
-        f"strategy.name={args.strategy}",
+        *([f"strategy.name={args.strategy}"] if args.strategy else []),
         f"federation.rounds={args.rounds}",
         "federation.eval_every=0",
         f"data.eval_max_examples={args.eval_examples}",

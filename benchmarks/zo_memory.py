@@ -64,14 +64,14 @@ def measure(model_name: str, quantization: str, kind: str, batch: int, length: i
     import torch
 
     sys.path.insert(0, str(REPO))
-    from fedtune.config import load_config
+    from fedtune.cli.resolve import resolve
+    from fedtune.core.config import load_config
+    from fedtune.core.records import read_records
     from fedtune.engine.adapters import build_adapter_model
     from fedtune.engine.data import ExampleSet, TaskSpec
     from fedtune.engine.memory import MB, estimate
-    from fedtune.engine.resolve import resolve
     from fedtune.engine.trainers import BackpropTrainer, ZOTrainer
     from fedtune.engine.trainers.base import to_device
-    from fedtune.records import read_records
 
     task = "causal-lm" if model_name.startswith("smollm2") else "classification"
     overrides = [f"model.name={model_name}", f"model.task={task}", f"model.quantization={quantization}"]

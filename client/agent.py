@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from fedtune.errors import UserError
-from fedtune.processes import die_with_parent, free_port, quiet_environment
-from fedtune.records import read_records
+from fedtune.core.errors import UserError
+from fedtune.core.processes import die_with_parent, free_port, quiet_environment
+from fedtune.core.records import read_records
 
 if TYPE_CHECKING:
     from fedtune.client.executor import Deliveries
@@ -89,7 +89,7 @@ class AgentSettings:
     mode: str = ""  # backprop, zo or auto; empty: the run's client.mode
     memory_budget_mb: float = 0.0  # for auto; 0: what the machine has available
     serve: bool = False  # keep serving after a run ends (for later runs); default: exit 0 with the run
-    rank: int = 0  # this agent's LoRA rank (strategies with per-client ranks); 0: the run's adapter.r; -1: auto
+    rank: int | str | None = None  # this agent's LoRA rank (strategies with per-client ranks), "auto"; None: the run's adapter.r
 
 
 CONNECTED = re.compile(r"SuperNode ID: ")  # the SuperNode registered with the coordinator
@@ -154,7 +154,7 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[str, str] | None:
             ("device", settings.device),
             ("mode", settings.mode),
             ("memory-budget-mb", settings.memory_budget_mb),
-            ("rank", settings.rank),
+            ("rank", "" if settings.rank is None else settings.rank),
         )
     )
     args = [
@@ -215,7 +215,7 @@ def _serve(settings: AgentSettings, home: Path) -> tuple[str, str] | None:
 
 def _log_flower_to(path: Path) -> None:
     """Flower's own log lines (the executor's) go to the agent's log file, not the terminal."""
-    import flwr.supercore.logger  # noqa: F401  (installs Flower's console handler, replaced here)
+    from fedtune.core.flower_internals import supercore_logger  # noqa: F401  (installs Flower's console handler, replaced here)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     flower = logging.getLogger("flwr")

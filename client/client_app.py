@@ -12,14 +12,13 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import wire
 from fedtune.client.job import SHARED_MODEL, ClientJob, process_tag
-from fedtune.engine.dp_ledger import PrivacyLedger
+from fedtune.core import wire
+from fedtune.core.plan import ParameterPlan
 from fedtune.engine.evaluate import evaluate as evaluate_model
-from fedtune.engine.trainers import BudgetSpent, DPSGDTrainer, make_trainer
+from fedtune.engine.trainers import BudgetSpent, make_trainer
 from fedtune.engine.trainers.base import seeded_torch
 from fedtune.engine.trainers.probe import fit_linear_probe
-from fedtune.plan import ParameterPlan
 
 app = ClientApp()
 
@@ -35,28 +34,22 @@ def train(msg: Message, context: Context) -> Message:
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
     rng = job.rng(round_number)
-    ledger = (
-        PrivacyLedger.load(job.state_dir, job.config.privacy.delta) if job.config.privacy.mode == "sample" else None
-    )
     try:
         trainer = make_trainer(
-            job.config, job.mode, round_number, name=job.name, examples=len(job.train), ledger=ledger,
+            job.config, job.mode, round_number, name=job.name, examples=len(job.train),
             steps=job.config.client.local_steps, state_dir=job.state_dir,
         )  # fmt: skip
     except BudgetSpent as spent:
         print(f"fedtune: {job.name}: {spent}", flush=True)
-        metrics = {"num-examples": len(job.train), "epsilon": ledger.epsilon()}
+        metrics = {"num-examples": len(job.train), "epsilon": spent.epsilon}
         info = {"name": job.name, "privacy-spent": str(spent)}
         return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord(info)}), reply_to=msg)
     if job.probes_head(plan, round_number):
         return _head_probe(msg, job, plan)
-    agent = "data-path" in context.node_config  # simulated clients: the coordinator judged the median one
-    if agent and isinstance(trainer, DPSGDTrainer) and not ledger.accountant.history:  # its first DP-SGD round
-        coordinates = sum(param.numel() for param in params.values())
-        if warning := trainer.utility_warning(coordinates, len(job.train)):
-            print(f"fedtune: WARNING: {job.name}: {warning}", flush=True)
-        if warning := trainer.clip_warning(job.model, params, job.train, job.config.client, "this client's"):
-            print(f"fedtune: WARNING: {job.name}: {warning}", flush=True)
+    if "data-path" in context.node_config:  # an agent judges itself; simulated: the coordinator judged the median one
+        for warning in trainer.preflight(job.model, params, job.train, job.config.client, "this client's"):
+            if warning:
+                print(f"fedtune: WARNING: {job.name}: {warning}", flush=True)
     with seeded_torch(rng.getrandbits(63), job.model.device):
         result = trainer.train(job.model, params, job.train, job.config.client, rng)
     job.save_private(plan)
@@ -66,11 +59,8 @@ def train(msg: Message, context: Context) -> Message:
         "steps": result.steps,
         **result.metrics,
     }
-    if ledger is None:
+    if trainer.releases_loss:  # DP-SGD's loss is not privatised, so it stays here
         metrics["train_loss"] = result.loss
-    else:  # the loss is not privatised, so it stays here; the ledger is saved before the reply leaves
-        ledger.save()
-        metrics["epsilon"] = ledger.epsilon()
     info = _train_info(job, plan)
     if result.zo_steps and job.config.client.zo_upload == "seeds":
         update = wire.encode_seeds(result.zo_steps, job.config.client.weight_decay)
@@ -81,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train_info(job: ClientJob, plan: ParameterPlan) -> dict[str, str | int]:
-    """What a train reply says about its client (strategies/base.py checks each field)."""
+    """What a train reply says about its client (strategies/updates.py checks each field)."""
     return {
         "name": job.name,
         "process": process_tag(),

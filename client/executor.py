@@ -9,7 +9,7 @@ reply and the task status. The ClientApp module is imported once, so fedtune's
 process-level caches keep the base model loaded across rounds and runs.
 
 Only fedtune's own app runs here. A task whose FAB is not fedtune's code-free app
-(fedtune/app.py) is refused with one line and an error reply; for fedtune's app, the
+(core/app.py) is refused with one line and an error reply; for fedtune's app, the
 installed ``client.client_app`` runs. Nothing from a FAB is ever installed or imported,
 so a coordinator (or anyone who can submit a run to it) cannot run code on an agent.
 
@@ -25,24 +25,29 @@ import time
 from collections.abc import Callable
 from logging import ERROR, WARNING
 
-from flwr.app import MessageType
-from flwr.app.error import Error
-from flwr.app.message import Message
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore import log
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.app import Error, Message, MessageType
 
-from fedtune import faults
-from fedtune.app import app_fab_hash
-from fedtune.errors import UserError
-from fedtune.flower_internals import task_request_signer
-from fedtune.wire import RUN_FINISHED, payload_bytes
+from fedtune.core import faults
+from fedtune.core.app import app_fab_hash
+from fedtune.core.errors import UserError
+from fedtune.core.flower_internals import (
+    AcquireTaskRequest,
+    ErrorCode,
+    HeartbeatSender,
+    RuntimeHttpClient,
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SubStatus,
+    TaskType,
+    log,
+    make_simple_http_retry_invoker,
+    make_task_heartbeat_fn_http,
+    pull_task_input,
+    push_message,
+    push_task_output,
+    task_request_signer,
+)
+from fedtune.core.wire import RUN_FINISHED, payload_bytes
 
 POLL_SECONDS = 0.2
 LAST_REPLY_WAIT_SECONDS = 60.0  # an agent leaving the run waits this long for its reply to go out
@@ -131,7 +136,7 @@ def serve_clientapps(
 def run_task(runtime_address: str, token: str, say: Callable[[str], None] = print) -> tuple[str | None, bool, bool]:
     """One ClientApp execution (a train, evaluate or end-of-run message) of fedtune's app, in this process.
 
-    Error replies carry a code from ``fedtune.faults`` and no text: exception messages
+    Error replies carry a code from ``fedtune.core.faults`` and no text: exception messages
     may quote the private data. Returns (the local reason when the agent cannot take
     part in the run at all, e.g. its data does not fit it; whether the run is over;
     whether a reply was handed to the SuperNode).

@@ -19,18 +19,19 @@ import torch
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file, save_file
 
-from fedtune import wire
-from fedtune.atomic import staged_file
-from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config, parse_config_text
+from fedtune.core import wire
+from fedtune.core.atomic import staged_file
+from fedtune.core.config import Config, parse_config_text
+from fedtune.core.errors import UserError
+from fedtune.core.plan import ParameterPlan, checksum
+from fedtune.core.ranks import LoraScale, rank_of, resize
+from fedtune.core.records import read_records
+from fedtune.core.rundir import RunDir
 from fedtune.engine.adapters import AdapterModel, build_adapter_model, initial_state, with_rank
 from fedtune.engine.checkpoint import PRIVATE_FILE
 from fedtune.engine.data import ExampleSet, TaskSpec, encode, holdout_split
 from fedtune.engine.trainers.probe import can_probe
-from fedtune.errors import UserError
-from fedtune.plan import ParameterPlan, checksum
-from fedtune.ranks import RANK_AUTO, rank_of, resize
-from fedtune.records import read_records
-from fedtune.rundir import RunDir
+from fedtune.strategies import strategy_class
 
 parse_config = functools.lru_cache(maxsize=4)(parse_config_text)
 
@@ -43,17 +44,16 @@ class SharedModel:
     def __init__(self) -> None:
         self.key, self.by_rank, self.loads = "", {}, 0
 
-    def get(self, config: Config) -> AdapterModel:
-        """The adapter model of ``config.adapter.r``, made the active one."""
+    def get(self, config: Config, rank: int) -> AdapterModel:
+        """The adapter model at RANK, made the active one."""
         adapter = config.adapter.model_dump_json(exclude={"r"})
         key = "|".join((config.model.model_dump_json(), adapter, repr(config.data.labels)))
-        rank = config.adapter.r
         if key != self.key or not self.by_rank:
             self.by_rank = {}  # a new run with another model: free the old one first
-            self.by_rank[rank] = build_adapter_model(config, list(config.data.labels or []))
+            self.by_rank[rank] = build_adapter_model(config, list(config.data.labels or []), rank)
             self.key, self.loads = key, self.loads + 1
         elif rank not in self.by_rank:
-            self.by_rank[rank] = with_rank(next(iter(self.by_rank.values())), config)
+            self.by_rank[rank] = with_rank(next(iter(self.by_rank.values())), config, rank)
         model = self.by_rank[rank]
         model.activate()
         return model
@@ -74,43 +74,69 @@ def process_tag() -> str:
     return _PROCESS_TAG
 
 
+RANK_AUTO = "auto"  # an agent's ``--rank auto``: the largest rank whose step fits its memory budget (engine/memory.py)
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """Which client a ClientApp message is for: a process keeps one job per key (``job_of``)."""
+
+    config_text: str  # the run's resolved config, as every party received it
+    name: str  # an agent's own name ("": its data file's stem); a simulated client's is client-K
+    state_dir: str  # where its private state lives
+    partition: int | None = None  # a simulated client: its partition of data.train
+    data_path: str | None = None  # an agent: its own data file
+    device: str = ""  # an agent's --device ("": the run's model.device)
+    mode: str = ""  # an agent's --mode ("": the run's client.mode)
+    memory_budget_mb: float = 0.0  # for auto mode and auto rank (0: the memory available)
+    rank: int | str | None = None  # an agent's --rank: a rank, RANK_AUTO, or None (the run's adapter.r)
+
+    @classmethod
+    def simulated(cls, context: Context) -> ClientKey:
+        partition = int(context.node_config["partition-id"])
+        run = RunDir(Path(str(context.run_config["run-dir"])))
+        name = f"client-{partition}"
+        return cls(str(context.run_config["fedtune-config"]), name, str(run.client_dir(name)), partition=partition)
+
+    @classmethod
+    def agent(cls, context: Context) -> ClientKey:
+        """An agent's key from its SuperNode's node config (client/agent.py writes it)."""
+        node = context.node_config
+        rank = str(node.get("rank", ""))
+        return cls(
+            str(context.run_config["fedtune-config"]),
+            name=str(node.get("name", "")),
+            state_dir=str(node.get("state-dir", "")),
+            data_path=str(node["data-path"]),
+            device=str(node.get("device", "")),
+            mode=str(node.get("mode", "")),
+            memory_budget_mb=float(node.get("memory-budget-mb", 0.0)),
+            rank=int(rank) if rank.isdigit() else rank or None,
+        )
+
+    @classmethod
+    def of(cls, context: Context) -> ClientKey:
+        return cls.agent(context) if "data-path" in context.node_config else cls.simulated(context)
+
+
 @dataclass
 class ClientJob:
-    config: Config
+    config: Config  # the run's config (adapter.r is the run's global rank R)
     name: str
     state_dir: Path
     model: AdapterModel
     train: ExampleSet
     holdout: ExampleSet
     initial: dict[str, torch.Tensor]
+    rank: int  # this client's LoRA rank (at most R)
     mode: str = "backprop"  # the trainer this client uses: backprop or zo
 
     @classmethod
     def for_context(cls, context: Context) -> ClientJob:
         """The job of this node: a simulated partition, or an agent's own data file."""
-        text = str(context.run_config["fedtune-config"])
-        node = context.node_config
-        if "data-path" in node:
-            key = (
-                text,
-                str(node["data-path"]),
-                str(node.get("name", "")),
-                str(node.get("state-dir", "")),
-                str(node.get("device", "")),
-                str(node.get("mode", "")),
-                float(node.get("memory-budget-mb", 0.0)),
-                int(node.get("rank", 0)),
-            )
-        else:
-            partition = f"partition-{int(node['partition-id'])}"
-            key = (text, partition, "", str(context.run_config["run-dir"]), "", "", 0.0, 0)
-        job = _job(*key)
+        job = job_of(ClientKey.of(context))
         job.model.activate()  # the process may serve clients of other ranks in between
         return job
-
-    @property
-    def rank(self) -> int:
-        return self.config.adapter.r
 
     def fit_rank(self, plan: ParameterPlan, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """RECEIVED at this client's rank: cut (or refused, when the strategy trains one shared rank)."""
@@ -119,10 +145,10 @@ class ClientJob:
             return received
         if not plan.per_client_ranks:
             raise UserError(
-                f"rank {self.rank}: this run trains every client at rank {sent_rank}; "
-                f"clients may have ranks of their own only with {', '.join(PER_CLIENT_RANK_STRATEGIES)}"
+                f"rank {self.rank}: this run trains every client at rank {sent_rank}; clients may have ranks "
+                "of their own only with a strategy that takes per-client ranks (README's strategy table)"
             )
-        return resize(received, self.rank, self.config.adapter.alpha, self.config.adapter.rslora)
+        return resize(received, self.rank, LoraScale.of(self.config.adapter))
 
     def start_state(self, plan: ParameterPlan, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Seeded init, overlaid with this client's private tensors, then the global ones."""
@@ -191,43 +217,38 @@ def resolve_mode(mode: str, model: AdapterModel, train: ExampleSet, config: Conf
 
 
 @functools.lru_cache(maxsize=64)
-def _job(
-    config_text: str, data: str, name: str, location: str, device: str, mode: str, budget_mb: float, rank: int
-) -> ClientJob:
-    config = parse_config(config_text)
-    if device:  # an agent's --device overrides the coordinator's model.device
-        config = config.model_copy(update={"model": config.model.model_copy(update={"device": device})})
-    partition_id = int(data.removeprefix("partition-")) if data.startswith("partition-") else None
-    if partition_id is not None and config.client.ranks:  # client.ranks, cycled over the simulated clients
-        rank = config.client.ranks[partition_id % len(config.client.ranks)]
-    if rank > config.adapter.r:
+def job_of(key: ClientKey) -> ClientJob:
+    """The job of KEY: the run's config, the client's data encoded once, its model at its rank."""
+    config = parse_config(key.config_text)
+    if key.device:  # an agent's --device overrides the coordinator's model.device
+        config = config.model_copy(update={"model": config.model.model_copy(update={"device": key.device})})
+    rank = key.rank if key.rank is not None else config.adapter.r
+    if key.partition is not None and config.client.ranks:  # client.ranks, cycled over the simulated clients
+        rank = config.client.ranks[key.partition % len(config.client.ranks)]
+    if isinstance(rank, int) and rank > config.adapter.r:
         raise UserError(f"--rank {rank}: above this run's adapter.r ({config.adapter.r}), the largest rank a client may use")
-    if rank > 0 and rank != config.adapter.r:  # this client's rank (an agent's --rank)
-        config = _at_rank(config, rank)
-    model = SHARED_MODEL.get(config)
+    model = SHARED_MODEL.get(config, rank if isinstance(rank, int) else config.adapter.r)
     spec = TaskSpec.from_config(config)
-    if partition_id is not None:
+    if key.partition is not None:
         from fedtune.engine.partition import client_rows
 
-        name = f"client-{partition_id}"
-        mode = simulated_mode(config, partition_id)
-        train_rows, held_rows = client_rows(config, partition_id)
-        state_dir = RunDir(Path(location)).client_dir(name)
-        source = f"{config.data.train} (partition {partition_id})"
+        name, mode = key.name, simulated_mode(config, key.partition)
+        train_rows, held_rows = client_rows(config, key.partition)
+        state_dir = Path(key.state_dir)
+        source = f"{config.data.train} (partition {key.partition})"
     else:
-        rows = list(read_records(data))
-        name = name or Path(data).stem
+        rows = list(read_records(key.data_path))
+        name = key.name or Path(key.data_path).stem
         train_rows, held_rows = holdout_split(rows, config.data.holdout, seed=f"{config.seed}:{name}")
-        if not location:
+        if not key.state_dir:
             raise UserError("client state dir: not set (fedtune client --state-dir DIR)")
-        state_dir = Path(location) / str(config.output.name) / name
-        source = data
-        mode = mode or config.client.mode  # an agent's --mode overrides client.mode
+        state_dir = Path(key.state_dir) / str(config.output.name) / name
+        source, mode = key.data_path, key.mode or config.client.mode  # an agent's --mode overrides client.mode
     train = encode(train_rows, spec, model.tokenizer, source)
-    mode = resolve_mode(mode, model, train, config, budget_mb, name)
+    mode = resolve_mode(mode, model, train, config, key.memory_budget_mb, name)
     if rank == RANK_AUTO:
-        config = _at_rank(config, auto_rank(mode, model, train, config, budget_mb, name))
-        model = SHARED_MODEL.get(config)
+        rank = auto_rank(mode, model, train, config, key.memory_budget_mb, name)
+        model = SHARED_MODEL.get(config, rank)
     return ClientJob(
         config=config,
         name=name,
@@ -236,12 +257,9 @@ def _job(
         train=train,
         holdout=encode(held_rows, spec, model.tokenizer, source),
         initial=initial_state(model.model, config.seed, model.params),
+        rank=rank,
         mode=mode,
     )
-
-
-def _at_rank(config: Config, rank: int) -> Config:
-    return config.model_copy(update={"adapter": config.adapter.model_copy(update={"r": rank})})
 
 
 def auto_rank(mode: str, model: AdapterModel, train: ExampleSet, config: Config, budget_mb: float, name: str) -> int:
@@ -250,7 +268,7 @@ def auto_rank(mode: str, model: AdapterModel, train: ExampleSet, config: Config,
     The mode is settled first (``--mode auto`` judges backprop at ``adapter.r``)."""
     from fedtune.engine.memory import MB, choose_rank, default_budget, estimate, rank_bytes
 
-    if config.strategy.name not in PER_CLIENT_RANK_STRATEGIES:
+    if not strategy_class(config).plan.per_client_ranks:
         rank, reason = config.adapter.r, f"rank {config.adapter.r}: strategy {config.strategy.name} trains every client at one rank"
     elif mode == "zo":
         rank, reason = config.adapter.r, f"rank {config.adapter.r}: a zo step's memory hardly depends on the rank"

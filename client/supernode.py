@@ -19,10 +19,8 @@ from __future__ import annotations
 import sys
 import time
 
-from flwr.common.constant import HEARTBEAT_MIN_INTERVAL
-from flwr.supercore import heartbeat
-from flwr.supernode import fleet_http_connection, start_client_internal
-from flwr.supernode.cli import flower_supernode
+from fedtune.core import flower_internals as flower
+from fedtune.core.flower_internals import HEARTBEAT_MIN_INTERVAL
 
 POLL_SECONDS = 0.25  # an empty pull from the SuperLink (over the network)
 LOCAL_POLL_SECONDS = 0.02  # waiting for the ClientApp's reply in the SuperNode's own state
@@ -41,8 +39,8 @@ class _ShortSleeps:
 
 
 if __name__ == "__main__":
-    start_client_internal.time = _ShortSleeps
-    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS  # declared to the SuperLink
-    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS  # the sender's cadence
+    flower.supernode_loop.time = _ShortSleeps
+    flower.supernode_fleet.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS  # declared to the SuperLink
+    flower.heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS  # the sender's cadence
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    flower.supernode_cli.flower_supernode()

@@ -9,6 +9,7 @@ its last completed round.
 
 from __future__ import annotations
 
+import secrets
 import statistics
 import time
 from collections.abc import Callable
@@ -18,20 +19,21 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedtune.config import Config
 from fedtune.coordinator.dp_preflight import privacy_warnings
+from fedtune.coordinator.identity import NodeNames
 from fedtune.coordinator.replies import ReplyBudget, collect, send, send_and_collect
 from fedtune.coordinator.report import say
-from fedtune.dp_accounting import json_epsilon
+from fedtune.coordinator.session import Session
+from fedtune.core.config import Config
+from fedtune.core.dp_accounting import json_epsilon
+from fedtune.core.rundir import RunDir
+from fedtune.core.wire import RUN_FINISHED
 from fedtune.engine.adapters import AdapterModel, build_adapter_model
 from fedtune.engine.checkpoint import load_checkpoint
 from fedtune.engine.data import ExampleSet
 from fedtune.engine.evaluate import eval_set, evaluate
 from fedtune.engine.rounds import RoundBook, finish_run
-from fedtune.rundir import RunDir
-from fedtune.strategies import LoraStrategy, build_strategy
-from fedtune.strategies.identity import NodeNames
-from fedtune.wire import RUN_FINISHED
+from fedtune.strategies import ClientLevelDP, LoraStrategy, build_strategy
 
 END_NOTICE_SECONDS = 10.0  # how long the end-of-run notice waits for agents' acknowledgements
 EVAL_GRACE_SECONDS = 30.0  # evaluation's wait for the agents that trained, when training used the round's deadline
@@ -41,7 +43,8 @@ EVAL_GRACE_SECONDS = 30.0  # evaluation's wait for the agents that trained, when
 class RoundRunner:
     config: Config
     run: RunDir
-    strategy: LoraStrategy
+    strategy: LoraStrategy | ClientLevelDP
+    session: Session
     model: AdapterModel  # the server's copy: evaluation and checkpoints
     eval_data: ExampleSet | None
     arrays: ArrayRecord
@@ -64,10 +67,10 @@ class RoundRunner:
         say(f"loading {config.model.name} for the server's evaluation and checkpoints")
         model = build_adapter_model(config, list(config.data.labels or []))
         strategy = build_strategy(config)
-        strategy.identity = NodeNames(registered)
+        session = Session(strategy, NodeNames(registered), budget_replies=config.privacy.mode == "sample")
         for warning in privacy_warnings(config, strategy, model, simulated):
             say(f"WARNING: {warning}")
-        federation = cls(config, run, strategy, model, eval_set(config, model), ArrayRecord(model.state()))
+        federation = cls(config, run, strategy, session, model, eval_set(config, model), ArrayRecord(model.state()))
         rounds = run.completed_rounds()
         if rounds:
             tensors, state = load_checkpoint(run.checkpoint(rounds[-1]))
@@ -78,7 +81,7 @@ class RoundRunner:
             federation.elapsed_before = state.get("elapsed_s", 0.0)
             federation.client_loads = state.get("client_loads") or run.read_private("client-loads.json")
             federation.client_epsilon = state.get("client_epsilon", {})
-            strategy.retired = set(state.get("budget_spent", []))  # clients that stopped for budget
+            session.retired = set(state.get("budget_spent", []))  # clients that stopped for budget
             say(f"resuming {run.path.name} after round {rounds[-1]}")
         return federation
 
@@ -90,45 +93,50 @@ class RoundRunner:
         book = RoundBook(self.config, self.run, say, self.elapsed_before)
         for rnd in range(self.first_round, fed.rounds + 1):
             round_start = time.time()
-            if self.strategy.privacy and (reason := self.strategy.privacy.refusal()):
+            if reason := self.strategy.refusal():
                 return self._finish(book.elapsed(), stopped=f"before round {rnd}: {reason}", budget=True)
             train_metrics, traffic, deadline = self._train_round(grid, rnd)
             if train_metrics is None:
                 budget = self._clients_with_budget() < fed.min_clients
                 return self._finish(book.elapsed(), stopped=self._why_no_round(rnd), budget=budget)
-            ledger = self.strategy.ledger
-            for update in ledger.updates:
-                self.client_loads[str(update.info.get("process", update.name))] = int(update.info.get("model-loads", 0))
-            record: dict[str, Any] = {
-                "round": rnd,
-                "train_loss": train_metrics.get("train_loss"),  # DP-SGD clients do not report it
-                "clients": len(ledger.updates),
-                "sampled": ledger.sent_to,
-                **traffic,
-            }
-            zo_clients = sum(update.info.get("mode") == "zo" for update in ledger.updates)
-            if zo_clients:
-                record["zo_clients"] = zo_clients
-            if ledger.rejected:
-                record["rejected"] = ledger.rejected
-            if ledger.clipped_updates:
-                record["robust_clipped"] = ledger.clipped_updates
-            if ledger.capped_weights:
-                record["robust_capped"] = ledger.capped_weights
-            record.update(self._privacy_metrics())
+            record = self._record(rnd, train_metrics, traffic)
             if book.evaluates(rnd):
                 record.update(self._evaluate(grid, rnd, deadline))
-            state = {
-                "strategy": self.strategy.state_dict(),
-                "client_epsilon": self.client_epsilon,
-                "budget_spent": sorted(self.strategy.retired),
-            }
-            if self._participation_is_private():  # who took part, and how often, is the operator's alone
-                self.run.write_private("client-loads.json", self.client_loads)
-            else:
-                state["client_loads"] = self.client_loads
-            book.close_round(record, round_start, self.model, self.arrays.to_torch_state_dict(), state)
+            book.close_round(record, round_start, self.model, self.arrays.to_torch_state_dict(), self._state())
         return self._finish(book.elapsed())
+
+    def _record(self, rnd: int, train_metrics: dict, traffic: dict[str, Any]) -> dict[str, Any]:
+        """The round's metrics line (before evaluation): clients, traffic, rejections, bounds, privacy."""
+        ledger = self.session.ledger
+        for update in ledger.updates:
+            self.client_loads[str(update.info.get("process", update.name))] = int(update.info.get("model-loads", 0))
+        record: dict[str, Any] = {
+            "round": rnd,
+            "train_loss": train_metrics.get("train_loss"),  # DP-SGD clients do not report it
+            "clients": len(ledger.updates),
+            "sampled": ledger.sent_to,
+            **traffic,
+        }
+        zo_clients = sum(update.info.get("mode") == "zo" for update in ledger.updates)
+        if zo_clients:
+            record["zo_clients"] = zo_clients
+        if ledger.rejected:
+            record["rejected"] = ledger.rejected
+        record |= {key: ledger.stats[key] for key in ("robust_clipped", "robust_capped") if ledger.stats.get(key)}
+        return record | self._privacy_metrics()
+
+    def _state(self) -> dict[str, Any]:
+        """What a resumed run needs besides the adapter (who took part stays private under client-level DP)."""
+        state = {
+            "strategy": self.strategy.state_dict(),
+            "client_epsilon": self.client_epsilon,
+            "budget_spent": sorted(self.session.retired),
+        }
+        if self._participation_is_private():  # who took part, and how often, is the operator's alone
+            self.run.write_private("client-loads.json", self.client_loads)
+        else:
+            state["client_loads"] = self.client_loads
+        return state
 
     def _train_round(self, grid: Grid, rnd: int) -> tuple[dict | None, dict[str, int], float]:
         """Train, aggregate; retry when too few usable replies come back. (metrics or None, bytes and the
@@ -139,18 +147,19 @@ class RoundRunner:
         for attempt in range(fed.round_retries + 1):
             self._wait_for_clients(grid)
             deadline = time.time() + fed.round_timeout
-            messages = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), grid))
+            messages = self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), self.session.trainers(grid))
+            self.session.start_round(messages)
             if rnd == self.first_round and attempt == 0:  # clients load the model first: the longest round
                 say(f"sending round {rnd} to {len(messages)} clients; they load the model, then train")
             budget = ReplyBudget(self.strategy.max_reply_bytes(MessageType.TRAIN))
-            timer = _Timed(self.strategy.receive)  # replies are checked and decoded as they arrive
-            self.strategy.ledger.silent = collect(grid, send(grid, messages), deadline, budget, timer)
+            timer = _Timed(self.session.receive_train)  # replies are checked and decoded as they arrive
+            self.session.ledger.silent = collect(grid, send(grid, messages, deadline), deadline, budget, timer)
             started = time.perf_counter()
-            new_arrays, train_metrics = self.strategy.aggregate(rnd)
+            new_arrays, train_metrics = self.session.aggregate(rnd)
             spent = timer.seconds + time.perf_counter() - started
             traffic["aggregate_s"] = round(traffic.get("aggregate_s", 0.0) + spent, 4)
-            traffic["bytes_up"] += self.strategy.ledger.bytes_up
-            traffic["bytes_down"] += self.strategy.ledger.bytes_down
+            traffic["bytes_up"] += self.session.ledger.bytes_up
+            traffic["bytes_down"] += self.session.ledger.bytes_down
             self._note_epsilons()
             if new_arrays is not None:
                 self.arrays = new_arrays
@@ -158,31 +167,31 @@ class RoundRunner:
             if self._clients_with_budget() < fed.min_clients:
                 return None, traffic, deadline
             say(
-                f"round {rnd}: {len(self.strategy.ledger.updates)} usable replies < min_clients "
+                f"round {rnd}: {len(self.session.ledger.updates)} usable replies < min_clients "
                 f"{fed.min_clients} (attempt {attempt + 1}/{fed.round_retries + 1}); "
-                + "; ".join(self.strategy.ledger.rejected[:3])
+                + "; ".join(self.session.ledger.rejected[:3])
             )
         return None, traffic, time.time()
 
     def _note_epsilons(self) -> None:
         """Sample-level DP: remember every client's latest ε and who has stopped for budget."""
-        ledger = self.strategy.ledger
+        ledger = self.session.ledger
         for update in ledger.updates:
             if "epsilon" in update.metrics:
                 self.client_epsilon[update.name] = update.metrics["epsilon"]
         for name, epsilon in ledger.budget_spent.items():
             self.client_epsilon[name] = epsilon
-            self.strategy.retired.add(name)  # not sampled to train again
+            self.session.retired.add(name)  # not sampled to train again
 
     def _clients_with_budget(self) -> int:
-        return self.config.federation.clients - len(self.strategy.retired)
+        return self.config.federation.clients - len(self.session.retired)
 
     def _why_no_round(self, rnd: int) -> str:
         fed = self.config.federation
         if self._clients_with_budget() < fed.min_clients:
-            said = [reason for reason in self.strategy.ledger.rejected if "privacy budget" in reason]
+            said = [reason for reason in self.session.ledger.rejected if "privacy budget" in reason]
             return (
-                f"round {rnd}: {len(self.strategy.retired)} of {fed.clients} clients have spent their privacy budget, "
+                f"round {rnd}: {len(self.session.retired)} of {fed.clients} clients have spent their privacy budget, "
                 f"fewer than federation.min_clients={fed.min_clients} can still train ({said[0] if said else ''})"
             )
         return (
@@ -194,14 +203,14 @@ class RoundRunner:
         """ε so far (the max over clients in sample-level mode) and the mechanism's settings."""
         privacy = self.config.privacy
         if privacy.mode == "client":
-            ledger = self.strategy.ledger
+            stats, released = self.session.ledger.stats, self.strategy.privacy_metrics()
             return {
-                "epsilon": json_epsilon(self.strategy.privacy.epsilon()),
+                "epsilon": json_epsilon(released["epsilon"]),
                 "delta": privacy.delta,
-                "noise_multiplier": self.strategy.privacy.noise_multiplier,
-                "clip_norm": ledger.clip_norm,
-                "clipped": sum(norm > ledger.clip_norm for norm in ledger.update_norms),
-                "update_norm_median": round(statistics.median(ledger.update_norms), 6),
+                "noise_multiplier": released["noise_multiplier"],
+                "clip_norm": stats["clip_norm"],
+                "clipped": sum(norm > stats["clip_norm"] for norm in stats["update_norms"]),
+                "update_norm_median": round(statistics.median(stats["update_norms"]), 6),
             }
         if privacy.mode == "sample":
             epsilons = self.client_epsilon.values()
@@ -217,9 +226,10 @@ class RoundRunner:
         (agents silent in training are not asked; when training used the deadline up, the agents that
         trained get EVAL_GRACE_SECONDS), so one silent agent holds a round once, not twice."""
         result: dict[str, float] = {}
-        sent = send(grid, self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(), grid))
         grace = min(EVAL_GRACE_SECONDS, self.config.federation.round_timeout)
         deadline = max(deadline, time.time() + grace)
+        messages = self.strategy.configure_evaluate(rnd, self.arrays, ConfigRecord(), self.session.evaluators(grid))
+        sent = send(grid, messages, deadline)
         if self.eval_data is not None:
             self.model.load_state(self.arrays.to_torch_state_dict())
             metrics = evaluate(self.model, self.eval_data)
@@ -227,7 +237,7 @@ class RoundRunner:
             result["eval_loss"] = metrics["loss"]
         replies: list[Message] = []
         collect(grid, sent, deadline, ReplyBudget(self.strategy.max_reply_bytes(MessageType.EVALUATE)), replies.append)
-        client_metrics = self.strategy.aggregate_evaluate(rnd, replies)
+        client_metrics = self.session.evaluation(rnd, replies)
         if client_metrics:
             result["client_accuracy"] = client_metrics["accuracy"]
             result["client_loss"] = client_metrics["loss"]
@@ -276,7 +286,7 @@ class RoundRunner:
         if self._grid is None:
             return
         final = summary.get("final", {})
-        notice = {"event": RUN_FINISHED, "status": summary.get("status", "completed")}
+        notice = {"event": RUN_FINISHED, "status": summary.get("status", "completed"), "nonce": secrets.token_hex(16)}
         notice |= {k: float(final[k]) for k in ("eval_accuracy", "eval_loss") if final.get(k) is not None}
         messages = [
             Message(RecordDict({"config": ConfigRecord(notice)}), message_type=MessageType.QUERY, dst_node_id=node)

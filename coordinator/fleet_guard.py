@@ -34,10 +34,12 @@ import asyncio
 import base64
 import binascii
 import datetime
+import hashlib
 import logging
+import re
 import ssl
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,14 +48,16 @@ from starlette.concurrency import run_in_threadpool
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedtune.coordinator.fleet_rules import push_problem
-from fedtune.flower_internals import (
+from fedtune.core.flower_internals import (
     ARRAY_CHUNK_BYTES,
     FLEET_HTTP_PUBLIC_KEY_HEADER,
     FLEET_HTTP_SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     TIMESTAMP_TOLERANCE,
     PushMessagesRequest,
+    PushObjectRequest,
     bytes_to_public_key,
+    get_object_head_values_from_object_content,
     verify_signature,
 )
 
@@ -74,6 +78,9 @@ SMALL_BODY = 2**16  # every other Fleet request: a node id, a key, a heartbeat, 
 TREE_NODE_BYTES = 80  # one object id (64 hex digits) and its protobuf framing in a push-messages tree
 CLOCK_SKEW_SECONDS = 5.0  # Flower's SYSTEM_TIME_TOLERANCE
 LOG_EVERY_SECONDS = 10.0
+VARIABLE_PARTS = re.compile(r"\d+|\S{24,}")
+TEMPLATE_CHARS, LINE_CHARS, MAX_TEMPLATES = 96, 300, 4096
+MAX_REPLIES_REMEMBERED = 100_000  # (node, instruction) pairs the listener remembers replies to
 log = logging.getLogger("flwr")
 
 Scope = dict[str, Any]
@@ -108,7 +115,14 @@ class RateLimitedLog(logging.Filter):
         self.held: Counter[tuple[str, str]] = Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, str(record.msg))
+        # Flower logs some errors already formatted, with fields of the request in them: the template is
+        # the message with its numbers, ids and long tokens blanked, so each request is not a new kind
+        key = (record.name, VARIABLE_PARTS.sub("#", str(record.msg))[:TEMPLATE_CHARS])
+        if len(record.getMessage()) > LINE_CHARS:  # an attacker's field cannot make a line long
+            record.msg, record.args = record.getMessage()[:LINE_CHARS] + " [...]", ()
+        if len(self.last) > MAX_TEMPLATES:  # bounded memory, whatever the peers send
+            self.last.clear()
+            self.held.clear()
         now = time.monotonic()
         if now - self.last.get(key, -LOG_EVERY_SECONDS) < LOG_EVERY_SECONDS:
             self.held[key] += 1
@@ -142,6 +156,43 @@ class Budget:
             del self.per_peer[peer]
 
 
+class Connections:
+    """The open connections: at most ``max_connections_per_peer`` per address and ``max_connections`` in all.
+    When all are taken, the oldest connection that has not yet made a signed request makes room: a flood of
+    connections that never authenticate cannot lock out an agent (which signs its first request)."""
+
+    def __init__(self, limits: ListenerLimits) -> None:
+        self.limits = limits
+        self.per_peer: Counter[str] = Counter()
+        self.open: OrderedDict[tuple[str, int], GuardedConnection] = OrderedDict()  # oldest first
+        self.signed: set[tuple[str, int]] = set()
+
+    def admit(self, address: tuple[str, int], connection: GuardedConnection) -> bool:
+        if self.per_peer[address[0]] >= self.limits.max_connections_per_peer:
+            return False
+        if len(self.open) >= self.limits.max_connections:
+            unsigned = next((a for a in self.open if a not in self.signed), None)
+            if unsigned is None:
+                return False
+            victim = self.open[unsigned]
+            self.release(unsigned)
+            victim.close()
+        self.open[address] = connection
+        self.per_peer[address[0]] += 1
+        return True
+
+    def release(self, address: tuple[str, int]) -> None:
+        if self.open.pop(address, None) is not None:
+            self.signed.discard(address)
+            self.per_peer[address[0]] -= 1
+            if self.per_peer[address[0]] <= 0:
+                del self.per_peer[address[0]]
+
+    def mark_signed(self, address: tuple[str, int]) -> None:
+        if address in self.open:
+            self.signed.add(address)
+
+
 class GuardedConnection(asyncio.Protocol):
     """One accepted connection: admitted (or closed at once), then TLS within its deadline, then
     uvicorn's h11 protocol, whose every request head must arrive within ``head_seconds``."""
@@ -154,12 +205,12 @@ class GuardedConnection(asyncio.Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
         limits: ListenerLimits,
-        connections: Budget,
+        connections: Connections,
         tls: ssl.SSLContext | None,
     ) -> None:
         self.limits, self.connections, self.tls = limits, connections, tls
         self.http = H11Protocol(config=config, server_state=server_state, app_state=app_state, _loop=_loop)
-        self.peer: str | None = None  # set once admitted; given back exactly once
+        self.address: tuple[str, int] | None = None  # the peer's (host, port), once admitted
         self.transport: asyncio.BaseTransport | None = None
         self.serving = False
         self.early = bytearray()  # decrypted bytes that arrive before the h11 protocol is connected
@@ -167,12 +218,13 @@ class GuardedConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        address = transport.get_extra_info("peername")
-        peer = str(address[0]) if address else "unknown"
-        if not self.connections.take(peer):
+        peername = transport.get_extra_info("peername")
+        address = (str(peername[0]), int(peername[1])) if peername else ("unknown", id(self))
+        self.transport = transport
+        if not self.connections.admit(address, self):
             transport.abort()  # before any TLS work: a refused connection costs a descriptor for an instant
             return
-        self.peer, self.transport = peer, transport
+        self.address = address
         if self.tls is None:
             self._serve(transport)
             return
@@ -208,6 +260,10 @@ class GuardedConnection(asyncio.Protocol):
 
     def _head_overdue(self) -> None:
         self.timer = None
+        self.close()
+
+    def close(self) -> None:
+        """Drop the connection now (a head that never came, or room for another)."""
         if self.transport is not None:
             self.transport.abort()
 
@@ -244,17 +300,18 @@ class GuardedConnection(asyncio.Protocol):
         self.http.resume_writing()
 
     def _release(self) -> None:
-        if self.peer is not None:
-            self.connections.give_back(self.peer)
-            self.peer = None
+        if self.address is not None:
+            self.connections.release(self.address)
+            self.address = None
 
 
 class FleetOnly:
     """ASGI wrapper of Flower's app for the public listener: steps 2 to 4 of the module docstring."""
 
-    def __init__(self, app: Any, limits: ListenerLimits) -> None:
-        self.app, self.limits = app, limits
+    def __init__(self, app: Any, limits: ListenerLimits, connections: Connections) -> None:
+        self.app, self.limits, self.connections = app, limits, connections
         self.in_flight = Budget(limits.max_in_flight_bytes_per_peer, limits.max_in_flight_bytes)
+        self.replies: OrderedDict[tuple[int, str], str] = OrderedDict()  # (node, instruction) -> its reply, hashed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -263,32 +320,38 @@ class FleetOnly:
             await _reply(send, 404, b"only the Fleet API is served on this address")
             return
         headers = dict(scope.get("headers", []))
+        client = scope.get("client") or ("unknown", 0)
+        holder = str(client[0])  # who the bytes in flight are counted against: the peer, or its key
         if self._auth_required():
             signed, registered = await run_in_threadpool(self._signer, headers)
             if not signed or not (registered or scope["path"] == ACTIVATE_NODE):  # Flower refuses an unknown key
                 await _reply(send, 401, b"not signed by a registered key")
                 return
+            self.connections.mark_signed((str(client[0]), int(client[1])))
+            holder = headers[FLEET_HTTP_PUBLIC_KEY_HEADER.encode()].decode("ascii", "replace") if registered else holder
         largest = self._largest_body(scope["path"])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > largest):
             await _reply(send, 413, b"request body too large")
             return
         size = int(declared) if declared is not None else largest
-        peer = str((scope.get("client") or ("unknown",))[0])
-        if not self.in_flight.take(peer, size):
+        peer = str(client[0])
+        if not self.in_flight.take(holder, size):
             await _reply(send, 503, b"busy: too many request bytes in flight")
             return
         try:  # the reservation holds until Flower has handled the request (it copies the body once more)
             body = await self._body(receive, size, send)
             if body is None:
                 return
-            if scope["path"] == PUSH_MESSAGES and (problem := self._push_problem(body)):
-                log.warning("[fedtune] refused a push-messages request from %s: %s", peer, problem)
+            problem = self._push_problem(body) if scope["path"] == PUSH_MESSAGES else None
+            problem = problem or (self._object_problem(body) if scope["path"] == PUSH_OBJECT else None)
+            if problem:
+                log.warning("[fedtune] refused a %s request from %s: %s", scope["path"].rsplit("/", 1)[-1], peer, problem)
                 await _reply(send, 403, problem.encode())
                 return
             await self.app(scope, _replay(body, receive), send)
         finally:
-            self.in_flight.give_back(peer, size)
+            self.in_flight.give_back(holder, size)
 
     async def _body(self, receive: Receive, size: int, send: Send) -> bytes | None:
         """The request body, or None once answered (too large, too slow, or the peer went away)."""
@@ -339,12 +402,40 @@ class FleetOnly:
         return True, self.app.state.linkstate_factory.state().get_node_id_by_public_key(public_key) is not None
 
     def _push_problem(self, body: bytes) -> str | None:
+        """``push_problem``, and one reply per instruction: Flower takes a repeated message id as a retry and
+        registers the tree it now declares, so a node could store new objects under one reply again and again
+        (a retry of the identical message and tree still passes)."""
         request = PushMessagesRequest()
         try:
             request.ParseFromString(body)
         except Exception:  # protobuf's DecodeError, or a message nested past its recursion limit
             return "not a push-messages request"
-        return push_problem(request, self.limits.max_message_objects)
+        if problem := push_problem(request, self.limits.max_message_objects):
+            return problem
+        metadata, tree = request.messages_list[0].metadata, request.message_object_trees[0]
+        key = (metadata.src_node_id, metadata.reply_to_message_id)
+        declared = hashlib.sha256(metadata.message_id.encode() + tree.SerializeToString(deterministic=True)).hexdigest()
+        if self.replies.setdefault(key, declared) != declared:
+            return "a second reply to one instruction"
+        while len(self.replies) > MAX_REPLIES_REMEMBERED:
+            self.replies.popitem(last=False)
+        return None
+
+    def _object_problem(self, body: bytes) -> str | None:
+        """An uploaded object must name the children its tree registered (the store keeps that list)."""
+        request = PushObjectRequest()
+        try:
+            request.ParseFromString(body)
+            _, children, _ = get_object_head_values_from_object_content(request.object_content)
+        except Exception:  # not protobuf, no header: Flower's own checks answer it
+            return None
+        try:
+            registered = self.app.state.linkstate_factory.state().object_store.get_object_tree(request.object_id)
+        except Exception:  # not registered: Flower refuses it
+            return None
+        if children != [child.object_id for child in registered.children]:
+            return "the object names other children than its tree registered"
+        return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

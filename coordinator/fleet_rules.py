@@ -28,7 +28,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from fedtune.flower_internals import (
+from fedtune.core.flower_internals import (
     HEAD_BODY_DIVIDER,
     HEAD_VALUE_DIVIDER,
     SUPERLINK_NODE_ID,

@@ -13,7 +13,7 @@ and ends the run. Here each reply is handled alone (coordinator/fleet_rules.py):
    must equal the metadata that was checked.
 
 A reply that fails a step is handed on as an error reply of the node it came from (a fixed
-fault code, ``fedtune.faults``), so the strategy rejects it like any failed reply and the
+fault code, ``fedtune.core.faults``), so the strategy rejects it like any failed reply and the
 round goes on. Each pull also waits at most until the collection's deadline: a reply
 registered but never uploaded (Flower alone would wait out its 180 s upload session) comes
 back as "message unavailable" at the deadline.
@@ -31,9 +31,7 @@ from logging import WARNING
 
 from flwr.app import Error, Message, Metadata
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
-from fedtune import faults
 from fedtune.coordinator.fleet_rules import (
     Instruction,
     array_bytes,
@@ -42,7 +40,8 @@ from fedtune.coordinator.fleet_rules import (
     tree_problem,
     walk,
 )
-from fedtune.flower_internals import (
+from fedtune.core import faults
+from fedtune.core.flower_internals import (
     ARRAY_CHUNK_BYTES,
     SUPERLINK_NODE_ID,
     ConfirmMessageReceivedRequest,
@@ -53,14 +52,16 @@ from fedtune.flower_internals import (
     grid_runtime,
     inflate_object_from_contents,
     is_http_grid,
+    log,
     make_message,
     make_pull_object_fn_protobuf,
     pull_objects,
 )
-from fedtune.processes import yield_to_clients
+from fedtune.core.processes import yield_to_clients
 
 REPLY_POLL_SECONDS = 0.2
 MIN_PULL_SECONDS = 1.0  # a reply that is being uploaded at the deadline still gets this long
+TTL_MARGIN_SECONDS = 30.0  # an instruction outlives its collection's deadline by this much (clock skew, uploads)
 OBJECTS_BESIDE_CHUNKS = 32  # a reply's Message, RecordDict, records and arrays; chunks come on top
 
 
@@ -77,9 +78,12 @@ class ReplyBudget:
         return OBJECTS_BESIDE_CHUNKS + 2 * math.ceil(self.max_bytes / ARRAY_CHUNK_BYTES)
 
 
-def send(grid: Grid, messages: Iterable[Message]) -> dict[str, Instruction]:
-    """Push MESSAGES; the instructions now awaiting a reply, by message id."""
+def send(grid: Grid, messages: Iterable[Message], deadline: float) -> dict[str, Instruction]:
+    """Push MESSAGES, each living until DEADLINE (then the SuperLink drops it, and refuses a late reply
+    to it); the instructions now awaiting a reply, by message id."""
     messages = list(messages)
+    for message in messages:
+        message.metadata.ttl = max(MIN_PULL_SECONDS, deadline - time.time()) + TTL_MARGIN_SECONDS
     ids = grid.push_messages(messages)
     return {
         message_id: Instruction(message.metadata.dst_node_id, message.metadata.message_type)
@@ -150,7 +154,8 @@ def _in_process_fetch(grid: Grid) -> Fetch:
 def send_and_collect(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """Send MESSAGES and collect their replies for TIMEOUT seconds (small replies only: notices)."""
     replies: list[Message] = []
-    collect(grid, send(grid, messages), time.time() + timeout, ReplyBudget(2**16), replies.append)
+    deadline = time.time() + timeout
+    collect(grid, send(grid, messages, deadline), deadline, ReplyBudget(2**16), replies.append)
     return replies
 
 

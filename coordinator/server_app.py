@@ -10,11 +10,11 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.config import parse_config_text
 from fedtune.coordinator.federation import RoundRunner
 from fedtune.coordinator.identity import registered_names
-from fedtune.processes import exit_when_orphaned
-from fedtune.rundir import RunDir
+from fedtune.core.config import parse_config_text
+from fedtune.core.processes import exit_when_orphaned
+from fedtune.core.rundir import RunDir
 
 app = ServerApp()
 

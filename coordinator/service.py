@@ -22,11 +22,11 @@ from pathlib import Path
 
 from cryptography import x509
 
-from fedtune.config import Config
 from fedtune.coordinator.superlink import SuperLink, Tls, log_and_echo
-from fedtune.errors import UserError
-from fedtune.rundir import RunDir
-from fedtune.security import CA_CERT, SERVER_CERT, SERVER_KEY, public_key_files
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.rundir import RunDir
+from fedtune.core.security import CA_CERT, SERVER_CERT, SERVER_KEY, public_key_files
 
 DEFAULT_PORT = 9092
 

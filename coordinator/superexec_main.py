@@ -2,7 +2,7 @@
 
 The SuperLink hands every submitted run's ServerApp task to its superexec, which installs
 the run's FAB and executes its code on the coordinator host. A deployed coordinator
-runs one app, fedtune's code-free one (fedtune/app.py); any other FAB is refused before
+runs one app, fedtune's code-free one (core/app.py); any other FAB is refused before
 anything of it is installed or imported, with one log line. Otherwise this is Flower's
 superexec, unchanged.
 
@@ -14,12 +14,11 @@ from __future__ import annotations
 import sys
 from logging import ERROR
 
-from flwr.supercore import log
-from flwr.supercore.cli import flower_superexec
-from flwr.supercore.superexec import run_superexec as runner
-from flwr.supercore.superexec.executor import LaunchResult
+from fedtune.core import flower_internals as flower
+from fedtune.core.app import app_fab_hash
+from fedtune.core.flower_internals import LaunchResult, log
 
-from fedtune.app import app_fab_hash
+runner = flower.superexec_runner
 
 
 class FedtuneAppOnly(runner.AutoExecPlugin):
@@ -40,4 +39,4 @@ class FedtuneAppOnly(runner.AutoExecPlugin):
 if __name__ == "__main__":
     runner.AutoExecPlugin = FedtuneAppOnly
     sys.argv[0] = "flower-superexec"
-    sys.exit(flower_superexec())
+    sys.exit(flower.superexec_cli.flower_superexec())

@@ -25,10 +25,10 @@ from typing import TextIO
 
 import psutil
 
-from fedtune.app import APP_DIR
 from fedtune.coordinator.fleet_guard import ListenerLimits
-from fedtune.errors import UserError
-from fedtune.processes import die_hard_with_parent, free_port, quiet_environment, terminate, tool_path
+from fedtune.core.app import APP_DIR
+from fedtune.core.errors import UserError
+from fedtune.core.processes import die_hard_with_parent, free_port, quiet_environment, terminate, tool_path
 
 CONNECTION = "fedtune"
 MARKER = "[fedtune]"  # prefix of the ServerApp's lines meant for the user (coordinator/report.py)

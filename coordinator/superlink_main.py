@@ -27,7 +27,6 @@ import asyncio
 import asyncio.sslproto
 import dataclasses
 import functools
-import importlib
 import logging
 import resource
 import ssl
@@ -37,10 +36,11 @@ from typing import Any
 
 import uvicorn
 
-from fedtune.coordinator.fleet_guard import Budget, FleetOnly, GuardedConnection, ListenerLimits, RateLimitedLog
+from fedtune.coordinator.fleet_guard import Connections, FleetOnly, GuardedConnection, ListenerLimits, RateLimitedLog
 from fedtune.coordinator.replies import ReplyBudget
+from fedtune.core import flower_internals
 
-flower = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the module; the package exports a function
+flower = flower_internals.superlink_cli  # the module; the package exports a function
 DESCRIPTORS_BESIDE_CONNECTIONS = 256  # the SuperLink's own files, loopback APIs and subprocess pipes
 TLS_READ_BUFFER = 16 * 2**10  # bytes per TLS connection (the largest TLS record)
 
@@ -58,9 +58,7 @@ def serve_split(public_host: str, public_port: int, limits: ListenerLimits) -> C
     """A replacement for Flower's ``_run_superlink_http_api`` serving two listeners."""
 
     def run(lifespan_config: Any) -> None:
-        from flwr.superlink.main import create_app
-
-        app = create_app(lifespan_config, flower.SuperLinkLifespan)
+        app = flower_internals.superlink_app.create_app(lifespan_config, flower.SuperLinkLifespan)
         log_config = flower.get_uvicorn_log_config(flower.console_handler.level)
         inner = _Server(
             uvicorn.Config(
@@ -74,11 +72,11 @@ def serve_split(public_host: str, public_port: int, limits: ListenerLimits) -> C
             )
         )
         tls = _server_tls(lifespan_config.ssl_certfile, lifespan_config.ssl_keyfile)
-        connections = Budget(limits.max_connections_per_peer, limits.max_connections)
+        connections = Connections(limits)
         guarded = functools.partial(GuardedConnection, limits=limits, connections=connections, tls=tls)
         outer = _Server(
             uvicorn.Config(
-                FleetOnly(app, limits),
+                FleetOnly(app, limits, connections),
                 host=public_host,
                 port=public_port,
                 lifespan="off",

@@ -28,23 +28,15 @@ import onnx
 import torch
 from safetensors.torch import load_file
 
-from fedtune.atomic import staged_dir
-from fedtune.edge.export import (
-    MANIFEST,
-    OPSET,
-    _check_rows,
-    _Classifier,
-    _max_abs_diff,
-    _ort_outputs,
-    _torch_outputs,
-    manifest_record,
-)
+from fedtune.core.atomic import staged_dir
+from fedtune.core.errors import UserError
+from fedtune.core.rundir import RunDir
+from fedtune.edge.export import MANIFEST, OPSET, manifest_record
+from fedtune.edge.parity import Classifier, check_rows, max_abs_diff, ort_outputs, torch_outputs
 from fedtune.edge.runtime import ADAPTER_DIR, SHARED_ADAPTER
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.checkpoint import PRIVATE_FILE, load_run_model
 from fedtune.engine.data import TaskSpec, encode
-from fedtune.errors import UserError
-from fedtune.rundir import RunDir
 
 GLOBAL = "global"
 
@@ -59,21 +51,19 @@ def export_adapter_bundle(
     tolerance: float = 1e-3,
     echo=print,
 ) -> dict[str, Any]:
-    """Write a bundle of the base model plus one adapter per client of CLIENTS (None: all)."""
+    """Write a bundle of a classifier's base model plus one adapter per client of CLIENTS (None: all).
+
+    Causal LMs take edge/lm_adapters.py's bundle (onnxruntime-genai adapters) instead."""
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     config = run.config()
-    if config.model.task == "causal-lm":
-        from fedtune.edge.lm_adapters import export_lm_adapter_bundle
-
-        return export_lm_adapter_bundle(run, out, clients, round_number, check_data, check_examples, tolerance, echo)
     adapter, used_round, every = client_adapters(run, clients, round_number, echo)
     names = list(adapter.params)
     shared = [n for n in names if all(torch.equal(t[n], every[GLOBAL][n]) for t in every.values())]
     wanted = [c for c in every if c != GLOBAL]
 
     spec = TaskSpec.from_config(config)
-    checks = encode(_check_rows(config, check_data, check_examples), spec, adapter.tokenizer, "check data")
+    checks = encode(check_rows(config, check_data, check_examples), spec, adapter.tokenizer, "check data")
     staging = out.with_name(f".{out.name}.work")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -84,7 +74,7 @@ def export_adapter_bundle(
     for client, tensors in every.items():
         adapter.load_state(tensors)
         feeds = {name: tensors[name].float().numpy() for name in names}
-        parity[client] = _max_abs_diff(_torch_outputs(adapter.model, checks), _ort_outputs(model_file, checks, adapter.model, feeds))
+        parity[client] = max_abs_diff(torch_outputs(adapter.model, checks), ort_outputs(model_file, checks, adapter.model, feeds))
         if not parity[client] <= tolerance:
             shutil.rmtree(staging)
             raise UserError(f"export refused: client {client}'s ONNX logits differ from PyTorch by {parity[client]:.2e} > tolerance {tolerance:g}")
@@ -154,7 +144,7 @@ def _export_with_adapter_inputs(adapter, path: Path) -> None:
     ids = torch.ones(2, 5, dtype=torch.long)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # padding, so the mask is traced
     torch.onnx.export(
-        _Classifier(adapter.model).eval(),
+        Classifier(adapter.model).eval(),
         (ids, mask),
         str(path),
         input_names=["input_ids", "attention_mask"],

@@ -14,27 +14,34 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from transformers import PreTrainedModel
 
-from fedtune.atomic import staged_dir
-from fedtune.config import Config
+from fedtune.core.atomic import staged_dir
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.rundir import RunDir
 from fedtune.edge.genai_build import build_decoder, save_for_builder
+from fedtune.edge.parity import (
+    Classifier,
+    calibration_feeds,
+    check_rows,
+    max_abs_diff,
+    ort_outputs,
+    quality_gate,
+    torch_outputs,
+)
 from fedtune.edge.quantize import int8_classifier, method, quantize_model
 from fedtune.edge.runtime import GENAI_CONFIG, MANIFEST, sha256_file
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.checkpoint import load_run_model
 from fedtune.engine.data import ExampleSet, TaskSpec, encode
-from fedtune.engine.partition import server_eval_rows
-from fedtune.errors import UserError
-from fedtune.records import read_records
-from fedtune.rundir import RunDir
 
 OPSET = 17
 EXTERNAL_DATA_ABOVE = 512 * 1024**2  # bytes; larger models keep weights in model.onnx.data
@@ -54,6 +61,7 @@ def export_bundle(
     min_agreement: float = 0.9,
     echo=print,
 ) -> dict[str, Any]:
+    """Write RUN's model (global, or CLIENT's personalised one) as a checked ONNX bundle in OUT."""
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
     config = run.config()
@@ -70,7 +78,7 @@ def export_bundle(
             f"of round {used_round} (of {config.federation.rounds} planned)"
         )
     spec = TaskSpec.from_config(config)
-    rows = _check_rows(config, check_data, check_examples + CALIBRATION_EXAMPLES)
+    rows = check_rows(config, check_data, check_examples + CALIBRATION_EXAMPLES)
     checks = encode(rows[:check_examples], spec, adapter.tokenizer, "check data")
     # static int8 calibrates on examples the check does not score (the check's own when there are no others)
     calibration = encode(rows[check_examples:] or rows[:check_examples], spec, adapter.tokenizer, "calibration data")
@@ -84,47 +92,15 @@ def export_bundle(
             f"exporting {config.model.name} ({config.model.task}) round {used_round}"
             + (f", client {client}" if client else "")
         )
-        if config.model.task == "causal-lm":
-            build_decoder(save_for_builder(merged, adapter.tokenizer, staging / "hf"), fp32.parent, staging)
-        else:
-            _export_classifier(merged, fp32)
-        reference = _torch_outputs(merged, checks)
-        parity = _max_abs_diff(reference, _ort_outputs(fp32, checks, merged))
-        echo(f"parity fp32: max |onnxruntime - pytorch| = {parity:.2e} on {len(checks)} examples (tolerance {tolerance:g})")
-        if not parity <= tolerance:
-            raise UserError(f"export refused: fp32 ONNX differs from PyTorch by {parity:.2e} > tolerance {tolerance:g}")
-
+        reference, parity = _export_fp32(merged, adapter, config.model.task, fp32, checks, tolerance, echo)
         final, kept, gate, record = fp32, [], {}, {}
         if quantize != "none":
             final = staging / "model.onnx"
-
-            def check(path: Path) -> tuple[bool, dict]:
-                outputs = _ort_outputs(path, checks, merged)
-                gate = _quality_gate(config.model.task, reference, outputs, checks)
-                gate["quantized_max_abs_diff"] = _max_abs_diff(reference, outputs)
-                drop_ok = gate.get("accuracy_drop_points", 0.0) <= max_drop
-                return drop_ok and gate.get("next_token_agreement", 1.0) >= min_agreement, gate
-
-            if quantize == "int8" and config.model.task == "classification":
-                echo("int8: trying dynamic, static, static per-channel, then sensitive MatMuls in float until the check holds")
-                record = int8_classifier(fp32, final, _calibration_feeds(calibration), check, _large(fp32))
+            checker = QualityCheck(merged, checks, reference, config.model.task, max_drop, min_agreement)
+            kept, gate, record = _quantize(fp32, final, quantize, checker, calibration, echo)
+            if record:
                 apart = len(rows) > check_examples
                 record["calibration_examples"] = f"{len(calibration)} ({'apart from' if apart else 'the same as'} the check's)"
-                for tried in record["attempts"]:
-                    echo(f"int8 {tried['scheme']}: {json.dumps({k: v for k, v in tried.items() if k != 'scheme'})}")
-                passed, kept = record["passed"], record["kept_full_precision"]
-                gate = {k: v for k, v in record["attempts"][-1].items() if k not in ("scheme", "passed")}
-            else:
-                kept = quantize_model(fp32, final, quantize, config.model.task, _large(fp32))
-                passed, gate = check(final)
-                echo(f"{quantize} check: {json.dumps(gate)}")
-            if not passed:
-                limit = (
-                    f"max drop {max_drop} points"
-                    if config.model.task == "classification"
-                    else f"min agreement {min_agreement}"
-                )
-                raise UserError(f"export refused: {quantize} quality check failed ({json.dumps(gate)}; {limit})")
         with staged_dir(out) as bundle:
             _save_model(final, bundle / "model.onnx")
             adapter.tokenizer.save_pretrained(bundle)
@@ -153,28 +129,73 @@ def export_bundle(
     return manifest
 
 
-class _Classifier(torch.nn.Module):
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
+def _export_fp32(
+    merged: PreTrainedModel, adapter: AdapterModel, task: str, fp32: Path, checks: ExampleSet, tolerance: float, echo
+) -> tuple[list[np.ndarray], float]:
+    """Export the merged model to FP32 and refuse it unless onnxruntime matches PyTorch; returns (reference, parity)."""
+    if task == "causal-lm":
+        staging = fp32.parent.parent
+        build_decoder(save_for_builder(merged, adapter.tokenizer, staging / "hf"), fp32.parent, staging)
+    else:
+        export_classifier(merged, fp32)
+    reference = torch_outputs(merged, checks)
+    parity = max_abs_diff(reference, ort_outputs(fp32, checks, merged))
+    echo(f"parity fp32: max |onnxruntime - pytorch| = {parity:.2e} on {len(checks)} examples (tolerance {tolerance:g})")
+    if not parity <= tolerance:
+        raise UserError(f"export refused: fp32 ONNX differs from PyTorch by {parity:.2e} > tolerance {tolerance:g}")
+    return reference, parity
 
-    def forward(self, input_ids, attention_mask):  # noqa: ANN001
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+@dataclass(frozen=True)
+class QualityCheck:
+    """Whether a quantized model still answers like the fp32 one on the check examples."""
+
+    model: PreTrainedModel
+    checks: ExampleSet
+    reference: list[np.ndarray]
+    task: str
+    max_drop: float
+    min_agreement: float
+
+    def __call__(self, path: Path) -> tuple[bool, dict]:
+        outputs = ort_outputs(path, self.checks, self.model)
+        gate = quality_gate(self.task, self.reference, outputs, self.checks)
+        gate["quantized_max_abs_diff"] = max_abs_diff(self.reference, outputs)
+        drop_ok = gate.get("accuracy_drop_points", 0.0) <= self.max_drop
+        return drop_ok and gate.get("next_token_agreement", 1.0) >= self.min_agreement, gate
+
+    def limit(self) -> str:
+        return f"max drop {self.max_drop} points" if self.task == "classification" else f"min agreement {self.min_agreement}"
 
 
-def _cache_shape(model: PreTrainedModel) -> dict[str, int]:
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {"layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads, "head_dim": head_dim}
+def _quantize(
+    fp32: Path, final: Path, quantize: str, check: QualityCheck, calibration: ExampleSet, echo
+) -> tuple[list[str], dict, dict]:
+    """Quantize FP32 into FINAL or refuse; returns (nodes kept in float, quality gate, int8 search record)."""
+    record: dict = {}
+    if quantize == "int8" and check.task == "classification":
+        echo("int8: trying dynamic, static, static per-channel, then sensitive MatMuls in float until the check holds")
+        record = int8_classifier(fp32, final, calibration_feeds(calibration), check, _large(fp32))
+        for tried in record["attempts"]:
+            echo(f"int8 {tried['scheme']}: {json.dumps({k: v for k, v in tried.items() if k != 'scheme'})}")
+        passed, kept = record["passed"], record["kept_full_precision"]
+        gate = {k: v for k, v in record["attempts"][-1].items() if k not in ("scheme", "passed")}
+    else:
+        kept = quantize_model(fp32, final, quantize, check.task, _large(fp32))
+        passed, gate = check(final)
+        echo(f"{quantize} check: {json.dumps(gate)}")
+    if not passed:
+        raise UserError(f"export refused: {quantize} quality check failed ({json.dumps(gate)}; {check.limit()})")
+    return kept, gate, record
 
 
-def _export_classifier(model: PreTrainedModel, path: Path) -> None:
+def export_classifier(model: PreTrainedModel, path: Path) -> None:
     # The example batch must contain padding: with an all-ones mask, transformers skips the
     # masking path in Python and the traced graph would ignore attention_mask.
     ids = torch.ones(2, 5, dtype=torch.long)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     torch.onnx.export(
-        _Classifier(model).eval(),  # the exporter restores the wrapper's mode on the model
+        Classifier(model).eval(),  # the exporter restores the wrapper's mode on the model
         (ids, mask),
         str(path),
         input_names=["input_ids", "attention_mask"],
@@ -187,106 +208,6 @@ def _export_classifier(model: PreTrainedModel, path: Path) -> None:
         opset_version=OPSET,
         dynamo=False,
     )
-
-
-def _calibration_feeds(examples: ExampleSet) -> list[dict[str, np.ndarray]]:
-    return [{k: v for k, v in feed.items() if k != "labels"} for feed in _inputs(examples)]
-
-
-def _inputs(checks: ExampleSet) -> list[dict[str, np.ndarray]]:
-    """Right-padded batches of the check examples (what both runtimes see)."""
-    feeds = []
-    for _, batch in checks.eval_batches(16):
-        feed = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
-        if "labels" in batch:
-            feed["labels"] = batch["labels"].numpy()
-        feeds.append(feed)
-    return feeds
-
-
-@torch.no_grad()
-def _torch_outputs(model: PreTrainedModel, checks: ExampleSet) -> list[np.ndarray]:
-    outputs = []
-    for feed in _inputs(checks):
-        ids, mask = torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"])
-        outputs.append(model(input_ids=ids, attention_mask=mask).logits.float().numpy())
-    return outputs
-
-
-def _ort_outputs(
-    path: Path, checks: ExampleSet, model: PreTrainedModel, adapter: dict[str, np.ndarray] | None = None
-) -> list[np.ndarray]:
-    """onnxruntime's logits for the check examples (ADAPTER: extra inputs of an adapter bundle)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    outputs = []
-    for feed in _inputs(checks):
-        inputs = {"input_ids": feed["input_ids"], "attention_mask": feed["attention_mask"], **(adapter or {})}
-        past = [n for n in names if n.startswith("past_key_values.")]  # a decoder: run it without a cache
-        if past:
-            shape = _cache_shape(model)
-            empty = np.zeros((len(feed["input_ids"]), shape["kv_heads"], 0, shape["head_dim"]), np.float32)
-            inputs |= dict.fromkeys(past, empty)
-        outputs.append(session.run(["logits"], inputs)[0])
-    return outputs
-
-
-def _max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return float(max(np.abs(x - y).max() for x, y in zip(a, b)))
-
-
-def _quality_gate(task: str, reference: list[np.ndarray], quantized: list[np.ndarray], checks: ExampleSet) -> dict:
-    feeds = _inputs(checks)
-    if task == "classification":
-        truth = np.concatenate([f["labels"] for f in feeds])
-        before = (np.concatenate([r.argmax(-1) for r in reference]) == truth).mean()
-        after = (np.concatenate([q.argmax(-1) for q in quantized]) == truth).mean()
-        return {
-            "accuracy_fp32": round(float(before), 4),
-            "accuracy_quantized": round(float(after), 4),
-            "accuracy_drop_points": round(float(100 * (before - after)), 2),
-            "examples": int(len(truth)),
-        }
-    agree = total = 0
-    nll_ref = nll_q = 0.0
-    for ref, quant, feed in zip(reference, quantized, feeds):
-        mask = feed["attention_mask"][:, 1:].astype(bool)
-        targets = feed["input_ids"][:, 1:]
-        agree += int(((ref[:, :-1].argmax(-1) == quant[:, :-1].argmax(-1)) & mask).sum())
-        total += int(mask.sum())
-        nll_ref += _nll(ref[:, :-1], targets, mask)
-        nll_q += _nll(quant[:, :-1], targets, mask)
-    return {
-        "next_token_agreement": round(agree / total, 4),
-        "perplexity_fp32": round(float(np.exp(nll_ref / total)), 3),
-        "perplexity_quantized": round(float(np.exp(nll_q / total)), 3),
-        "tokens": total,
-    }
-
-
-def _nll(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
-    logits = logits.astype(np.float64)
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return float(((logz - picked) * mask).sum())
-
-
-def _check_rows(config: Config, check_data: str | None, limit: int) -> list[dict]:
-    """Labeled rows for the parity and quality checks: --check-data, else the server's eval data,
-    else the run's training data."""
-    if check_data:
-        rows = list(read_records(check_data))
-    elif (found := server_eval_rows(config)) and found[0]:
-        rows = found[0]
-    elif config.data.train:
-        rows = list(read_records(config.data.train))
-    else:
-        raise UserError(
-            "no data to verify the export against; pass --check-data FILE (labeled, like the training data)"
-        )
-    return rows[:limit]
 
 
 def _large(path: Path) -> bool:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedtune.core.errors import UserError
 from fedtune.edge.runtime import GENAI_CONFIG
-from fedtune.errors import UserError
 
 
 def save_for_builder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> Path:

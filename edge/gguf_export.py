@@ -31,13 +31,13 @@ import gguf
 import numpy as np
 import torch
 
-from fedtune.atomic import staged_dir
+from fedtune.core.atomic import staged_dir
+from fedtune.core.errors import UserError
+from fedtune.core.rundir import RunDir
 from fedtune.edge.runtime import MANIFEST, sha256_file
 from fedtune.engine.adapters import lora_layers
 from fedtune.engine.base_model import gguf_source
 from fedtune.engine.checkpoint import load_run_model
-from fedtune.errors import UserError
-from fedtune.rundir import RunDir
 
 BASE_FILE = "base.gguf"
 ADAPTER_FILE = "adapter.gguf"
@@ -102,17 +102,7 @@ def export_gguf(
 
     with staged_dir(out) as bundle:
         shutil.copyfile(base_file, bundle / BASE_FILE)
-        writer = gguf.GGUFWriter(str(bundle / ADAPTER_FILE), arch)
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-        for target, (a, b) in sorted(tensors.items()):
-            writer.add_tensor(f"{target}.lora_a", np.ascontiguousarray(a, np.float32))
-            writer.add_tensor(f"{target}.lora_b", np.ascontiguousarray(b, np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _write_adapter(bundle / ADAPTER_FILE, arch, alpha, tensors)
         manifest = {
             "format": "gguf",
             "task": config.model.task,
@@ -128,6 +118,21 @@ def export_gguf(
         (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     echo(f"gguf: {out} ({(out / ADAPTER_FILE).stat().st_size / 1e6:.2f} MB adapter, {(out / BASE_FILE).stat().st_size / 1e6:.1f} MB base)")
     return manifest
+
+
+def _write_adapter(path: Path, arch: str, alpha: float, tensors: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """A llama.cpp LoRA adapter file: each target weight's A and B, and one alpha."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for target, (a, b) in sorted(tensors.items()):
+        writer.add_tensor(f"{target}.lora_a", np.ascontiguousarray(a, np.float32))
+        writer.add_tensor(f"{target}.lora_b", np.ascontiguousarray(b, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _gguf_rows(weight: torch.Tensor, module: str, config: Any) -> torch.Tensor:

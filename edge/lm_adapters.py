@@ -25,34 +25,38 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from fedtune.atomic import staged_dir
+from fedtune.core.atomic import staged_dir
+from fedtune.core.errors import UserError
+from fedtune.core.rundir import RunDir
 from fedtune.edge.adapters import GLOBAL, client_adapters
-from fedtune.edge.export import MANIFEST, _check_rows, _max_abs_diff, _ort_outputs, _torch_outputs, manifest_record
+from fedtune.edge.export import MANIFEST, manifest_record
 from fedtune.edge.genai_build import build_decoder
+from fedtune.edge.parity import check_rows, max_abs_diff, ort_outputs, torch_outputs
 from fedtune.edge.runtime import ADAPTER_DIR, GENAI_CONFIG, LM_ADAPTER_SUFFIX
 from fedtune.engine.adapters import AdapterModel, lora_layers
 from fedtune.engine.base_model import model_dir
 from fedtune.engine.data import ExampleSet, TaskSpec, encode
-from fedtune.errors import UserError
-from fedtune.rundir import RunDir
 
 
 def export_lm_adapter_bundle(
     run: RunDir,
     out: Path,
-    clients: list[str] | None,
-    round_number: int | None,
-    check_data: str | None,
-    check_examples: int,
-    tolerance: float,
+    clients: list[str] | None = None,
+    round_number: int | None = None,
+    check_data: str | None = None,
+    check_examples: int = 500,
+    tolerance: float = 1e-3,
     echo=print,
 ) -> dict[str, Any]:
+    """Write a causal LM's base decoder plus one onnxruntime-genai adapter per client of CLIENTS (None: all)."""
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another --out")
     config = run.config()
     adapter, used_round, every = client_adapters(run, clients, round_number, echo)
     layers = lora_layers(adapter.model, adapter.adapter_name)
     if not Path(model_dir(config.model.name)).is_dir():
         raise UserError(f"--clients: {config.model.name} is not a local model directory; onnxruntime-genai's builder needs one")
-    checks = encode(_check_rows(config, check_data, check_examples), TaskSpec.from_config(config), adapter.tokenizer, "check data")
+    checks = encode(check_rows(config, check_data, check_examples), TaskSpec.from_config(config), adapter.tokenizer, "check data")
     staging = out.with_name(f".{out.name}.work")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "built").mkdir(parents=True)
@@ -86,8 +90,8 @@ def _write_bundle(
     for client, tensors in every.items():
         adapter.load_state(tensors)
         arrays[client] = {name: value(layers) for name, value in factors.items()}
-        parity[client] = _max_abs_diff(
-            _torch_outputs(adapter.model, checks), _ort_outputs(model_file, checks, adapter.model, arrays[client])
+        parity[client] = max_abs_diff(
+            torch_outputs(adapter.model, checks), ort_outputs(model_file, checks, adapter.model, arrays[client])
         )
         if not parity[client] <= tolerance:
             raise UserError(f"export refused: client {client}'s ONNX logits differ from PyTorch by {parity[client]:.2e} > tolerance {tolerance:g}")

@@ -31,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from fedtune.errors import UserError
+from fedtune.core.errors import UserError
 
 if TYPE_CHECKING:  # imported when a causal-LM bundle is used: classifier-only devices need not have it
     import onnxruntime_genai as og

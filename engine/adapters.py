@@ -18,10 +18,10 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedtune.config import Config
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.plan import RESIDUAL, ROLES, residual_name, role_of
 from fedtune.engine.base_model import head_module_names, load_base_model, load_tokenizer, pick_device
-from fedtune.errors import UserError
-from fedtune.plan import RESIDUAL, ROLES, residual_name, role_of
 
 
 @dataclass
@@ -115,13 +115,14 @@ class AdapterModel:
         return {name: self.params[name] for name in chosen}
 
 
-def build_adapter_model(config: Config, labels: list[str]) -> AdapterModel:
-    """Load the base model, wrap it with LoRA (and a head) and set seeded initial values."""
+def build_adapter_model(config: Config, labels: list[str], rank: int | None = None) -> AdapterModel:
+    """Load the base model, wrap it with LoRA at RANK (the run's ``adapter.r`` by default; a client may
+    train at a rank of its own) and a head, and set seeded initial values."""
     device = pick_device(config.model.device)
     num_labels = len(labels) if config.model.task == "classification" else 0
     base = load_base_model(config.model.name, config.model.task, num_labels, device, config.model.quantization)
     heads = head_module_names(base) if config.model.task == "classification" else None
-    model = get_peft_model(base, _lora_config(config, heads))
+    model = get_peft_model(base, _lora_config(config, heads, rank or config.adapter.r))
     model.eval()  # trainers switch to train mode for their steps and back
     adapter = AdapterModel(
         model=model,
@@ -136,12 +137,12 @@ def build_adapter_model(config: Config, labels: list[str]) -> AdapterModel:
     return adapter
 
 
-def with_rank(adapter: AdapterModel, config: Config) -> AdapterModel:
-    """Another LoRA adapter of rank ``config.adapter.r`` on ADAPTER's base model, active, at its seeded
-    init: a process serving clients of several ranks loads the base model once."""
-    name = f"rank{config.adapter.r}"
+def with_rank(adapter: AdapterModel, config: Config, rank: int) -> AdapterModel:
+    """Another LoRA adapter of RANK on ADAPTER's base model, active, at its seeded init: a process
+    serving clients of several ranks loads the base model once."""
+    name = f"rank{rank}"
     heads = head_module_names(adapter.model.base_model.model) if adapter.task == "classification" else None
-    adapter.model.add_adapter(name, _lora_config(config, heads))
+    adapter.model.add_adapter(name, _lora_config(config, heads, rank))
     ranked = replace(adapter, params=_params_by_state_name(adapter.model, name), adapter_name=name)
     ranked.activate()
     ranked.model.eval()
@@ -149,9 +150,9 @@ def with_rank(adapter: AdapterModel, config: Config) -> AdapterModel:
     return ranked
 
 
-def _lora_config(config: Config, heads: list[str] | None) -> LoraConfig:
+def _lora_config(config: Config, heads: list[str] | None, rank: int) -> LoraConfig:
     return LoraConfig(
-        r=config.adapter.r,
+        r=rank,
         lora_alpha=config.adapter.alpha,
         lora_dropout=config.adapter.dropout,
         target_modules=list(config.adapter.target_modules),

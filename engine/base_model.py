@@ -22,9 +22,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedtune.atomic import staged_dir
-from fedtune.errors import UserError
-from fedtune.model_catalog import ALIASES, DEFAULT_TARGETS_BY_TYPE, ModelAlias
+from fedtune.core.atomic import staged_dir
+from fedtune.core.errors import UserError
+from fedtune.core.model_catalog import ALIASES, DEFAULT_TARGETS_BY_TYPE, ModelAlias
 
 
 def cache_dir() -> Path:

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedtune.atomic import staged_dir
+from fedtune.core.atomic import staged_dir
+from fedtune.core.errors import UserError
+from fedtune.core.plan import RESIDUAL, role_of
+from fedtune.core.rundir import RunDir
 from fedtune.engine.adapters import AdapterModel, build_adapter_model
-from fedtune.errors import UserError
-from fedtune.plan import RESIDUAL, role_of
-from fedtune.rundir import RunDir
 
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "fedtune.json"

@@ -1,6 +1,6 @@
 """Reading labeled text, turning it into token ids for the task, and batching it.
 
-Rows come from ``fedtune.records`` (files, the synthetic generator, HF datasets).
+Rows come from ``fedtune.core.records`` (files, the synthetic generator, HF datasets).
 Classification uses ``text_field``/``label_field``;
 causal LM renders ``data.prompt`` and ``data.response`` templates and puts the loss on
 the response tokens only.
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.config import Config
-from fedtune.errors import UserError
-from fedtune.records import read_records, require_fields
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.records import read_records, require_fields
 
 IGNORE_INDEX = -100
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 from opacus.accountants import RDPAccountant
 
-from fedtune.atomic import staged_file
-from fedtune.dp_accounting import history_epsilon
+from fedtune.core.atomic import staged_file
+from fedtune.core.dp_accounting import history_epsilon
 
 LEDGER_FILE = "privacy.json"
 
 
 @dataclass
 class PrivacyLedger:
-    path: Path
+    path: Path | None  # None: kept in memory only (the coordinator's preflight of a simulated client)
     delta: float
     accountant: RDPAccountant = field(default_factory=RDPAccountant)
 
@@ -43,5 +43,7 @@ class PrivacyLedger:
         return history_epsilon([*self.accountant.history, (noise_multiplier, sample_rate, steps)], self.delta)
 
     def save(self) -> None:
+        if self.path is None:
+            return
         with staged_file(self.path) as staging:
             staging.write_text(json.dumps({"accountant": "rdp", "delta": self.delta, "history": self.accountant.history}))

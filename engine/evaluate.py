@@ -13,7 +13,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from fedtune.config import Config
+from fedtune.core.config import Config
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.data import IGNORE_INDEX, ExampleSet, TaskSpec, collate, encode, encode_prompt_response
 from fedtune.engine.partition import server_eval_rows

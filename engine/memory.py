@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from fedtune.config import ClientSection
+from fedtune.core.config import ClientSection
+from fedtune.core.plan import ROLES
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.data import ExampleSet
 from fedtune.engine.trainers.base import to_device
-from fedtune.plan import ROLES
 
 MB = 2**20
 

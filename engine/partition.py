@@ -14,10 +14,10 @@ from typing import Any
 import datasets
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
-from fedtune.config import Config
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.records import read_records, require_fields
 from fedtune.engine.data import holdout_split
-from fedtune.errors import UserError
-from fedtune.records import read_records, require_fields
 
 INDEX_COLUMN = "__row__"
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from fedtune.config import Config
+from fedtune.core.config import Config
+from fedtune.core.plots import plot_run
+from fedtune.core.rundir import RunDir
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.checkpoint import save_checkpoint
-from fedtune.plots import plot_run
-from fedtune.rundir import RunDir
 
 # Under client-level DP only these leave the operator's logs: the noised model's evaluation on the
 # server's own data and the mechanism's public settings. Clients' losses, accuracies, counts and

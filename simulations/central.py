@@ -17,18 +17,17 @@ import time
 from typing import Any
 
 from fedtune.client.job import resolve_mode
-from fedtune.config import Config
-from fedtune.dp_accounting import json_epsilon
+from fedtune.core.config import Config
+from fedtune.core.dp_accounting import json_epsilon
+from fedtune.core.errors import UserError
+from fedtune.core.rundir import RunDir
 from fedtune.engine.adapters import build_adapter_model
 from fedtune.engine.data import TaskSpec, encode
-from fedtune.engine.dp_ledger import PrivacyLedger
 from fedtune.engine.evaluate import eval_set, evaluate
 from fedtune.engine.partition import client_pool
 from fedtune.engine.rounds import RoundBook, finish_run
-from fedtune.engine.trainers import BudgetSpent, DPSGDTrainer, make_trainer
-from fedtune.errors import UserError
-from fedtune.rundir import RunDir
-from fedtune.strategies import STRATEGIES
+from fedtune.engine.trainers import BudgetSpent, make_trainer
+from fedtune.strategies import strategy_class
 
 
 def steps_per_round(config: Config) -> int:
@@ -50,28 +49,24 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
     steps = steps_per_round(config)
     if mode == "zo" and config.client.zo_steps:
         steps = config.client.zo_steps * config.federation.clients_per_round()
-    params = model.trainable(STRATEGIES[config.strategy.name].plan.trained)  # FFA-LoRA's A stays frozen here too
-    ledger = PrivacyLedger.load(run.path, config.privacy.delta) if config.privacy.mode == "sample" else None
+    params = model.trainable(strategy_class(config).plan.trained)  # FFA-LoRA's A stays frozen here too
     book = RoundBook(config, run, echo)
     extra: dict[str, Any] = {"total_steps": steps * config.federation.rounds}
     for rnd in range(1, config.federation.rounds + 1):
         round_start = time.time()
         try:
-            trainer = make_trainer(
-                config, mode, rnd, name="central", examples=len(train), ledger=ledger, steps=steps, state_dir=run.path
-            )
+            trainer = make_trainer(config, mode, rnd, name="central", examples=len(train), steps=steps, state_dir=run.path)
         except BudgetSpent as spent:
             extra |= {"status": "budget-reached", "reason": f"before round {rnd}: {spent}"}
             break
         rng = random.Random(f"{config.seed}:central:{rnd}")
-        if rnd == 1 and isinstance(trainer, DPSGDTrainer):
-            if warning := trainer.clip_warning(model, params, train, config.client, "the training"):
+        for warning in trainer.preflight(model, params, train, config.client, "the training") if rnd == 1 else ():
+            if warning:
                 echo(f"WARNING: {warning}")
         result = trainer.train(model, params, train, config.client, rng, steps)
         record: dict[str, Any] = {"round": rnd, "train_loss": result.loss, "steps": result.steps}
-        if ledger is not None:
-            ledger.save()
-            record.update(epsilon=json_epsilon(ledger.epsilon()), delta=config.privacy.delta, **result.metrics)
+        if "epsilon" in result.metrics:  # DP-SGD on the pooled data
+            record.update(**result.metrics, epsilon=json_epsilon(result.metrics["epsilon"]), delta=config.privacy.delta)
         if evaluation is not None and book.evaluates(rnd):
             metrics = evaluate(model, evaluation)
             record.update(eval_accuracy=metrics["accuracy"], eval_loss=metrics["loss"])

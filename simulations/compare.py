@@ -18,11 +18,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config  # noqa: E402
-from fedtune.engine.resolve import check_ranks  # noqa: E402
-from fedtune.errors import UserError  # noqa: E402
-from fedtune.rundir import RunDir  # noqa: E402
-from fedtune.strategies import keeps_private_tensors  # noqa: E402
+from fedtune.core.config import Config  # noqa: E402
+from fedtune.core.errors import UserError  # noqa: E402
+from fedtune.core.rundir import RunDir  # noqa: E402
+from fedtune.strategies import STRATEGIES, check_config, personalised, strategy_class, with_defaults  # noqa: E402
 
 
 def run_comparison(config: Config, strategies: list[str], out: Path, central: bool, echo=print) -> dict[str, Any]:
@@ -37,7 +36,8 @@ def run_comparison(config: Config, strategies: list[str], out: Path, central: bo
     for name, is_central in jobs:
         variant = variants[name]
         if config.client.ranks and not variant.client.ranks:
-            echo(f"{name}: every client at rank {variant.adapter.r} (client.ranks is for {', '.join(PER_CLIENT_RANK_STRATEGIES)})")
+            takers = ", ".join(n for n, cls in STRATEGIES.items() if cls.plan.per_client_ranks)
+            echo(f"{name}: every client at rank {variant.adapter.r} (client.ranks is for {takers})")
         run = RunDir.create(out / name, variant)
         echo(f"== {name} ==")
         try:
@@ -57,9 +57,10 @@ def _variant(config: Config, name: str, is_central: bool, out: Path) -> Config:
     variant = config.model_copy(deep=True)
     if not is_central:
         variant.strategy.name = name
-    if is_central or name not in PER_CLIENT_RANK_STRATEGIES:
+    if is_central or not strategy_class(variant).plan.per_client_ranks:
         variant.client.ranks = None
-    check_ranks(variant)
+    check_config(variant)
+    with_defaults(variant)
     variant.output.dir, variant.output.name = str(out.resolve()), name
     return variant
 
@@ -73,7 +74,7 @@ def describe(name: str, run: RunDir, summary: dict[str, Any]) -> dict[str, Any]:
         "best_accuracy": summary.get("best", {}).get("eval_accuracy"),
         "best_round": summary.get("best", {}).get("round"),
         "client_accuracy": final.get("client_accuracy"),
-        "personalized_accuracy": final.get("client_accuracy") if keeps_private_tensors(name) else None,
+        "personalized_accuracy": final.get("client_accuracy") if personalised(name) else None,
         "bytes_up_per_client_round": summary.get("bytes_up_per_client_round"),
         "bytes_down_per_client_round": summary.get("bytes_down_per_client_round"),
         "bytes_up_per_round": [r.get("bytes_up") for r in records],
@@ -130,7 +131,7 @@ def comparison_figure(out: Path, names: list[str]) -> plt.Figure:
         points = [(r["round"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
         if points:
             (line,) = axis.plot(*zip(*points), marker="o", label=name)
-            if keeps_private_tensors(name):  # its clients evaluate their own personalised models
+            if personalised(name):  # its clients evaluate their own personalised models
                 personal = [(r["round"], r["client_accuracy"]) for r in records if "client_accuracy" in r]
                 axis.plot(*zip(*personal), linestyle="--", color=line.get_color(), label=f"{name} (personalised)")
     axis.set(xlabel="round", ylabel="accuracy (server eval)", title=out.name)

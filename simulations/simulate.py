@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedtune.app import APP_DIR
-from fedtune.config import Config
 from fedtune.coordinator.superlink import SuperLink, log_and_echo
+from fedtune.core.app import APP_DIR
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.records import read_records, require_fields
+from fedtune.core.rundir import RunDir
 from fedtune.engine.partition import partition_rows
-from fedtune.errors import UserError
-from fedtune.records import read_records, require_fields
-from fedtune.rundir import RunDir
 
 
 def check_data(config: Config) -> None:

@@ -1,4 +1,11 @@
-"""Client-level DP (DP-FedAvg, McMahan et al. 2018), inside fedtune's strategy layer.
+"""Client-level DP (DP-FedAvg, McMahan et al. 2018): a wrapper around any strategy.
+
+As Flower's ``DifferentialPrivacyServerSide*Clipping`` wrap ``FedAvg``, ``ClientLevelDP`` wraps a
+``LoraStrategy``: it samples the round's clients, and replaces the strategy's aggregation by the
+mechanism below on what the strategy says each client releases (``released``), then lets the
+strategy finish from the noised mean alone (``combine_released``). The mechanism is
+``DpFedAvg``; the wrapper owns it (its accountant, its preflight), as Opacus' PrivacyEngine owns
+its accountant.
 
 Each round's clients are a Poisson sample of the connected clients at rate
 q = ``federation.fraction``, drawn with secret randomness. Each client's update Δ_k (its
@@ -15,7 +22,7 @@ with Gaussian noise and C moves geometrically toward the ``target_quantile`` of 
 norms. The bit count costs privacy too; Flower's ``compute_adaptive_noise_params``
 splits z between the update and the count so the total is still charged as z.
 
-Why not Flower's ``DifferentialPrivacyServerSide*Clipping`` wrappers: they skip a
+Why not Flower's ``DifferentialPrivacyServerSide*Clipping`` wrappers themselves: they skip a
 whole round when any reply fails, expect every reply to carry the whole model as a
 plain ``ArrayRecord`` (ours carry codec-packed sent tensors or ZO seeds), sample clients
 with the strategy's own (seeded) sampler, and do not account.
@@ -24,20 +31,32 @@ with the strategy's own (seeded) sampler, and do not account.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from logging import WARNING
 
 import torch
-from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from fedtune.config import Config
-from fedtune.dp_accounting import History, calibrated_noise, dp_random, history_epsilon, torch_generator
-from fedtune.errors import UserError
-from fedtune.strategies.base import ClientUpdate, Tensors
+from fedtune.core.config import Config
+from fedtune.core.dp_accounting import (
+    History,
+    calibrated_noise,
+    dp_random,
+    history_epsilon,
+    torch_generator,
+    utility_warning,
+)
+from fedtune.core.errors import UserError
+from fedtune.core.flower_internals import compute_adaptive_noise_params, log
+from fedtune.strategies.base import Aggregate, LoraStrategy
+from fedtune.strategies.updates import ClientUpdate, Tensors, decodable, weighted_metrics
 
 
 @dataclass
-class ClientLevelDP:
+class DpFedAvg:
     noise_multiplier: float  # z charged by the accountant (update and bit count together)
     clip_norm: float  # C; moves each round with adaptive clipping
     delta: float
@@ -54,7 +73,7 @@ class ClientLevelDP:
     draws: int = 0  # client samples drawn so far (retries draw again)
 
     @classmethod
-    def from_config(cls, config: Config) -> ClientLevelDP:
+    def from_config(cls, config: Config) -> DpFedAvg:
         privacy, fed = config.privacy, config.federation
         rate, expected = fed.fraction, fed.fraction * fed.clients
         noise = privacy.noise_multiplier
@@ -147,3 +166,91 @@ class ClientLevelDP:
     def load_state_dict(self, state: dict) -> None:
         self.history = [tuple(entry) for entry in state["history"]]
         self.clip_norm = float(state["clip_norm"])
+
+
+class ClientLevelDP(Strategy):
+    """DP-FedAvg around STRATEGY: secret Poisson sampling, per-client clipping, noise, accounting."""
+
+    def __init__(self, strategy: LoraStrategy, mechanism: DpFedAvg) -> None:
+        self.strategy, self.mechanism = strategy, mechanism
+
+    @classmethod
+    def from_config(cls, strategy: LoraStrategy, config: Config) -> ClientLevelDP:
+        return cls(strategy, DpFedAvg.from_config(config))
+
+    @property
+    def name(self) -> str:
+        return self.strategy.name
+
+    @property
+    def plan(self):  # noqa: ANN201 (the wrapped strategy's ParameterPlan)
+        return self.strategy.plan
+
+    @property
+    def frozen_checksum(self) -> str | None:
+        return self.strategy.frozen_checksum
+
+    def preflight(self, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        """Whether the noise leaves any signal: σ·√(released coordinates) against the expected clients."""
+        released = self.strategy.released_coordinates(tensors)
+        warning = utility_warning("client", self.mechanism.update_noise, released, self.mechanism.expected_clients)
+        return [warning] if warning else []
+
+    def refusal(self) -> str | None:
+        return self.mechanism.refusal()
+
+    def privacy_metrics(self) -> dict[str, float | None]:
+        return {"epsilon": self.mechanism.epsilon(), "noise_multiplier": self.mechanism.noise_multiplier}
+
+    # -- Flower Message-API hooks --------------------------------------------------------------
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        self.strategy.prepare(server_round, arrays)
+        chosen = self.mechanism.sample(sorted(grid.get_node_ids()), server_round)  # Poisson, secret
+        return self.strategy.messages(server_round, chosen, config, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        outcome = self.aggregate(server_round, decodable(replies, self.decode))
+        return outcome.arrays, outcome.metrics
+
+    def aggregate(self, server_round: int, accepted: list[ClientUpdate]) -> Aggregate:
+        """Clip what each client releases, sum, add noise, average; the strategy combines from that alone
+        (no robust bounds: the clip to C with equal weights bounds every client, and a bound relative
+        to the others would make one client's release depend on theirs)."""
+        inner = self.strategy
+        accepted = sorted(accepted, key=lambda u: u.name)
+        if len(accepted) < inner.min_clients:
+            log(WARNING, "round %d: %d usable replies < min_clients %d; global adapter unchanged",
+                server_round, len(accepted), inner.min_clients)  # fmt: skip
+            return Aggregate(None, None)
+        stats = {"clip_norm": self.mechanism.clip_norm}
+        metrics = MetricRecord(weighted_metrics([(u.num_examples, u.metrics) for u in accepted]))
+        mean, stats["update_norms"] = self.mechanism.aggregate(inner.released, accepted, server_round)
+        new = {**inner.current, **inner.combine_released(inner.broadcast, mean)}
+        self.mechanism.adapt(stats["update_norms"], server_round)
+        return inner.finite(new, metrics, stats, server_round)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def evaluation_metrics(self, results: list[tuple[int, dict[str, float]]]) -> MetricRecord | None:
+        return self.strategy.evaluation_metrics(results)
+
+    def decode(self, content: RecordDict, node: int, name: str) -> ClientUpdate:
+        return self.strategy.decode(content, node, name)
+
+    def max_reply_bytes(self, message_type: str) -> int:
+        return self.strategy.max_reply_bytes(message_type)
+
+    def state_dict(self) -> dict:
+        return {**self.strategy.state_dict(), "privacy": self.mechanism.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_state_dict(state)
+        if "privacy" in state:
+            self.mechanism.load_state_dict(state["privacy"])

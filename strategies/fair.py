@@ -22,22 +22,32 @@ takes well under a second on 2 CPU cores (benchmarks/fair_aggregation.py).
 
 Under client-level DP the server may only use what the mechanism releases, so each client
 releases its update together with each module's B_k A_k − B₀A₀, clipped as one vector and
-noised as one (strategies/privacy.py); Ā, B̄ and ΔW come from that noised mean and the
+noised as one (strategies/client_dp.py); Ā, B̄ and ΔW come from that noised mean and the
 correction is post-processing, covered by the same ε.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
+from pydantic import Field
 
-from fedtune.config import Config
-from fedtune.plan import ROLES, ParameterPlan
-from fedtune.strategies.base import ClientUpdate, LoraStrategy, Tensors
+from fedtune.core.config import Config, Section
+from fedtune.core.plan import ROLES, ParameterPlan, role_of
+from fedtune.strategies.base import LoraStrategy
 from fedtune.strategies.robust import aggregate_tensors, weighted_mean
+from fedtune.strategies.updates import ClientUpdate, Tensors
+
+
+class FairSettings(Section):
+    """``strategy.fair``: LoRA-FAIR's correction solver."""
+
+    regularization: float = Field(0.01, ge=0.0)  # λ on ‖ΔB‖
+    max_steps: int = Field(200, ge=1)
 
 
 @dataclass(frozen=True)
@@ -166,28 +176,41 @@ def product_name(a_name: str) -> str:
 class LoraFair(LoraStrategy):
     name = "fair"
     plan = ParameterPlan(trained=frozenset(ROLES), sent=frozenset(ROLES))
+    settings: ClassVar = FairSettings
+    moved_keys: ClassVar = {"fair_lambda": "regularization", "fair_steps": "max_steps"}  # the old flat strategy keys
 
-    def __init__(self, *args, settings: SolverSettings = SolverSettings(), **kwargs) -> None:
+    def __init__(self, *args, solver: SolverSettings = SolverSettings(), **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.settings = settings
+        self.solver = solver
 
     @classmethod
-    def from_config(cls, config: Config, **common: Any) -> LoraFair:
-        section = config.strategy.fair
-        return cls(**common, settings=SolverSettings(lam=section.regularization, max_steps=section.max_steps))
+    def from_config(cls, config: Config) -> LoraFair:
+        section = cls.settings_of(config)
+        solver = SolverSettings(lam=section.regularization, max_steps=section.max_steps)
+        return cls(**cls.common_settings(config), solver=solver)
+
+    @classmethod
+    def released_coordinates(cls, tensors: Mapping[str, torch.Tensor]) -> int:
+        """The sent tensors, plus each module's change of B·A (d_out × d_in) that FAIR's correction reads."""
+        products = sum(
+            tensor.shape[1] * tensors[name.replace(".lora_A.", ".lora_B.")].shape[0]
+            for name, tensor in tensors.items()
+            if role_of(name) == "lora_A"
+        )
+        return super().released_coordinates(tensors) + products
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         """FAIR on the (bounded) clients; with ``strategy.robust: trimmed-mean`` / ``median`` Ā and B̄
         are that statistic (of A and B separately: a heuristic) and the correction runs from there."""
         tensors, weights = [u.tensors for u in updates], [u.num_examples for u in updates]
         mean = aggregate_tensors(tensors, weights, self.robust) if self.robust.coordinatewise else None
-        return fair_aggregate(tensors, weights, self.settings, mean)
+        return fair_aggregate(tensors, weights, self.solver, mean)
 
     # -- client-level DP: the correction must be post-processing of what the mechanism releases
     def released(self, update: ClientUpdate) -> Tensors:
         """The update, plus each module's B_k A_k − B₀A₀ (d_out × d_in), clipped together with it."""
         vector = super().released(update)
-        start, mine = self._broadcast, update.tensors
+        start, mine = self.broadcast, update.tensors
         for a_name, b_name in lora_pairs(list(mine)):
             before = start[b_name].float() @ start[a_name].float()
             vector[product_name(a_name)] = mine[b_name] @ mine[a_name] - before
@@ -208,7 +231,7 @@ class LoraFair(LoraStrategy):
             )
             g = w_bar @ a_bar.transpose(-1, -2)
             norm_w = w_bar.flatten(1).norm(dim=1).clamp_min(1e-30)
-            b_new, _ = solve_correction(a_bar, b_bar, g, norm_w, self.settings)
+            b_new, _ = solve_correction(a_bar, b_bar, g, norm_w, self.solver)
             for index, (_, b_name) in enumerate(pairs):
                 result[b_name] = b_new[index]
         return result

@@ -4,7 +4,7 @@ Averaging factors is not averaging updates: B̄·Ā ≠ Σ_k w_k·B_k·A_k. FedE
 factors B̄ = Σ w_k B_k, Ā = Σ w_k A_k (example weights w_k) as the new global adapter and adds
 the difference s·(Σ w_k B_k A_k − B̄Ā) to every LoRA layer's frozen weight, so the global model
 W₀ + R + s·B̄Ā is the exact average of the client models at any rank. With per-client ranks the
-factors are first zero-padded to the global rank R (fedtune/ranks.py), so the correction also
+factors are first zero-padded to the global rank R (core/ranks.py), so the correction also
 makes heterogeneous ranks exact.
 
 The residual R is dense (d_out × d_in per layer) and cumulative: the coordinator holds it in the
@@ -16,10 +16,11 @@ counted in ``bytes_down``; a client keeps no residual of its own.
 
 from __future__ import annotations
 
-from fedtune.plan import residual_name
-from fedtune.ranks import factor_pairs, lora_scale
-from fedtune.strategies.base import ClientUpdate, Tensors
-from fedtune.strategies.per_client_rank import PER_CLIENT_RANK_PLAN, PerClientRankStrategy, head_mean
+from fedtune.core.plan import residual_name
+from fedtune.core.ranks import factor_pairs
+from fedtune.strategies.base_residual import BaseResidualStrategy
+from fedtune.strategies.per_client_rank import head_mean
+from fedtune.strategies.updates import ClientUpdate, Tensors
 
 
 def fedex_combine(tensors: list[Tensors], weights: list[float], scale: float, previous: Tensors) -> Tensors:
@@ -41,10 +42,9 @@ def fedex_combine(tensors: list[Tensors], weights: list[float], scale: float, pr
     return combined | head_mean(tensors, weights)
 
 
-class FedExLora(PerClientRankStrategy):
+class FedExLora(BaseResidualStrategy):
     name = "fedex"
-    plan = PER_CLIENT_RANK_PLAN
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
-        scale = lora_scale(self.alpha, self.rank, self.rslora)
+        scale = self.scale.at(self.rank)
         return fedex_combine([u.tensors for u in updates], [u.num_examples for u in updates], scale, current)

@@ -8,7 +8,7 @@ strategies exist to fix or avoid that.
 
 from __future__ import annotations
 
-from fedtune.plan import ROLES, ParameterPlan
+from fedtune.core.plan import ROLES, ParameterPlan
 from fedtune.strategies.base import LoraStrategy
 from fedtune.strategies.robust import weighted_mean
 

@@ -10,11 +10,17 @@ rsLoRA scaling (``adapter.rslora: true``) gives FedSA-rsLoRA.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar, Literal
 
-from fedtune.config import Config
-from fedtune.plan import ParameterPlan
+from fedtune.core.config import Config, Section
+from fedtune.core.plan import ParameterPlan
 from fedtune.strategies.base import LoraStrategy
+
+
+class FedSaSettings(Section):
+    """``strategy.fedsa``: what FedSA-LoRA keeps private besides B."""
+
+    head: Literal["shared", "private"] = "shared"
 
 
 def fedsa_plan(private_head: bool) -> ParameterPlan:
@@ -35,11 +41,14 @@ class FedSaLora(LoraStrategy):
 
     name = "fedsa"
     plan = fedsa_plan(private_head=False)  # B is private either way; strategy.fedsa.head decides the head
+    settings: ClassVar = FedSaSettings
+    moved_keys: ClassVar = {"head": "head"}  # strategy.head, from before the strategy had its own section
 
     def __init__(self, *args, private_head: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.plan = fedsa_plan(private_head)
 
     @classmethod
-    def from_config(cls, config: Config, **common: Any) -> FedSaLora:
-        return cls(**common, private_head=config.strategy.fedsa.head == "private")
+    def from_config(cls, config: Config) -> FedSaLora:
+        private = cls.settings_of(config).head == "private"
+        return cls(**cls.common_settings(config), private_head=private)

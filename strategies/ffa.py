@@ -1,6 +1,6 @@
 """FFA-LoRA (Sun et al., ICLR 2024): freeze A at a shared random init, train only B.
 
-Every client builds A from the run's seed (``client/adapters.initial_state``), so A is
+Every client builds A from the run's seed (``engine/adapters.initial_state``), so A is
 identical everywhere without ever being sent; the clients prove it with a checksum in
 each reply and the coordinator rejects a reply whose A differs. With A common, FedAvg
 of B is exact: mean_k(B_k)·A = mean_k(B_k·A). Only B and the head travel, about half
@@ -9,7 +9,7 @@ of FedIT's traffic.
 
 from __future__ import annotations
 
-from fedtune.plan import ParameterPlan
+from fedtune.core.plan import ParameterPlan
 from fedtune.strategies.base import LoraStrategy
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.ranks import factor_pairs
-from fedtune.strategies.base import ClientUpdate, Tensors
-from fedtune.strategies.per_client_rank import PER_CLIENT_RANK_PLAN, PerClientRankStrategy, head_mean
+from fedtune.core.ranks import factor_pairs
+from fedtune.strategies.per_client_rank import PerClientRankStrategy, head_mean
+from fedtune.strategies.updates import ClientUpdate, Tensors
 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +58,6 @@ def flexlora_combine(tensors: list[Tensors], weights: list[float], rank: int, pr
 
 class FlexLora(PerClientRankStrategy):
     name = "flexlora"
-    plan = PER_CLIENT_RANK_PLAN
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         return flexlora_combine([u.tensors for u in updates], [u.num_examples for u in updates], self.rank, current)

@@ -20,15 +20,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp import Grid
 
-from fedtune.config import Config
+from fedtune.core.config import Config
+from fedtune.core.plan import residual_name
+from fedtune.core.ranks import LoraScale, factor_pairs
 from fedtune.engine.adapters import lora_a_init
-from fedtune.plan import residual_name
-from fedtune.ranks import factor_pairs, lora_scale
-from fedtune.strategies.base import ClientUpdate, Tensors
-from fedtune.strategies.per_client_rank import PER_CLIENT_RANK_PLAN, PerClientRankStrategy, head_mean
+from fedtune.strategies.base_residual import BaseResidualStrategy
+from fedtune.strategies.per_client_rank import head_mean
+from fedtune.strategies.updates import ClientUpdate, Tensors
 
 
 def stacked(tensors: list[Tensors], share: list[float], a_name: str, b_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,28 +56,21 @@ def flora_combine(
     return combined | head_mean(tensors, weights)
 
 
-class FLoRA(PerClientRankStrategy):
+class FLoRA(BaseResidualStrategy):
     name = "flora"
-    plan = PER_CLIENT_RANK_PLAN
 
     def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.seed = seed
-        self.round = 0
+        self.seed = seed  # of each round's fresh A
 
     @classmethod
-    def from_config(cls, config: Config, **common: Any) -> FLoRA:
-        return cls(**common, alpha=config.adapter.alpha, rslora=config.adapter.rslora, seed=config.seed)
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        self.round = server_round
-        return super().configure_train(server_round, arrays, config, grid)
+    def from_config(cls, config: Config) -> FLoRA:
+        return cls(**cls.common_settings(config), scale=LoraScale.of(config.adapter), seed=config.seed)
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
-        scale = lora_scale(self.alpha, self.rank, self.rslora)
         fresh = {
             a_name: lora_a_init(f"{self.seed}:flora-round-{self.round}", a_name, tuple(current[a_name].shape))
             for a_name, _ in factor_pairs(list(current))
         }
         tensors = [u.tensors for u in updates]
-        return flora_combine(tensors, [u.num_examples for u in updates], scale, current, fresh)
+        return flora_combine(tensors, [u.num_examples for u in updates], self.scale.at(self.rank), current, fresh)

@@ -1,7 +1,7 @@
 """HetLoRA (Cho et al., EMNLP 2024): zero-pad to the largest rank, weight by norm, cut back.
 
 Each client of rank r trains the first r components of the global factors (the server cuts
-them for it, fedtune/ranks.py). The server zero-pads every client's B_k and A_k to the global
+them for it, core/ranks.py). The server zero-pads every client's B_k and A_k to the global
 rank R (rescaled to peft's scale at R, so s(R)·B_k·A_k is still the client's product) and
 averages them with *sparsity weights*: per LoRA layer, p_k ∝ ‖B_k·A_k‖_F, so a client whose
 update is small, as the tail components of a low-rank client are, counts less than one that
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.ranks import factor_pairs
-from fedtune.strategies.base import ClientUpdate, Tensors
-from fedtune.strategies.per_client_rank import PER_CLIENT_RANK_PLAN, PerClientRankStrategy, head_mean
+from fedtune.core.ranks import factor_pairs
+from fedtune.strategies.per_client_rank import PerClientRankStrategy, head_mean
+from fedtune.strategies.updates import ClientUpdate, Tensors
 
 
 def product_norm(b: torch.Tensor, a: torch.Tensor) -> float:
@@ -49,7 +49,6 @@ def hetlora_combine(tensors: list[Tensors], weights: list[float]) -> Tensors:
 
 class HetLora(PerClientRankStrategy):
     name = "hetlora"
-    plan = PER_CLIENT_RANK_PLAN
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         return hetlora_combine([u.tensors for u in updates], [u.num_examples for u in updates])

@@ -1,7 +1,7 @@
 """What strategies with per-client LoRA ranks share: each client its own rank, one global rank R.
 
 The coordinator holds the global factors at ``adapter.r`` = R, the largest rank any client may
-use. A client of rank r receives them cut to r (``fedtune.ranks.resize``: the first r
+use. A client of rank r receives them cut to r (``fedtune.core.ranks.resize``: the first r
 components, rescaled for peft's α/r), trains, and replies at rank r with ``info.rank`` = r. The
 reply is checked at the rank it declares (1 ≤ r ≤ R, every factor of that rank, nothing else)
 and lifted back to R (zero-padded, rescaled) before anything is combined, so a strategy's
@@ -21,12 +21,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedtune import wire
-from fedtune.config import Config
-from fedtune.plan import ParameterPlan, role_of
-from fedtune.ranks import rank_of, resize, shapes_at_rank
-from fedtune.strategies.base import ClientUpdate, LoraStrategy, ReplyError, Tensors, checked_info
+from fedtune.core import wire
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.plan import ParameterPlan, role_of
+from fedtune.core.ranks import LoraScale, rank_of, resize, shapes_at_rank
+from fedtune.strategies.base import LoraStrategy
 from fedtune.strategies.robust import weighted_mean
+from fedtune.strategies.updates import ClientUpdate, ReplyError, Tensors, checked_info
 
 PER_CLIENT_RANK_PLAN = ParameterPlan(
     trained=frozenset({"lora_A", "lora_B", "head"}),
@@ -44,14 +46,27 @@ def head_mean(tensors: list[Tensors], weights: list[float]) -> Tensors:
 class PerClientRankStrategy(LoraStrategy):
     """Rank bookkeeping, per-rank broadcasts and reply shapes; ``combine`` is the subclass's."""
 
-    def __init__(self, *args: Any, alpha: float = 16.0, rslora: bool = False, **kwargs: Any) -> None:
+    plan = PER_CLIENT_RANK_PLAN
+
+    def __init__(self, *args: Any, scale: LoraScale = LoraScale(16.0), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.alpha, self.rslora = alpha, rslora
+        self.scale = scale  # peft's s(r): moving factors between ranks keeps their product
         self.ranks: dict[int, int] = {}  # node -> the rank its last accepted reply declared
 
     @classmethod
-    def from_config(cls, config: Config, **common: Any) -> PerClientRankStrategy:
-        return cls(**common, alpha=config.adapter.alpha, rslora=config.adapter.rslora)
+    def from_config(cls, config: Config) -> PerClientRankStrategy:
+        return cls(**cls.common_settings(config), scale=LoraScale.of(config.adapter))
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """What needs one shared rank: client-level DP's common broadcast, coordinate-wise statistics, seed replay."""
+        super().check_config(config)
+        if config.privacy.mode == "client":
+            raise UserError(f"strategy.name {cls.name}: not with privacy.mode client yet (clients start from different broadcasts)")
+        if config.strategy.robust in ("trimmed-mean", "median"):
+            raise UserError(f"strategy.robust {config.strategy.robust}: not with {cls.name}, whose factors differ in rank; use norm-bound or none")
+        if config.client.zo_upload == "seeds":  # whatever client.mode says: an agent's --mode zo would upload seeds
+            raise UserError(f"client.zo_upload seeds: not with {cls.name} (the coordinator replays seeds from one broadcast); use delta")
 
     @property
     def rank(self) -> int:
@@ -59,11 +74,11 @@ class PerClientRankStrategy(LoraStrategy):
         return rank_of(self.current) or 0
 
     def at_rank(self, tensors: Mapping[str, Any], rank: int) -> Tensors:
-        return resize(tensors, rank, self.alpha, self.rslora)
+        return resize(tensors, rank, self.scale)
 
     def payloads(self, nodes: list[int], shared: dict) -> dict[int, dict]:
         """Each node gets the sent tensors at the rank it last declared (R if it has not yet)."""
-        sent = {name: self.current[name] for name in self.sent_names()}
+        sent = {name: self.current[name] for name in self.uploaded_names()}
         encoded = {self.rank: shared}
         for rank in {self.ranks.get(node, self.rank) for node in nodes} - {self.rank}:
             encoded[rank] = wire.encode(self.at_rank(sent, rank), self.compression)
@@ -78,15 +93,11 @@ class PerClientRankStrategy(LoraStrategy):
     def lifted(self, tensors: Tensors, info: Mapping[str, object]) -> Tensors:
         return self.at_rank(tensors, self.rank)
 
-    def decode(self, content, node: int, name: str) -> tuple[str | None, ClientUpdate | None]:
-        try:
-            self.expected_shapes(checked_info(content))  # the declared rank, before either upload path
-        except ReplyError as err:
-            return str(err), None
-        problem, update = super().decode(content, node, name)
-        if update is not None:
-            self.ranks[node] = int(update.info["rank"])
-        return problem, update
+    def decode(self, content, node: int, name: str) -> ClientUpdate:
+        self.expected_shapes(checked_info(content))  # the declared rank, before either upload path
+        update = super().decode(content, node, name)
+        self.ranks[node] = int(update.info["rank"])
+        return update
 
     def replay_seeds(self, arrays, config) -> Tensors:
         """Seeds are replayed from one broadcast; a client of another rank started elsewhere."""
@@ -101,5 +112,5 @@ class PerClientRankStrategy(LoraStrategy):
         with the components beyond its rank set to zero."""
         cut = {}
         for rank in {int(u.info["rank"]) for u in updates}:
-            cut[rank] = self.at_rank(self.at_rank(self._broadcast, rank), self.rank)
+            cut[rank] = self.at_rank(self.at_rank(self.broadcast, rank), self.rank)
         return [cut[int(u.info["rank"])] for u in updates]

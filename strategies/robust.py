@@ -56,6 +56,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.core.config import StrategySection
+
 Tensors = dict[str, torch.Tensor]
 METHODS = ("none", "norm-bound", "trimmed-mean", "median")
 
@@ -66,6 +68,10 @@ class RobustSettings:
     max_weight_ratio: float = 3.0
     norm_bound: float = 3.0
     trim_fraction: float = 0.2
+
+    @classmethod
+    def from_config(cls, section: StrategySection) -> RobustSettings:
+        return cls(section.robust, section.max_weight_ratio, section.norm_bound, section.trim_fraction)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

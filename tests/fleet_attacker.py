@@ -516,18 +516,9 @@ def slow_bodies(
     try:
         for _ in range(count):
             try:
-                sock = _connect(host, port, source_ip, deadline)
-                if context is not None:
-                    try:
-                        sock = context.wrap_socket(sock, server_hostname=host)
-                    except OSError:
-                        sock.close()
-                        raise
-                sock.sendall(head)
+                remaining[_open_with_head(host, port, source_ip, deadline, context, head)] = body_bytes
             except OSError as err:
                 errors[type(err).__name__] += 1
-                continue
-            remaining[sock] = body_bytes
         tick = 0.5
         per_tick = max(1, math.ceil(body_bytes * tick / max(seconds, tick)))
         while remaining and time.monotonic() < deadline + 2.0:  # 2 s more for the answers to whole bodies
@@ -565,6 +556,20 @@ def slow_bodies(
         "statuses": dict(statuses),
         "errors": dict(errors),
     }
+
+
+def _open_with_head(
+    host: str, port: int, source_ip: str, deadline: float, context: ssl.SSLContext | None, head: bytes
+) -> socket.socket:
+    sock = _connect(host, port, source_ip, deadline)
+    try:
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname=host)
+        sock.sendall(head)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _readable(sockets: Iterable[socket.socket], timeout: float) -> list[socket.socket]:

@@ -6,7 +6,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune import wire
+from fedtune.core import wire
 
 
 class StaticGrid:
@@ -40,3 +40,26 @@ def reply(
 def tensors_of(message: Message) -> dict[str, torch.Tensor]:
     """The adapter tensors a message carries, decoded as a receiver would."""
     return wire.decode(message.content["arrays"], message.content["layout"])
+
+
+def play_round(strategy, replies: list[Message], round_number: int = 1, budget_replies: bool = False, identity=None):
+    """The coordinator's handling of one round's train replies: a session receives each, then aggregates.
+
+    Returns (arrays, metrics, ledger); ledger says what was accepted, rejected and why."""
+    from fedtune.coordinator.identity import NodeNames
+    from fedtune.coordinator.session import Session
+
+    session = Session(strategy, identity or NodeNames(), budget_replies)
+    for reply in replies:
+        session.receive_train(reply)
+    arrays, metrics = session.aggregate(round_number)
+    return arrays, metrics, session.ledger
+
+
+def play_evaluation(strategy, replies: list[Message], round_number: int = 1):
+    """(client metrics, ledger) of a round's evaluate replies, as the coordinator's session counts them."""
+    from fedtune.coordinator.identity import NodeNames
+    from fedtune.coordinator.session import Session
+
+    session = Session(strategy, NodeNames(), False)
+    return session.evaluation(round_number, replies), session.ledger

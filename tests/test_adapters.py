@@ -6,12 +6,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedtune.config import Config
+from fedtune.core.config import Config
+from fedtune.core.plan import ParameterPlan, checksum, role_of
+from fedtune.core.rundir import RunDir
 from fedtune.engine.adapters import build_adapter_model, coordinates_by_role, initial_state
 from fedtune.engine.base_model import load_base_model
 from fedtune.engine.checkpoint import load_checkpoint, load_run_model, save_checkpoint
-from fedtune.plan import ParameterPlan, checksum, role_of
-from fedtune.rundir import RunDir
 
 LABELS = ["complaint", "praise", "question"]
 

@@ -11,22 +11,22 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedtune import wire
-from fedtune.config import Config
+from fedtune.core import wire
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.plan import RESIDUAL, residual_name, role_of
+from fedtune.core.ranks import LoraScale, rank_of, resize
+from fedtune.core.rundir import RunDir
 from fedtune.engine.adapters import build_adapter_model
 from fedtune.engine.checkpoint import RESIDUAL_FILE, load_run_model, save_checkpoint
-from fedtune.engine.resolve import check_ranks
-from fedtune.errors import UserError
-from fedtune.plan import RESIDUAL, residual_name, role_of
-from fedtune.ranks import lora_scale, rank_of, resize
-from fedtune.rundir import RunDir
-from fedtune.strategies import build_strategy
+from fedtune.strategies import build_strategy, check_config
 from fedtune.strategies.fedex import fedex_combine
 from fedtune.strategies.flora import flora_combine, stacked
-from flower_helpers import StaticGrid, enter_run, reply, tensors_of
+from flower_helpers import StaticGrid, enter_run, play_round, reply, tensors_of
 
 LAYERS = {"q": (5, 6), "v": (4, 6)}
 ALPHA = 16.0
+SCALE = LoraScale(ALPHA)
 
 
 def _factors(rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -40,12 +40,12 @@ def _factors(rank: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _product(tensors: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
-    scale = lora_scale(ALPHA, rank_of(tensors))
+    scale = SCALE.at(rank_of(tensors))
     return scale * tensors[f"m.{layer}.lora_B.weight"].double() @ tensors[f"m.{layer}.lora_A.weight"].double()
 
 
 def test_flora_stack_is_the_exact_weighted_sum_of_products_at_any_ranks():
-    clients = [resize(_factors(r, seed=r), 8, ALPHA) for r in (2, 4, 8)]
+    clients = [resize(_factors(r, seed=r), 8, SCALE) for r in (2, 4, 8)]
     share = [0.2, 0.3, 0.5]
     b, a = stacked(clients, share, "m.q.lora_A.weight", "m.q.lora_B.weight")
     assert b.shape == (5, 24) and a.shape == (24, 6)
@@ -56,10 +56,10 @@ def test_flora_stack_is_the_exact_weighted_sum_of_products_at_any_ranks():
 def test_flora_merges_the_products_into_the_residual_and_restarts_the_adapter():
     ranks, weights = (2, 4, 8), [10.0, 30.0, 60.0]
     clients = [_factors(r, seed=r) for r in ranks]
-    lifted = [resize(c, 8, ALPHA) for c in clients]
+    lifted = [resize(c, 8, SCALE) for c in clients]
     previous = {residual_name("m.q.lora_A.weight"): torch.ones(5, 6)}
     fresh = {f"m.{layer}.lora_A.weight": torch.full((8, 6), 0.5) for layer in LAYERS}
-    combined = flora_combine(lifted, weights, lora_scale(ALPHA, 8), previous, fresh)
+    combined = flora_combine(lifted, weights, SCALE.at(8), previous, fresh)
     for layer in LAYERS:
         exact = sum(w / 100 * _product(c, layer) for c, w in zip(clients, weights))
         before = 1.0 if layer == "q" else 0.0
@@ -73,8 +73,8 @@ def test_flora_merges_the_products_into_the_residual_and_restarts_the_adapter():
 def test_fedex_global_model_is_the_exact_average_of_the_client_products(ranks):
     weights = [10.0, 30.0, 60.0]
     clients = [_factors(r, seed=r + 10) for r in ranks]
-    lifted = [resize(c, 8, ALPHA) for c in clients]
-    combined = fedex_combine(lifted, weights, lora_scale(ALPHA, 8), {})
+    lifted = [resize(c, 8, SCALE) for c in clients]
+    combined = fedex_combine(lifted, weights, SCALE.at(8), {})
     for layer in LAYERS:
         exact = sum(w / 100 * _product(c, layer) for c, w in zip(clients, weights))
         model = _product(combined, layer) + combined[residual_name(f"m.{layer}.lora_A.weight")].double()
@@ -103,8 +103,8 @@ def test_the_residual_travels_to_clients_and_into_checkpoints(tmp_path, name):
     trained = [
         {n: v + 0.05 * torch.randn(v.shape, generator=generator) for n, v in tensors_of(m).items()} for m in first
     ]
-    arrays, _ = strategy.aggregate_train(1, [reply(m, t, 10, f"client-{i}", rank=4) for i, (m, t) in enumerate(zip(first, trained))])
-    assert arrays is not None and not strategy.ledger.rejected
+    arrays, _, ledger = play_round(strategy, [reply(m, t, 10, f"client-{i}", rank=4) for i, (m, t) in enumerate(zip(first, trained))], 1)
+    assert arrays is not None and not ledger.rejected
     state = arrays.to_torch_state_dict()
     residual = {n: v for n, v in state.items() if role_of(n) == RESIDUAL}
     assert set(residual) == set(base) and all(v.abs().max() > 0 for v in residual.values())
@@ -137,7 +137,7 @@ def test_adapters_of_several_ranks_share_one_base_and_its_residual():
 
     config, rank_4 = _minilm()
     base = {n: w.detach().clone() for n, w in rank_4.residual_layers().items()}
-    rank_2 = with_rank(rank_4, config.model_copy(update={"adapter": config.adapter.model_copy(update={"r": 2})}))
+    rank_2 = with_rank(rank_4, config, 2)
     residual = {n: torch.full_like(w, 0.5) for n, w in base.items()}
     rank_2.set_base_residual(residual)
     rank_4.activate()
@@ -169,4 +169,4 @@ def test_a_residual_for_a_layer_the_model_does_not_adapt_is_refused():
 def test_a_quantized_base_cannot_take_a_residual():
     config = Config.model_validate({"strategy": {"name": "flora"}, "model": {"quantization": "int8"}})
     with pytest.raises(UserError, match="strategy.name flora: adds a residual to the frozen base weights"):
-        check_ranks(config)
+        check_config(config)

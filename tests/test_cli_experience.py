@@ -74,7 +74,7 @@ def test_the_readme_coordinator_command_works_with_relative_paths_and_a_wildcard
     import sys
     import time
 
-    from fedtune.processes import free_port
+    from fedtune.core.processes import free_port
 
     assert run_cli("certs", "certs/", "--host", "coord.example.org", cwd=tmp_path).returncode == 0
     assert run_cli("keygen", "agent-key", cwd=tmp_path).returncode == 0
@@ -106,8 +106,8 @@ def test_plots_show_traffic_honestly_and_rounds_as_whole_numbers(tmp_path):
     """Issue 16: a constant traffic is a flat line from 0, a run without traffic says so, rounds are integers."""
     import matplotlib.pyplot as plt
 
-    from fedtune.plots import run_figure
-    from fedtune.rundir import RunDir
+    from fedtune.core.plots import run_figure
+    from fedtune.core.rundir import RunDir
     from fedtune.simulations.compare import comparison_figure
 
     federated = run_figure(_rounds(3, eval_accuracy=0.5, bytes_up=1_513_200, bytes_down=1_513_200), "fed")

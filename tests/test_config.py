@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from fedtune.config import Config, load_config, parse_config_text
-from fedtune.errors import UserError
+from fedtune.core.config import Config, load_config, parse_config_text
+from fedtune.core.errors import UserError
 
 GOOD = {
     "model": {"name": "minilm-l6"},
@@ -30,7 +30,9 @@ def _write(tmp_path, raw) -> str:
         ({"client": {"lr": -0.1}}, "client.lr", "greater than 0"),
         ({"data": {"train": "/no/such/train.tsv"}}, "data.train", "file not found"),
         ({"model": {"name": "gpt-17"}}, "model.name", "minilm-l6, smollm2-135m"),
-        ({"strategy": {"name": "fedfancy"}}, "strategy.name", "'fedit', 'ffa', 'fedsa', 'fair', 'flexlora', 'hetlora', 'flora' or 'fedex'"),
+        ({"strategy": {"name": "fedfancy"}}, "strategy.name", "allowed: fedit, ffa, fedsa, fair"),
+        ({"strategy": {"fair": {"max_stepz": 5}}}, "strategy.fair.max_stepz", "allowed keys here: regularization, max_steps"),
+        ({"strategy": {"fancy": 1}}, "strategy.fancy", "allowed keys here: name, robust"),
         ({"data": {"partition": {"kind": "zipf"}}}, "data.partition.kind", "'iid', 'dirichlet' or 'field'"),
         ({"output": {"name": ".."}}, "output.name", "not . or .."),  # an agent's state dir is --state-dir/NAME
     ],
@@ -141,16 +143,19 @@ def test_fedtune_set_shrinks_a_config_file_before_the_command_line(tmp_path, mon
         load_config(path)
 
 
-def test_strategy_names_are_the_registrys_and_moved_keys_are_still_read(tmp_path):
-    from fedtune.config import STRATEGY_NAMES
-    from fedtune.strategies import STRATEGIES
+def test_a_strategy_owns_its_section_and_older_flat_keys_are_still_read(tmp_path):
+    from fedtune.strategies import STRATEGIES, strategy_class, with_defaults
 
-    assert STRATEGY_NAMES == tuple(STRATEGIES)  # the schema's names are the registry's, in its order
     # a config (or a run directory's config.yaml) from before the per-strategy sections
     path = _write(tmp_path, {"strategy": {"name": "fair", "fair_lambda": 0.1, "fair_steps": 7, "head": "private"}})
     config = load_config(path)
-    assert (config.strategy.fair.regularization, config.strategy.fair.max_steps) == (0.1, 7)
-    assert config.strategy.fedsa.head == "private" and "fair_lambda" not in config.to_yaml()
+    fair = STRATEGIES["fair"].settings_of(config)
+    assert (fair.regularization, fair.max_steps) == (0.1, 7)
+    assert STRATEGIES["fedsa"].settings_of(config).head == "private"
+    with_defaults(config)  # as the resolved config records it
+    assert "fair_lambda" not in config.to_yaml() and config.strategy.section("fair") == {"regularization": 0.1, "max_steps": 7}
     path = _write(tmp_path, {"strategy": {"name": "fair"}})
     config = load_config(path, ["strategy.fair.regularization=0.1", "strategy.fedsa.head=private"])
-    assert (config.strategy.fair.regularization, config.strategy.fedsa.head) == (0.1, "private")
+    assert STRATEGIES["fair"].settings_of(config).regularization == 0.1
+    assert STRATEGIES["fedsa"].settings_of(config).head == "private"
+    assert strategy_class(load_config(_write(tmp_path, {}))) is next(iter(STRATEGIES.values()))  # the default

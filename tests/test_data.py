@@ -7,11 +7,11 @@ import json
 import pytest
 
 from conftest import shared_data
+from fedtune.core.errors import UserError
+from fedtune.core.records import read_records
+from fedtune.core.synthetic import generate
 from fedtune.engine.base_model import load_tokenizer
 from fedtune.engine.data import IGNORE_INDEX, TaskSpec, encode, infer_labels
-from fedtune.errors import UserError
-from fedtune.records import read_records
-from fedtune.synthetic import generate
 
 
 @pytest.fixture(scope="module")

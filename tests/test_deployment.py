@@ -21,9 +21,9 @@ from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
 from conftest import REPO, run_cli
+from fedtune.core.processes import free_port
+from fedtune.core.records import read_records
 from fedtune.engine.data import holdout_split
-from fedtune.processes import free_port
-from fedtune.records import read_records
 
 pytestmark = pytest.mark.slow
 

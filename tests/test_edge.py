@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from fedtune.config import Config
+from fedtune.cli.resolve import resolve
+from fedtune.core.config import Config
+from fedtune.core.rundir import RunDir
 from fedtune.edge import Bundle, EdgeError
 from fedtune.edge.export import export_bundle
 from fedtune.edge.runtime import sha256_file
 from fedtune.engine.adapters import build_adapter_model
 from fedtune.engine.checkpoint import load_run_model, save_checkpoint
-from fedtune.engine.resolve import resolve
-from fedtune.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_quantized_bundles_are_smaller_and_checked(classifier_bundle, tmp_path):
     assert int8["quantization"]["attempts"][-1]["passed"] and "calibration_examples" in int8["quantization"]
     assert Bundle.load(tmp_path / "int8").classify(TEXTS)
     # a gate that nothing can pass refuses to write the bundle
-    from fedtune.errors import UserError
+    from fedtune.core.errors import UserError
 
     with pytest.raises(UserError, match="quality check failed"):
         export_bundle(

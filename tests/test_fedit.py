@@ -8,10 +8,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedtune.strategies.base import payload_bytes
+from fedtune.core.wire import payload_bytes
 from fedtune.strategies.fedit import FedIT, weighted_mean
 from fedtune.strategies.robust import RobustSettings
-from flower_helpers import StaticGrid, enter_run, reply, tensors_of
+from flower_helpers import StaticGrid, enter_run, play_round, reply, tensors_of
 
 NAMES = ["m.q.lora_A.weight", "m.q.lora_B.weight", "m.classifier.weight"]
 SHAPES = [(4, 16), (16, 4), (3, 16)]
@@ -38,7 +38,6 @@ def test_fedit_round_aggregates_good_replies_and_rejects_malformed_ones():
     )
     assert len(messages) == 5
     assert all(set(tensors_of(m)) == set(NAMES) for m in messages)
-    assert strategy.ledger.bytes_down == sum(payload_bytes(m.content) for m in messages)
 
     good1, good2 = _tensors(1), _tensors(2)
     nan = _tensors(3)
@@ -52,17 +51,17 @@ def test_fedit_round_aggregates_good_replies_and_rejects_malformed_ones():
         reply(messages[3], wrong_shape, 10, "shape"),
         reply(messages[4], missing, 10, "keys"),
     ]
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    arrays, metrics, ledger = play_round(strategy, replies, 1)
 
     expected = weighted_mean([good1, good2], [10, 30])
     result = arrays.to_torch_state_dict()
     assert all(torch.allclose(result[n], expected[n]) for n in NAMES)
     assert metrics["num-examples"] == 40 and metrics["train_loss"] == pytest.approx(0.5)
-    reasons = " ".join(strategy.ledger.rejected)
+    reasons = " ".join(ledger.rejected)
     assert "nan: " in reasons and "NaN" in reasons
     assert "shape: " in reasons and "expected (16, 4)" in reasons
     assert "keys: " in reasons and "missing" in reasons
-    assert strategy.ledger.bytes_up == sum(payload_bytes(r.content) for r in replies)
+    assert ledger.bytes_up == sum(payload_bytes(r.content) for r in replies)
 
 
 def test_too_few_good_replies_leave_the_global_adapter_unchanged():
@@ -71,7 +70,7 @@ def test_too_few_good_replies_leave_the_global_adapter_unchanged():
     strategy.robust = RobustSettings("none")  # the plain example-weighted mean (two replies bound each other)
     messages = list(strategy.configure_train(1, ArrayRecord(_tensors(0)), ConfigRecord(), StaticGrid([1, 2])))
     bad = {**_tensors(1), NAMES[0]: torch.full(SHAPES[0], math.inf)}
-    arrays, _ = strategy.aggregate_train(1, [reply(messages[0], _tensors(1)), reply(messages[1], bad)])
+    arrays, _, ledger = play_round(strategy, [reply(messages[0], _tensors(1)), reply(messages[1], bad)], 1)
     assert arrays is None
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtune.config import Config
-from fedtune.edge import export as edge_export
+from fedtune.core.config import Config
+from fedtune.core.records import read_records
+from fedtune.edge.export import QualityCheck, export_classifier
+from fedtune.edge.parity import calibration_feeds, torch_outputs
 from fedtune.edge.quantize import int8_classifier
 from fedtune.engine.base_model import load_base_model, load_tokenizer
 from fedtune.engine.data import ExampleSet, TaskSpec, encode
-from fedtune.records import read_records
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +57,9 @@ def test_the_fallback_keeps_the_outlier_matmul_in_float_until_the_gate_holds(tmp
     checks, calibration = _examples(0, 200), _examples(200, 64)
     model = _model_with_outlier(_examples(264, 300))
     fp32 = tmp_path / "fp32.onnx"
-    edge_export._export_classifier(model, fp32)
-    reference = edge_export._torch_outputs(model, checks)
-
-    def check(path):
-        gate = edge_export._quality_gate("classification", reference, edge_export._ort_outputs(path, checks, model), checks)
-        return gate["accuracy_drop_points"] <= 1.0, gate
-
-    record = int8_classifier(fp32, tmp_path / "int8.onnx", edge_export._calibration_feeds(calibration), check, False)
+    export_classifier(model, fp32)
+    check = QualityCheck(model, checks, torch_outputs(model, checks), "classification", max_drop=1.0, min_agreement=1.0)
+    record = int8_classifier(fp32, tmp_path / "int8.onnx", calibration_feeds(calibration), check, False)
     first = record["attempts"][:3]
     assert [a["scheme"] for a in first] == ["dynamic", "static", "static-per-channel"]
     assert all(a["accuracy_drop_points"] > 10 for a in first)  # the plain schemes miss the gate by far

@@ -1,8 +1,8 @@
-"""The floor plan holds: one import namespace, and imports that only point down.
+"""The floor plan holds, read from the checkout as any tool reads it: imports only point down.
 
-The import-linter contracts in pyproject.toml run over the package tree as pip installs
-it (pyproject's package-dir mapping, copied), since the checkout keeps the floors in
-top-level folders.
+``fedtune/<floor>`` is a link to the top-level ``<floor>/`` folder, so import-linter (and mypy,
+pyright, editors) resolve every ``fedtune.*`` module to its file in the checkout; installed, the
+package-dir mapping in pyproject.toml does the same, and site-packages holds ``fedtune`` alone.
 """
 
 from __future__ import annotations
@@ -12,36 +12,36 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib
-
 from conftest import REPO
-from fedtune.processes import tool_path
+from fedtune.core.processes import tool_path
 
-
-def installed_layout(root: Path) -> Path:
-    mapping = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    for package, folder in sorted(mapping.items()):  # "fedtune" before "fedtune.engine"
-        shutil.copytree(REPO / folder, root / package.replace(".", "/"), ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+FLOORS = ("core", "engine", "strategies", "coordinator", "client", "edge", "simulations")
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` as a contributor runs it, in the checkout ROOT (its cwd is on the import path)."""
     return subprocess.run(
-        [tool_path("lint-imports"), str(REPO / "pyproject.toml")],
-        cwd=root, env={"PYTHONPATH": str(root), "PATH": str(Path(sys.executable).parent)},
+        [tool_path("lint-imports")], cwd=root, env={"PATH": str(Path(sys.executable).parent)},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
 
-def test_imports_point_down_the_floors(tmp_path):
-    result = lint_imports(installed_layout(tmp_path))
+def test_imports_point_down_the_floors_in_the_checkout():
+    result = lint_imports(REPO)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Contracts: 2 kept, 0 broken" in result.stdout, result.stdout
+    assert "Contracts: 1 kept, 0 broken" in result.stdout, result.stdout
+
+
+def test_every_floor_is_reached_through_fedtune_in_the_checkout():
+    for floor in FLOORS:
+        link = REPO / "fedtune" / floor
+        assert link.is_symlink() and link.resolve() == (REPO / floor).resolve(), floor
 
 
 def test_an_upward_import_breaks_the_contract(tmp_path):
-    root = installed_layout(tmp_path)
-    with open(root / "fedtune" / "engine" / "data.py", "a") as module:
+    root = tmp_path / "checkout"
+    shutil.copytree(REPO, root, symlinks=True, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "runs"))
+    with open(root / "engine" / "data.py", "a") as module:
         module.write("\nfrom fedtune.coordinator import federation  # noqa\n")
     result = lint_imports(root)
     assert result.returncode != 0

@@ -12,15 +12,14 @@ import random
 import pytest
 import torch
 
-from fedtune.config import load_config
+from fedtune.cli.resolve import resolve
+from fedtune.core.config import load_config
+from fedtune.core.errors import UserError
+from fedtune.core.records import read_records
 from fedtune.engine.adapters import build_adapter_model
 from fedtune.engine.data import TaskSpec, encode
-from fedtune.engine.dp_ledger import PrivacyLedger
-from fedtune.engine.resolve import resolve
 from fedtune.engine.trainers import make_trainer
 from fedtune.engine.trainers.moments import MOMENTS_FILE, keep, restore
-from fedtune.errors import UserError
-from fedtune.records import read_records
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 EXAMPLES = 24
@@ -50,11 +49,8 @@ def _train(setup, tmp_path, privacy: str, kept: str, rounds: list[int]) -> dict[
     config = resolve(load_config(QUICKSTART, overrides), name_hint="moments", need_train_data=True)
     model.load_state({k: v + 0.01 if ".lora_B." in k else v for k, v in start.items()})
     params = model.trainable({"lora_B", "head"})
-    ledger = PrivacyLedger.load(tmp_path, 1e-5) if privacy == "sample" else None
     for number, steps in enumerate(rounds, start=1):
-        trainer = make_trainer(
-            config, "backprop", number, name="c", examples=len(data), ledger=ledger, steps=steps, state_dir=tmp_path
-        )
+        trainer = make_trainer(config, "backprop", number, name="c", examples=len(data), steps=steps, state_dir=tmp_path)
         trainer.train(model, params, data, config.client, random.Random(number), steps)
     return model.state()
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import shared_data
-from fedtune.config import Config
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.records import read_records
 from fedtune.engine.data import holdout_split
 from fedtune.engine.partition import client_rows, partition_rows
-from fedtune.errors import UserError
-from fedtune.records import read_records
 
 SYNTH = "synthetic:support/train"
 

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from fedtune.ranks import rank_of
+from fedtune.core.ranks import rank_of
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +42,9 @@ def test_clients_of_three_ranks_train_one_model_and_download_what_their_rank_nee
 def test_fedex_run_folds_its_residual_into_checkpoints_that_evaluate_applies(tmp_path):
     """FedEx-LoRA with ranks 2 and 4 (five clients): the server's round-2 evaluation is reproduced from the checkpoint
     only when its base residual is applied (what ``fedtune evaluate`` and ``export`` load)."""
+    from fedtune.core.rundir import RunDir
     from fedtune.engine.checkpoint import RESIDUAL_FILE, load_run_model
     from fedtune.engine.evaluate import eval_set, evaluate
-    from fedtune.rundir import RunDir
 
     run = tmp_path / "run"
     settings = {

@@ -18,28 +18,30 @@ from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
 from conftest import run_cli, shared_data
-from fedtune.config import load_config
-from fedtune.dp_accounting import clip_warning, torch_generator
+from fedtune.cli.resolve import resolve
+from fedtune.coordinator.identity import NodeNames
+from fedtune.coordinator.session import Session
+from fedtune.core.config import load_config
+from fedtune.core.dp_accounting import clip_warning, torch_generator
+from fedtune.core.errors import UserError
+from fedtune.core.plan import role_of
+from fedtune.core.records import read_records
+from fedtune.core.rundir import RunDir
 from fedtune.engine.adapters import build_adapter_model
 from fedtune.engine.checkpoint import load_checkpoint
 from fedtune.engine.data import IGNORE_INDEX, TaskSpec, collate, encode
 from fedtune.engine.dp_ledger import PrivacyLedger
 from fedtune.engine.partition import client_rows
-from fedtune.engine.resolve import resolve
 from fedtune.engine.rounds import PUBLIC_UNDER_CLIENT_DP
 from fedtune.engine.trainers.backprop import BackpropTrainer, make_optimizer
 from fedtune.engine.trainers.base import seeded_torch
 from fedtune.engine.trainers.dpsgd import DPSGDTrainer, example_mean_loss, per_example_grad_norms
 from fedtune.engine.trainers.moments import MOMENTS_FILE
-from fedtune.errors import UserError
-from fedtune.plan import role_of
-from fedtune.records import read_records
-from fedtune.rundir import RunDir
 from fedtune.strategies import build_strategy
-from fedtune.strategies.client_dp import ClientLevelDP
+from fedtune.strategies.client_dp import DpFedAvg
 from fedtune.strategies.fair import fair_aggregate
 from fedtune.strategies.fedit import weighted_mean
-from flower_helpers import StaticGrid, enter_run, reply, tensors_of
+from flower_helpers import StaticGrid, enter_run, play_round, reply, tensors_of
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 SMALL = ["federation.clients=3", "federation.min_clients=3", "data.partition.kind=iid", "data.eval_max_examples=60"]
@@ -249,7 +251,7 @@ def _client_level_round(
     strategy_name: str, clip_norm: float, noise: float, deltas: list[float], extra: list[str] = ()
 ) -> tuple:
     """One round of the real strategy on three clients whose updates (from the broadcast they
-    decoded) have the given norms: (strategy, broadcast, client tensors, new global tensors)."""
+    decoded) have the given norms: (strategy, broadcast, client tensors, new global tensors, ledger)."""
     enter_run()
     torch.manual_seed(0)
     overrides = [
@@ -268,10 +270,10 @@ def _client_level_round(
         direction = {n: torch.randn_like(value) for n, value in broadcast.items()}
         length = math.sqrt(sum(float(d.square().sum()) for d in direction.values()))
         tensors.append({n: broadcast[n] + norm / length * direction[n] for n in broadcast})
-        proof = {"frozen-checksum": strategy.frozen_checksum or ""}
+        proof = {"frozen-checksum": strategy.strategy.frozen_checksum or ""}
         replies.append(reply(message, tensors[-1], num_examples=10 * (k + 1), name=f"client-{k}", **proof))
-    new, _ = strategy.aggregate_train(1, replies)
-    return strategy, broadcast, tensors, new.to_torch_state_dict()
+    new, _, ledger = play_round(strategy, replies, 1)
+    return strategy, broadcast, tensors, new.to_torch_state_dict(), ledger
 
 
 @pytest.mark.parametrize(
@@ -279,9 +281,9 @@ def _client_level_round(
 )
 def test_client_updates_entering_the_aggregate_are_clipped_to_clip_norm(strategy_name, extra):
     """Norms are measured from the broadcast each client decoded (int8: not the server's exact copy)."""
-    strategy, broadcast, _, new = _client_level_round(strategy_name, 0.5, 0.0, [5.0, 0.2, 2.0], extra)
-    assert strategy.ledger.update_norms == pytest.approx([5.0, 0.2, 2.0], rel=1e-4)
-    assert strategy.ledger.clip_norm == 0.5 and not strategy.ledger.rejected
+    strategy, broadcast, _, new, ledger = _client_level_round(strategy_name, 0.5, 0.0, [5.0, 0.2, 2.0], extra)
+    assert ledger.stats["update_norms"] == pytest.approx([5.0, 0.2, 2.0], rel=1e-4)
+    assert ledger.stats["clip_norm"] == 0.5 and not ledger.rejected
     mean_update = math.sqrt(sum(float((new[n] - broadcast[n]).square().sum()) for n in broadcast))
     assert mean_update <= 0.5 * (1 + 1e-5)  # every contribution <= C, so their mean is too
 
@@ -289,15 +291,15 @@ def test_client_updates_entering_the_aggregate_are_clipped_to_clip_norm(strategy
 def test_fair_clips_its_update_and_products_as_one_vector():
     """FAIR's correction reads B_k·A_k, so its changes are in the clipped release too."""
     deltas = [5.0, 0.2, 2.0]  # norms of the clients' tensor changes alone
-    strategy, broadcast, tensors, new = _client_level_round("fair", 0.5, 0.0, deltas)
+    strategy, broadcast, tensors, new, ledger = _client_level_round("fair", 0.5, 0.0, deltas)
     pairs = [(f"layer{i}.lora_A.weight", f"layer{i}.lora_B.weight") for i in range(3)]
-    for norm, delta, mine in zip(strategy.ledger.update_norms, deltas, tensors):
+    for norm, delta, mine in zip(ledger.stats["update_norms"], deltas, tensors):
         changes = [mine[n] - broadcast[n] for n in broadcast] + [
             mine[b] @ mine[a] - broadcast[b] @ broadcast[a] for a, b in pairs
         ]
         assert norm == pytest.approx(math.sqrt(sum(float(c.square().sum()) for c in changes)), rel=1e-4)
         assert norm > delta * 1.01  # the products' changes count too
-    released = [strategy.released(u) for u in strategy.ledger.updates]
+    released = [strategy.strategy.released(u) for u in ledger.updates]
     assert all(sum(1 for k in r if ".lora_BA." in k) == 3 for r in released)
     a_change = math.sqrt(sum(float((new[a] - broadcast[a]).square().sum()) for a, _ in pairs))
     assert a_change <= 0.5 * (1 + 1e-5)  # A is not corrected: its change is a part of the clipped mean
@@ -305,8 +307,8 @@ def test_fair_clips_its_update_and_products_as_one_vector():
 
 def test_fair_under_client_level_dp_without_noise_or_clipping_is_plain_fair():
     """With z = 0 and no clipping the released means are the plain means: the correction is FAIR's own."""
-    strategy, _, tensors, new = _client_level_round("fair", clip_norm=1e6, noise=0.0, deltas=[5.0, 0.2, 2.0])
-    expected = fair_aggregate(tensors, [1, 1, 1], strategy.settings)  # DP-FedAvg weighs clients equally
+    strategy, _, tensors, new, ledger = _client_level_round("fair", clip_norm=1e6, noise=0.0, deltas=[5.0, 0.2, 2.0])
+    expected = fair_aggregate(tensors, [1, 1, 1], strategy.strategy.solver)  # DP-FedAvg weighs clients equally
     plain = weighted_mean(tensors, [1, 1, 1])
     for name, value in expected.items():
         torch.testing.assert_close(new[name], value, rtol=1e-4, atol=1e-5)
@@ -314,7 +316,7 @@ def test_fair_under_client_level_dp_without_noise_or_clipping_is_plain_fair():
 
 
 def test_client_level_dp_without_noise_or_clipping_is_the_plain_mean():
-    strategy, _, tensors, new = _client_level_round("fedit", clip_norm=1e6, noise=0.0, deltas=[5.0, 0.2, 2.0])
+    strategy, _, tensors, new, ledger = _client_level_round("fedit", clip_norm=1e6, noise=0.0, deltas=[5.0, 0.2, 2.0])
     expected = weighted_mean(tensors, [1, 1, 1])  # DP-FedAvg weighs clients equally
     for name, value in expected.items():
         torch.testing.assert_close(new[name], value, rtol=1e-5, atol=1e-6)
@@ -322,19 +324,22 @@ def test_client_level_dp_without_noise_or_clipping_is_the_plain_mean():
 
 def test_client_level_noise_has_the_mechanism_s_scale():
     """Noise std on each coordinate of the mean = z·C/(q·N)."""
-    strategy, start, _, new = _client_level_round("ffa", clip_norm=1e-6, noise=2.0, deltas=[1.0, 1.0, 1.0])
-    noise = torch.cat([(new[n] - start[n]).flatten() for n in strategy.sent_names()])
+    strategy, start, _, new, ledger = _client_level_round("ffa", clip_norm=1e-6, noise=2.0, deltas=[1.0, 1.0, 1.0])
+    noise = torch.cat([(new[n] - start[n]).flatten() for n in strategy.strategy.uploaded_names()])
     assert noise.std().item() == pytest.approx(2.0 * 1e-6 / 3, rel=0.15)
-    assert strategy.privacy.history == [(2.0, 1.0, 1)]
+    assert strategy.mechanism.history == [(2.0, 1.0, 1)]
 
 
 def test_client_level_sampling_is_poisson_at_the_fraction_and_accounted_at_it():
     config = resolve(
-        load_config(QUICKSTART, ["privacy.mode=client", "privacy.noise_multiplier=1", "federation.fraction=0.3"]),
+        load_config(
+            QUICKSTART,
+            ["privacy.mode=client", "privacy.noise_multiplier=1", "federation.fraction=0.3", "federation.min_clients=1"],
+        ),
         name_hint="dp",
         need_train_data=True,
     )
-    dp = ClientLevelDP.from_config(config)
+    dp = DpFedAvg.from_config(config)
     sizes = [len(dp.sample(list(range(100)), round_number=1)) for _ in range(200)]
     assert 27 <= sum(sizes) / len(sizes) <= 33 and len(set(sizes)) > 5  # Binomial(100, 0.3), not a fixed 30
     assert dp.sample_rate == 0.3 and dp.expected_clients == pytest.approx(0.3 * config.federation.clients)
@@ -344,10 +349,11 @@ def test_clients_out_of_budget_are_not_sampled_to_train():
     enter_run()
     config = resolve(load_config(QUICKSTART, SMALL), name_hint="dp", need_train_data=True)
     strategy = build_strategy(config)
-    strategy.identity.bound, strategy.retired = {2: "client-1"}, {"client-1"}
-    arrays = ArrayRecord({"classifier.weight": torch.zeros(3, 8)})
-    trained = strategy.configure_train(1, arrays, ConfigRecord(), StaticGrid([1, 2, 3]))
-    evaluated = strategy.configure_evaluate(1, arrays, ConfigRecord(), StaticGrid([1, 2, 3]))
+    session = Session(strategy, NodeNames(bound={2: "client-1"}), budget_replies=True)
+    session.retired = {"client-1"}
+    arrays, grid = ArrayRecord({"classifier.weight": torch.zeros(3, 8)}), StaticGrid([1, 2, 3])
+    trained = strategy.configure_train(1, arrays, ConfigRecord(), session.trainers(grid))
+    evaluated = strategy.configure_evaluate(1, arrays, ConfigRecord(), session.evaluators(grid))
     assert sorted(m.metadata.dst_node_id for m in trained) == [1, 3]
     assert sorted(m.metadata.dst_node_id for m in evaluated) == [1, 2, 3]
 
@@ -357,10 +363,10 @@ def test_client_level_state_survives_a_resume_and_adaptive_noise_is_split():
     config = resolve(
         load_config(QUICKSTART, [*overrides, "privacy.clipped_count_stddev=5"]), name_hint="dp", need_train_data=True
     )
-    dp = ClientLevelDP.from_config(config)
+    dp = DpFedAvg.from_config(config)
     assert dp.count_stddev == 5 and dp.update_noise == pytest.approx((1 - (2 * 5) ** -2) ** -0.5)
     dp.history, dp.clip_norm = [(1.0, 1.0, 1), (1.0, 1.0, 1)], 0.37
-    resumed = ClientLevelDP.from_config(config)
+    resumed = DpFedAvg.from_config(config)
     resumed.load_state_dict(json.loads(json.dumps(dp.state_dict())))  # as the checkpoint stores it
     assert resumed.history == dp.history and resumed.clip_norm == 0.37
     assert resumed.epsilon() == pytest.approx(opacus_epsilon([(1.0, 1.0, 2)]), rel=1e-6)
@@ -401,6 +407,10 @@ def test_client_level_run_accounts_like_opacus_and_stops_at_its_budget(tmp_path)
         (["privacy.mode=sample", "privacy.target_epsilon=3", "client.zo_clients=[1]"], "DP-SGD needs backprop clients"),
         (["privacy.mode=sample", "privacy.target_epsilon=3", "client.grad_accum=2"], "client.grad_accum must be 1"),
         (["privacy.mode=laplace"], "privacy.mode: Input should be 'none', 'sample' or 'client'"),
+        (
+            ["privacy.mode=client", "privacy.noise_multiplier=1", "federation.fraction=0.2"],
+            "1.00 of 5 clients are expected per round, fewer than federation.min_clients (3)",
+        ),
     ],
 )
 def test_dp_settings_that_cannot_be_honoured_are_refused_at_config_load(overrides, message):
@@ -417,7 +427,7 @@ def test_adaptive_clipping_moves_the_clip_norm_towards_the_target_quantile():
         name_hint="dp",
         need_train_data=True,
     )
-    dp = ClientLevelDP.from_config(config)
+    dp = DpFedAvg.from_config(config)
     dp.adapt([5.0, 5.0, 5.0], round_number=1)
     assert dp.clip_norm == pytest.approx(math.exp(0.2 * 0.5))
     dp.clip_norm = 1.0
@@ -559,7 +569,7 @@ def test_physical_chunks_hold_the_logical_batch_once_grouped_by_length():
 
 def test_noise_to_signal_is_the_noise_norm_over_the_clip_norm():
     """σ·C/B on each of d coordinates has norm σ·C·√d/B; the averaged clipped signal at most C."""
-    from fedtune.dp_accounting import NOISE_TO_SIGNAL_LIMIT, noise_to_signal, utility_warning
+    from fedtune.core.dp_accounting import NOISE_TO_SIGNAL_LIMIT, noise_to_signal, utility_warning
 
     assert noise_to_signal(0.5, 10_000, 50) == pytest.approx(1.0)
     assert noise_to_signal(2.0, 40_000, 100) == pytest.approx(4.0)

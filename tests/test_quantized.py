@@ -9,9 +9,9 @@ import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
 from conftest import run_cli, write_support_check
-from fedtune.config import load_config
+from fedtune.cli.resolve import resolve
+from fedtune.core.config import load_config
 from fedtune.engine.adapters import build_adapter_model
-from fedtune.engine.resolve import resolve
 
 pytestmark = pytest.mark.slow
 

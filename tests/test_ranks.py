@@ -6,19 +6,20 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedtune.config import PER_CLIENT_RANK_STRATEGIES, Config
-from fedtune.engine.resolve import check_ranks
-from fedtune.errors import UserError
-from fedtune.plan import ParameterPlan
-from fedtune.ranks import lora_scale, rank_of, resize
-from fedtune.strategies import STRATEGIES, build_strategy
-from fedtune.strategies.base import payload_bytes
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.core.plan import ParameterPlan
+from fedtune.core.ranks import LoraScale, rank_of, resize
+from fedtune.core.wire import payload_bytes
+from fedtune.strategies import STRATEGIES, build_strategy, check_config
 from fedtune.strategies.flexlora import flexlora_combine, svd_factors
 from fedtune.strategies.hetlora import hetlora_combine, product_norm, sparsity_weights
-from flower_helpers import StaticGrid, enter_run, reply, tensors_of
+from flower_helpers import StaticGrid, enter_run, play_round, reply, tensors_of
 
 LAYERS = {"q": (5, 6), "v": (4, 6)}  # (d_out, d_in) of two targeted layers
 ALPHA = 16.0
+PER_CLIENT_RANK = [name for name, cls in STRATEGIES.items() if cls.plan.per_client_ranks]
+SCALE = LoraScale(ALPHA)
 
 
 def _factors(rank: int, seed: int, head: bool = True) -> dict[str, torch.Tensor]:
@@ -35,7 +36,7 @@ def _factors(rank: int, seed: int, head: bool = True) -> dict[str, torch.Tensor]
 def _products(tensors: dict[str, torch.Tensor], rslora: bool = False) -> dict[str, torch.Tensor]:
     rank = rank_of(tensors)
     return {
-        layer: lora_scale(ALPHA, rank, rslora) * tensors[f"m.{layer}.lora_B.weight"] @ tensors[f"m.{layer}.lora_A.weight"]
+        layer: LoraScale(ALPHA, rslora).at(rank) * tensors[f"m.{layer}.lora_B.weight"] @ tensors[f"m.{layer}.lora_A.weight"]
         for layer in LAYERS
     }
 
@@ -46,11 +47,11 @@ def _products(tensors: dict[str, torch.Tensor], rslora: bool = False) -> dict[st
 @pytest.mark.parametrize("rslora", [False, True])
 def test_padding_keeps_the_product_and_cutting_back_restores_the_factors(rslora):
     small = _factors(2, seed=0)
-    padded = resize(small, 8, ALPHA, rslora)
+    padded = resize(small, 8, LoraScale(ALPHA, rslora))
     assert rank_of(padded) == 8 and padded["m.q.lora_A.weight"].shape == (8, 6)
     for layer, product in _products(small, rslora).items():
         torch.testing.assert_close(_products(padded, rslora)[layer], product, rtol=1e-5, atol=1e-5)
-    back = resize(padded, 2, ALPHA, rslora)
+    back = resize(padded, 2, LoraScale(ALPHA, rslora))
     for name, value in small.items():
         torch.testing.assert_close(back[name], value, rtol=1e-5, atol=1e-6)
     assert torch.equal(padded["m.classifier.weight"], small["m.classifier.weight"])  # heads untouched
@@ -58,10 +59,10 @@ def test_padding_keeps_the_product_and_cutting_back_restores_the_factors(rslora)
 
 def test_cutting_keeps_the_first_components_product():
     big = _factors(6, seed=1, head=False)
-    cut = resize(big, 3, ALPHA)
+    cut = resize(big, 3, SCALE)
     for layer in LAYERS:
         b, a = big[f"m.{layer}.lora_B.weight"], big[f"m.{layer}.lora_A.weight"]
-        expected = lora_scale(ALPHA, 6) * b[:, :3] @ a[:3]
+        expected = SCALE.at(6) * b[:, :3] @ a[:3]
         torch.testing.assert_close(_products(cut)[layer], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -79,8 +80,8 @@ def test_flexlora_at_full_svd_rank_reproduces_the_exact_weighted_product():
     clients = [_factors(4, seed=k) for k in range(3)]
     weights = [10.0, 30.0, 60.0]
     global_rank = 5  # min(d_out, d_in) of both layers: every product fits
-    lifted = [resize(c, global_rank, ALPHA) for c in clients]
-    combined = flexlora_combine(lifted, weights, global_rank, resize(_factors(5, seed=7), global_rank, ALPHA))
+    lifted = [resize(c, global_rank, SCALE) for c in clients]
+    combined = flexlora_combine(lifted, weights, global_rank, resize(_factors(5, seed=7), global_rank, SCALE))
     total = sum(weights)
     for layer in LAYERS:
         exact = sum(w / total * _products(c)[layer] for c, w in zip(clients, weights))
@@ -105,7 +106,7 @@ def test_flexlora_cut_is_the_best_low_rank_approximation():
 def test_hetlora_pads_weights_by_norm_and_cuts_back_to_each_clients_shapes():
     ranks = [2, 4, 8]
     clients = [_factors(r, seed=r) for r in ranks]
-    lifted = [resize(c, 8, ALPHA) for c in clients]
+    lifted = [resize(c, 8, SCALE) for c in clients]
     combined = hetlora_combine(lifted, [1.0, 1.0, 1.0])
     for layer in LAYERS:
         products = [t[f"m.{layer}.lora_B.weight"] @ t[f"m.{layer}.lora_A.weight"] for t in lifted]
@@ -117,7 +118,7 @@ def test_hetlora_pads_weights_by_norm_and_cuts_back_to_each_clients_shapes():
         expected = sum(p * t[f"m.{layer}.lora_A.weight"] for p, t in zip(share, lifted))
         torch.testing.assert_close(combined[f"m.{layer}.lora_A.weight"], expected)
     for rank, client in zip(ranks, clients):
-        back = resize(combined, rank, ALPHA)
+        back = resize(combined, rank, SCALE)
         assert {n: tuple(v.shape) for n, v in back.items()} == {n: tuple(v.shape) for n, v in client.items()}
 
 
@@ -135,7 +136,7 @@ def _strategy(name: str, global_rank: int = 8):
     return build_strategy(config)
 
 
-@pytest.mark.parametrize("name", PER_CLIENT_RANK_STRATEGIES)
+@pytest.mark.parametrize("name", PER_CLIENT_RANK)
 def test_each_client_gets_and_sends_factors_of_its_own_rank(name):
     strategy = _strategy(name)
     start = _factors(8, seed=9)
@@ -147,11 +148,11 @@ def test_each_client_gets_and_sends_factors_of_its_own_rank(name):
     replies = []
     for message in first:
         node = message.metadata.dst_node_id
-        mine = resize(tensors_of(message), ranks[node], ALPHA)  # what the client does (ClientJob.fit_rank)
+        mine = resize(tensors_of(message), ranks[node], SCALE)  # what the client does (ClientJob.fit_rank)
         trained = {k: v + 0.01 * (node + 1) for k, v in mine.items()}
         replies.append(reply(message, trained, 10, f"client-{node}", rank=ranks[node]))
-    arrays, _ = strategy.aggregate_train(1, replies)
-    assert arrays is not None and not strategy.ledger.rejected
+    arrays, _, ledger = play_round(strategy, replies, 1)
+    assert arrays is not None and not ledger.rejected
     new = arrays.to_torch_state_dict()
     assert rank_of(new) == 8
     factor_bytes = [payload_bytes(RecordDict({k: m.content[k] for k in ("arrays", "layout")})) for m in first]
@@ -161,26 +162,22 @@ def test_each_client_gets_and_sends_factors_of_its_own_rank(name):
     assert sum(smaller) < sum(factor_bytes)  # smaller ranks download smaller factors (FLoRA, FedEx: + a residual)
 
 
-@pytest.mark.parametrize("name", PER_CLIENT_RANK_STRATEGIES)
+@pytest.mark.parametrize("name", PER_CLIENT_RANK)
 def test_a_reply_is_checked_at_the_rank_it_declares(name):
     strategy = _strategy(name)
     enter_run()
     messages = strategy.configure_train(1, ArrayRecord(_factors(8, seed=2)), ConfigRecord(), StaticGrid([1, 2, 3, 4]))
-    at_4 = resize(tensors_of(messages[0]), 4, ALPHA)
+    at_4 = resize(tensors_of(messages[0]), 4, SCALE)
     replies = [
         reply(messages[0], at_4, 10, "client-1", rank=4),  # fine
         reply(messages[1], at_4, 10, "client-2", rank=2),  # declares 2, sends 4
         reply(messages[2], _factors(9, seed=1), 10, "client-3", rank=9),  # above the global rank
         reply(messages[3], at_4, 10, "client-4"),  # no rank
     ]
-    strategy.aggregate_train(1, replies)
-    reasons = sorted(strategy.ledger.rejected)
+    _, _, ledger = play_round(strategy, replies, 1)
+    reasons = sorted(ledger.rejected)
     assert len(reasons) == 3 and reasons[0].startswith("client-2: ") and "shape" in reasons[0]
     assert all("'rank' must be an integer between 1 and 8" in r for r in reasons[1:]), reasons
-
-
-def test_the_registry_knows_which_strategies_take_per_client_ranks():
-    assert PER_CLIENT_RANK_STRATEGIES == tuple(n for n, s in STRATEGIES.items() if s.plan.per_client_ranks)
 
 
 @pytest.mark.parametrize(
@@ -194,14 +191,14 @@ def test_the_registry_knows_which_strategies_take_per_client_ranks():
 )
 def test_what_per_client_ranks_cannot_do_is_one_line(settings, words):
     with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        check_ranks(Config.model_validate(settings))
+        check_config(Config.model_validate(settings))
 
 
 def test_a_client_whose_rank_the_strategy_cannot_take_is_told_so():
     from fedtune.client.job import ClientJob
 
     job = ClientJob.__new__(ClientJob)
-    job.config = Config.model_validate({"adapter": {"r": 4}})
+    job.config, job.rank = Config.model_validate({"adapter": {"r": 8}}), 4
     with pytest.raises(UserError, match="rank 4: this run trains every client at rank 8"):
         job.fit_rank(STRATEGIES["fedit"].plan, _factors(8, seed=0))
     assert rank_of(job.fit_rank(STRATEGIES["flexlora"].plan, _factors(8, seed=0))) == 4
@@ -257,8 +254,8 @@ def test_agents_choose_their_rank_and_one_process_keeps_one_base_model(tmp_path)
             replies.append(client_app.train(message, agents[message.metadata.dst_node_id]))
             loads = SHARED_MODEL.loads if loads is None else loads
         assert {r.content["info"]["name"]: r.content["info"]["rank"] for r in replies} == {"agent-2": 2, "agent-4": 4}
-        arrays, _ = strategy.aggregate_train(round_number, replies)
-        assert arrays is not None and not strategy.ledger.rejected, strategy.ledger.rejected
+        arrays, _, ledger = play_round(strategy, replies, round_number)
+        assert arrays is not None and not ledger.rejected, ledger.rejected
     assert SHARED_MODEL.loads == loads  # the second rank added an adapter, not a base model
 
     fedit = _config("fedit", tmp_path)
@@ -273,8 +270,8 @@ def test_flexlora_components_that_delta_w_leaves_empty_can_still_learn():
     """Two rank-1 clients, global rank 5: ΔW has rank 2, components 3 to 5 have no singular value.
     Their B stays zero (the product is exact) and their A rows keep the previous global A."""
     clients = [_factors(1, seed=k, head=False) for k in range(2)]
-    previous = resize(_factors(5, seed=11, head=False), 5, ALPHA)
-    combined = flexlora_combine([resize(c, 5, ALPHA) for c in clients], [1.0, 1.0], 5, previous)
+    previous = resize(_factors(5, seed=11, head=False), 5, SCALE)
+    combined = flexlora_combine([resize(c, 5, SCALE) for c in clients], [1.0, 1.0], 5, previous)
     for layer in LAYERS:
         a, b = combined[f"m.{layer}.lora_A.weight"], combined[f"m.{layer}.lora_B.weight"]
         assert not b[:, 2:].any() and torch.equal(a[2:], previous[f"m.{layer}.lora_A.weight"][2:])
@@ -288,8 +285,8 @@ def test_seed_uploads_are_refused_with_per_client_ranks(declared):
     from flwr.app import ConfigRecord as Config_
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from fedtune import wire
-    from fedtune.spsa import ZOStep
+    from fedtune.core import wire
+    from fedtune.core.spsa import ZOStep
 
     strategy = _strategy("flexlora")
     enter_run()
@@ -298,9 +295,9 @@ def test_seed_uploads_are_refused_with_per_client_ranks(declared):
     content = RecordDict(
         {**seeds, "metrics": MetricRecord({"num-examples": 10}), "info": Config_({"name": "client-1", "rank": declared})}
     )
-    strategy.aggregate_train(1, [Message(content=content, reply_to=message)])
+    _, _, ledger = play_round(strategy, [Message(content=content, reply_to=message)], 1)
     expected = "seed uploads: not with per-client ranks" if declared == 2 else "'rank' must be an integer between 1 and 8"
-    assert len(strategy.ledger.rejected) == 1 and expected in strategy.ledger.rejected[0], strategy.ledger.rejected
+    assert len(ledger.rejected) == 1 and expected in ledger.rejected[0], ledger.rejected
     assert 1 not in strategy.ranks  # a refused reply teaches the coordinator nothing
 
 
@@ -325,7 +322,7 @@ def test_an_agent_with_rank_auto_measures_its_step_and_says_what_it_chose(tmp_pa
     resident memory, which moves by more than MiniLM's ~0.2 MB per rank between two calls."""
     import yaml
 
-    from fedtune.client.job import _job
+    from fedtune.client.job import ClientKey, job_of
     from fedtune.engine import memory
 
     raw = yaml.safe_load(open("simulations/configs/quickstart.yaml"))
@@ -338,19 +335,19 @@ def test_an_agent_with_rank_auto_measures_its_step_and_says_what_it_chose(tmp_pa
     rows.write_text("".join(f'{{"text": "message number {i} about the order", "label": "question"}}\n' for i in range(40)))
     at_8 = memory.Footprint(resident=400 * memory.MB, backprop=600 * memory.MB, zo=410 * memory.MB)
     monkeypatch.setattr(memory, "estimate", lambda *args: at_8)
-    roomy = _job(text, str(rows), "roomy", str(tmp_path), "", "backprop", 600.0, -1)
+    roomy = job_of(ClientKey(text, "roomy", str(tmp_path), data_path=str(rows), mode="backprop", memory_budget_mb=600.0, rank="auto"))
     assert roomy.rank == 8 and "roomy: auto rank: rank 8: backprop step ~600 MB fits" in capsys.readouterr().out
     per_rank = memory.rank_bytes(roomy.model, roomy.train, roomy.config.client)
     longest = max(len(e["input_ids"]) for e in roomy.train.examples)
     assert per_rank == 16 * 12 * (384 + 384) + 4 * 12 * 16 * longest  # 12 LoRA layers of MiniLM, batch 16
     budget_mb = (at_8.backprop - 5 * per_rank) / memory.MB  # room for rank 3, not 4: rank 2
-    tight = _job(text, str(rows), "tight", str(tmp_path), "", "backprop", budget_mb, -1)
+    tight = job_of(ClientKey(text, "tight", str(tmp_path), data_path=str(rows), mode="backprop", memory_budget_mb=budget_mb, rank="auto"))
     assert tight.rank == 2 and tight.model.model is roomy.model.model  # one base model, an adapter per rank
     assert "tight: auto rank: rank 2" in capsys.readouterr().out
-    zo = _job(text, str(rows), "zo", str(tmp_path), "", "zo", 1.0, -1)
+    zo = job_of(ClientKey(text, "zo", str(tmp_path), data_path=str(rows), mode="zo", memory_budget_mb=1.0, rank="auto"))
     assert zo.rank == 8 and "a zo step's memory hardly depends on the rank" in capsys.readouterr().out
     one_rank = text.replace("name: flexlora", "name: fedit")
-    fedit = _job(one_rank, str(rows), "fedit", str(tmp_path), "", "backprop", budget_mb, -1)
+    fedit = job_of(ClientKey(one_rank, "fedit", str(tmp_path), data_path=str(rows), mode="backprop", memory_budget_mb=budget_mb, rank="auto"))
     assert fedit.rank == 8 and "strategy fedit trains every client at one rank" in capsys.readouterr().out
 
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import run_cli
-from fedtune.processes import free_port
+from fedtune.core.processes import free_port
 
 pytestmark = pytest.mark.slow
 

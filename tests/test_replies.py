@@ -26,9 +26,9 @@ from flwr.superlink.grid.http_grid import HttpGrid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedtune import faults
 from fedtune.coordinator.fleet_rules import Instruction, push_problem
 from fedtune.coordinator.replies import ReplyBudget, collect
+from fedtune.core import faults
 from flower_helpers import enter_run
 
 RUN, AGENT, OTHER = 7, 1001, 1002

@@ -16,9 +16,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from conftest import REPO, run_cli
-from fedtune.config import Config, load_config
-from fedtune.engine.resolve import resolve
-from fedtune.errors import UserError
+from fedtune.cli.resolve import resolve
+from fedtune.core.config import Config, load_config
+from fedtune.core.errors import UserError
 from fedtune.strategies import build_strategy
 from fedtune.strategies.fair import fair_aggregate
 from fedtune.strategies.robust import (
@@ -31,7 +31,7 @@ from fedtune.strategies.robust import (
     update_norms,
     weighted_mean,
 )
-from flower_helpers import StaticGrid, enter_run, reply, tensors_of
+from flower_helpers import StaticGrid, enter_run, play_round, reply, tensors_of
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 LAYERS = 3
@@ -56,7 +56,7 @@ def _strategy(strategy: str = "fedit", clients: int = 10, **settings):
 
 def _round(strategy, clients: list[tuple[dict, int]], start=None):
     """One round: ``clients`` are (tensors to send, num-examples) or a function of the broadcast
-    giving them. Returns (broadcast, what each client sent, the new global tensors)."""
+    giving them. Returns (broadcast, what each client sent, the new global tensors, the round's ledger)."""
     enter_run()
     start = _start() if start is None else start
     nodes = list(range(1, len(clients) + 1))
@@ -69,10 +69,10 @@ def _round(strategy, clients: list[tuple[dict, int]], start=None):
         sent.append(tensors)
         proof = {"frozen-checksum": strategy.frozen_checksum or ""}
         replies.append(reply(message, tensors, num_examples=count, name=f"client-{k:02d}", **proof))
-    new, _ = strategy.aggregate_train(1, replies)
-    assert not strategy.ledger.rejected, strategy.ledger.rejected
+    new, _, ledger = play_round(strategy, replies, 1)
+    assert not ledger.rejected, ledger.rejected
     result = new.to_torch_state_dict()
-    return broadcast, sent, {k: result[k] for k in broadcast}
+    return broadcast, sent, {k: result[k] for k in broadcast}, ledger
 
 
 def _honest(seed: int, scale: float = 0.05):
@@ -101,12 +101,12 @@ def _distance(x: dict, y: dict) -> float:
 def test_a_liar_cannot_take_over_the_global_model_under_the_defaults(strategy_name):
     clients = [_honest(k) for k in range(9)] + [_liar]
     strategy = _strategy(strategy_name)
-    broadcast, sent, new = _round(strategy, clients)
+    broadcast, sent, new, ledger = _round(strategy, clients)
     counts = [80 + 5 * k for k in range(9)]
     honest = fair_aggregate(sent[:9], counts) if strategy_name == "fair" else weighted_mean(sent[:9], counts)
     poison = sent[9]
     median_norm = sorted(update_norms(sent[:9], [broadcast] * 9))[4]
-    assert strategy.ledger.clipped_updates == 1 and strategy.ledger.capped_weights == 1
+    assert ledger.stats.get("robust_clipped", 0) == 1 and ledger.stats.get("robust_capped", 0) == 1
     # the liar holds at most 3/(3+9) of the weight and moves at most 3 median norms
     assert _distance(new, honest) <= 1.0 * median_norm
     assert _distance(new, honest) < 0.1 * _distance(poison, honest)  # without bounds: the whole distance
@@ -115,17 +115,17 @@ def test_a_liar_cannot_take_over_the_global_model_under_the_defaults(strategy_na
 def test_without_robust_aggregation_the_liar_takes_over():
     clients = [_honest(k) for k in range(9)] + [_liar]
     strategy = _strategy("fedit", robust="none")
-    _, sent, new = _round(strategy, clients)
+    _, sent, new, ledger = _round(strategy, clients)
     poison = sent[9]
     for name in poison:
         assert torch.allclose(new[name], poison[name], atol=1e-5)  # what finding 3 reproduced
-    assert strategy.ledger.clipped_updates == 0 and strategy.ledger.capped_weights == 0
+    assert ledger.stats.get("robust_clipped", 0) == 0 and ledger.stats.get("robust_capped", 0) == 0
 
 
 @pytest.mark.parametrize("method", ["trimmed-mean", "median"])
 def test_coordinatewise_statistics_ignore_the_liar(method):
     clients = [_honest(k) for k in range(9)] + [_liar]
-    broadcast, sent, new = _round(_strategy("ffa", robust=method), clients)
+    broadcast, sent, new, ledger = _round(_strategy("ffa", robust=method), clients)
     honest = weighted_mean(sent[:9], [80 + 5 * k for k in range(9)])
     median_norm = sorted(update_norms(sent[:9], [broadcast] * 9))[4]
     assert _distance(new, honest) <= 0.5 * median_norm
@@ -162,11 +162,11 @@ def test_ffa_global_norm_stays_put_after_a_huge_update():
 
     clients = [huge] + [_honest(k) for k in range(1, 10)]
     strategy = _strategy("ffa")
-    broadcast, sent, new = _round(strategy, clients)
+    broadcast, sent, new, ledger = _round(strategy, clients)
     median_norm = sorted(update_norms(sent, [broadcast] * 10))[5]
-    assert strategy.ledger.clipped_updates == 1
+    assert ledger.stats.get("robust_clipped", 0) == 1
     assert _distance(new, broadcast) <= 3.0 * median_norm  # the whole round moves less than one bound
-    _, _, unbounded = _round(_strategy("ffa", robust="none"), clients)
+    _, _, unbounded, ledger = _round(_strategy("ffa", robust="none"), clients)
     assert _distance(unbounded, broadcast) > 1e4 * median_norm  # what finding 4 reproduced
 
 
@@ -190,8 +190,8 @@ def test_trimmed_mean_and_median_on_hand_made_values():
 def test_ffa_median_is_taken_per_coordinate_of_b():
     clients = [_honest(k) for k in range(5)]
     strategy = _strategy("ffa", clients=5, robust="median")
-    _, sent, new = _round(strategy, clients)
-    assert strategy.ledger.clipped_updates == 0  # similar steps: the median alone is at work
+    _, sent, new, ledger = _round(strategy, clients)
+    assert ledger.stats.get("robust_clipped", 0) == 0  # similar steps: the median alone is at work
     assert all(".lora_A." not in name for name in new)  # A is frozen: never sent, never aggregated
     for name in new:
         expected = torch.stack([s[name] for s in sent]).median(dim=0).values  # odd K: a client's value
@@ -235,8 +235,8 @@ def _old_weighted_mean(tensors, weights):
 def test_the_weighted_mean_is_unchanged_when_no_client_is_out_of_bounds(strategy_name, method):
     clients = [_honest(k) for k in range(6)]
     strategy = _strategy(strategy_name, clients=6, robust=method)
-    _, sent, new = _round(strategy, clients)
-    assert strategy.ledger.clipped_updates == 0 and strategy.ledger.capped_weights == 0
+    _, sent, new, ledger = _round(strategy, clients)
+    assert ledger.stats.get("robust_clipped", 0) == 0 and ledger.stats.get("robust_capped", 0) == 0
     expected = _old_weighted_mean(sent, [80 + 5 * k for k in range(6)])
     for name in new:
         assert torch.equal(new[name], expected[name]), name
@@ -244,7 +244,7 @@ def test_the_weighted_mean_is_unchanged_when_no_client_is_out_of_bounds(strategy
 
 def test_robust_none_keeps_the_old_mean_even_for_outliers():
     clients = [_honest(k) for k in range(9)] + [_liar]
-    _, sent, new = _round(_strategy("fedit", robust="none"), clients)
+    _, sent, new, ledger = _round(_strategy("fedit", robust="none"), clients)
     expected = _old_weighted_mean(sent, [80 + 5 * k for k in range(9)] + [10**9])
     assert all(torch.equal(new[name], expected[name]) for name in new)
 
@@ -252,10 +252,10 @@ def test_robust_none_keeps_the_old_mean_even_for_outliers():
 def test_weights_are_capped_at_the_ratio_times_the_others_median_count():
     clients = [_honest(k) for k in range(4)] + [lambda b: (_honest(9)(b)[0], 10_000)]
     strategy = _strategy("fedit", clients=5, max_weight_ratio=2.0)
-    _, sent, new = _round(strategy, clients)
+    _, sent, new, ledger = _round(strategy, clients)
     counts = [80, 85, 90, 95]  # the liar's cap: 2 × the median of the other four counts, 87.5
     expected = _old_weighted_mean(sent, [*counts, 2.0 * 87.5])
-    assert strategy.ledger.capped_weights == 1
+    assert ledger.stats.get("robust_capped", 0) == 1
     assert all(torch.allclose(new[name], expected[name], atol=1e-6) for name in new)
 
 
@@ -308,9 +308,9 @@ def test_norm_bound_is_a_no_op_under_client_level_dp():
 
     clients = [_honest(k) for k in range(9)] + [_liar]
     bounded = dp_strategy("norm-bound")
-    _, _, with_bounds = _round(bounded, clients)
-    _, _, without = _round(dp_strategy("none"), clients)
-    assert bounded.ledger.clipped_updates == 0 and bounded.ledger.capped_weights == 0
+    _, _, with_bounds, bounded_ledger = _round(bounded, clients)
+    _, _, without, _ = _round(dp_strategy("none"), clients)
+    assert bounded_ledger.stats.get("robust_clipped", 0) == 0 and bounded_ledger.stats.get("robust_capped", 0) == 0
     assert all(torch.equal(with_bounds[name], without[name]) for name in without)
 
 

@@ -26,7 +26,7 @@ from test_deployment import CONFIG, SMALL, agent, fedtune, finish, stop, wait_fo
 
 from conftest import REPO, run_cli
 from fedtune.coordinator.superlink import SuperLink
-from fedtune.processes import free_port, quiet_environment, tool_path
+from fedtune.core.processes import free_port, quiet_environment, tool_path
 from hosts import Hosts
 
 pytestmark = pytest.mark.slow

@@ -118,7 +118,7 @@ def test_flower_s_message_polling_yields_the_cpu_to_the_client_actors():
     import os
     import threading
 
-    from fedtune.processes import LOWEST_PRIORITY, yield_to_clients
+    from fedtune.core.processes import LOWEST_PRIORITY, yield_to_clients
 
     stop = threading.Event()
 

@@ -7,15 +7,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedtune.client import client_app
-from fedtune.config import Config
+from fedtune.core.config import Config
+from fedtune.core.plan import role_of
+from fedtune.core.rundir import RunDir
+from fedtune.core.wire import payload_bytes
 from fedtune.engine.adapters import build_adapter_model
-from fedtune.plan import role_of
-from fedtune.rundir import RunDir
 from fedtune.strategies import build_strategy
-from fedtune.strategies.base import payload_bytes
 from fedtune.strategies.fair import SolverSettings, fair_aggregate, fair_correction
 from fedtune.strategies.fedit import weighted_mean
-from flower_helpers import StaticGrid, enter_run, reply, tensors_of
+from flower_helpers import StaticGrid, enter_run, play_round, reply, tensors_of
 
 K, L, R, D_IN, D_OUT = 10, 3, 8, 96, 64
 
@@ -88,7 +88,7 @@ def test_fair_aggregate_batches_modules_and_keeps_fedit_means_elsewhere():
 
 
 def _config(strategy: str, tmp_path) -> Config:
-    from fedtune.engine.resolve import resolve
+    from fedtune.cli.resolve import resolve
 
     raw = {
         "model": {"name": "minilm-l6", "max_length": 32},
@@ -128,9 +128,9 @@ def _federated_round(strategy_name: str, tmp_path, rounds: int = 2, clients=(0, 
     for rnd in range(1, rounds + 1):
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), StaticGrid(list(clients))))
         replies = [client_app.train(m, contexts[m.metadata.dst_node_id]) for m in messages]
-        arrays, _ = strategy.aggregate_train(rnd, replies)
-        history.append((messages, replies, dict(strategy.ledger.__dict__)))
-        assert arrays is not None and not strategy.ledger.rejected, strategy.ledger.rejected
+        arrays, _, ledger = play_round(strategy, replies, rnd)
+        history.append((messages, replies, dict(ledger.__dict__)))
+        assert arrays is not None and not ledger.rejected, ledger.rejected
     return config, run, strategy, history
 
 
@@ -161,13 +161,13 @@ def test_ffa_keeps_a_identical_across_clients_and_rounds_and_halves_uploads(tmp_
             assert {role_of(n) for n in tensors_of(message)} == {"lora_B", "head"}
     # a client whose A differs is refused
     messages, replies, _ = history[-1]
-    node = messages[0].metadata.dst_node_id  # under its own name: only the frozen tensors are forged
+    # under its own name: only the frozen tensors are forged
     forged = reply(
-        messages[0], tensors_of(replies[0]), name=strategy.identity.name(node), **{"frozen-checksum": "0" * 64}
+        messages[0], tensors_of(replies[0]), name=replies[0].content["info"]["name"], **{"frozen-checksum": "0" * 64}
     )
     strategy.configure_train(3, ArrayRecord(strategy.current), ConfigRecord(), StaticGrid([0]))
-    strategy.aggregate_train(3, [forged])
-    assert any("frozen tensors differ" in reason for reason in strategy.ledger.rejected)
+    _, _, ledger = play_round(strategy, [forged], 3)
+    assert any("frozen tensors differ" in reason for reason in ledger.rejected)
 
 
 @pytest.mark.slow

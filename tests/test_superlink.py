@@ -9,7 +9,7 @@ import time
 import psutil
 
 from fedtune.coordinator.superlink import SuperLink
-from fedtune.processes import free_port
+from fedtune.core.processes import free_port
 
 
 def pretend_flower_process(port: int) -> subprocess.Popen:
@@ -36,7 +36,7 @@ def test_superlink_stops_leftovers_aimed_at_its_port_and_nothing_else(tmp_path):
 
 HANGS_ON_EXIT = """
 import signal, sys, threading
-from fedtune.processes import exit_when_orphaned
+from fedtune.core.processes import exit_when_orphaned
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # like a ServerApp whose exit handler waits on a dead SuperLink
 exit_when_orphaned(grace=0.5)
 open(sys.argv[1], "w").close()

@@ -9,11 +9,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fedtune import wire
-from fedtune.spsa import ZOStep
-from fedtune.strategies.base import payload_bytes
+from fedtune.core import wire
+from fedtune.core.spsa import ZOStep
+from fedtune.core.wire import payload_bytes
 from fedtune.strategies.fedit import FedIT
-from flower_helpers import StaticGrid, enter_run, reply
+from flower_helpers import StaticGrid, enter_run, play_round, reply
 
 
 def _adapter(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -105,11 +105,11 @@ def test_a_compressed_federation_round_decodes_and_counts_compressed_bytes():
                 {**wire.encode(update, strategy.compression), **{k: answer.content[k] for k in ("metrics", "info")}}
             )
             replies.append(answer)
-        arrays, _ = strategy.aggregate_train(1, replies)
-        assert not strategy.ledger.rejected
+        arrays, _, ledger = play_round(strategy, replies, 1)
+        assert not ledger.rejected
         results[strategy.compression] = arrays.to_torch_state_dict()
-        uploads[strategy.compression] = strategy.ledger.bytes_up
-        assert strategy.ledger.bytes_up == sum(payload_bytes(r.content) for r in replies)
+        uploads[strategy.compression] = ledger.bytes_up
+        assert ledger.bytes_up == sum(payload_bytes(r.content) for r in replies)
     assert uploads["int8"] <= 0.27 * uploads["none"]
     for name in global_adapter:
         exact_mean = results["none"][name]
@@ -123,9 +123,9 @@ def test_a_reply_without_a_layout_is_rejected_with_a_reason():
     answer = reply(messages[0], _adapter(1))
     del answer.content["layout"]
     answer.content["arrays"] = ArrayRecord(_adapter(1))  # one array per tensor: not our format
-    arrays, _ = strategy.aggregate_train(1, [answer])
+    arrays, _, ledger = play_round(strategy, [answer], 1)
     assert arrays is None
-    assert "one update: 'arrays' + 'layout'" in strategy.ledger.rejected[0]
+    assert "one update: 'arrays' + 'layout'" in ledger.rejected[0]
 
 
 # -- untrusted payloads: checked against the layout and the receiver's plan before a byte is read --

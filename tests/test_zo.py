@@ -11,17 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from fedtune import wire
+from fedtune.cli.resolve import resolve
 from fedtune.client.job import simulated_mode
-from fedtune.config import load_config
+from fedtune.core import wire
+from fedtune.core.config import load_config
+from fedtune.core.plan import role_of
+from fedtune.core.records import read_records
+from fedtune.core.spsa import ZOStep, pack, replay, unpack
 from fedtune.engine.adapters import build_adapter_model
 from fedtune.engine.data import TaskSpec, encode
 from fedtune.engine.memory import choose_mode, estimate
-from fedtune.engine.resolve import resolve
 from fedtune.engine.trainers.zo import ZOTrainer, zo_learning_rate
-from fedtune.plan import role_of
-from fedtune.records import read_records
-from fedtune.spsa import ZOStep, pack, replay, unpack
 
 QUICKSTART = "simulations/configs/quickstart.yaml"
 
@@ -188,10 +188,10 @@ def test_a_linear_probe_fits_the_head_that_zo_cannot_move(job):
 def test_a_head_probe_reply_sends_the_head_alone_and_is_checked_like_any_other():
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-    from fedtune.config import Config
-    from fedtune.plan import checksum
+    from fedtune.core.config import Config
+    from fedtune.core.plan import checksum
     from fedtune.strategies import build_strategy
-    from flower_helpers import StaticGrid, enter_run, tensors_of
+    from flower_helpers import StaticGrid, enter_run, play_round, tensors_of
 
     generator = torch.Generator().manual_seed(0)
     start = {"m.q.lora_A.weight": torch.randn(4, 6, generator=generator), "m.q.lora_B.weight": torch.zeros(5, 4)}
@@ -218,8 +218,8 @@ def test_a_head_probe_reply_sends_the_head_alone_and_is_checked_like_any_other()
         probe(messages[0], fitted, "client-1", **{"frozen-checksum": frozen}),
         probe(messages[1], {**fitted, "m.q.lora_B.weight": torch.ones(5, 4)}, "client-2", **{"frozen-checksum": frozen}),
     ]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    assert len(strategy.ledger.rejected) == 1 and strategy.ledger.rejected[0].startswith("client-2: 'packed' is not")
+    arrays, _, ledger = play_round(strategy, replies, 1)
+    assert len(ledger.rejected) == 1 and ledger.rejected[0].startswith("client-2: 'packed' is not")
     new = arrays.to_torch_state_dict()
     centred = {name: value - value.mean(0) for name, value in fitted.items()}  # what a probe sends
     torch.testing.assert_close(new["m.classifier.weight"], centred["m.classifier.weight"], atol=0.02, rtol=0)
@@ -232,9 +232,9 @@ def test_a_head_probe_reply_sends_the_head_alone_and_is_checked_like_any_other()
 
     per_rank = build_strategy(Config.model_validate({"strategy": {"name": "flexlora"}, "adapter": {"r": 4}}))
     messages = per_rank.configure_train(1, ArrayRecord(start), ConfigRecord(), StaticGrid([1, 2]))
-    per_rank.aggregate_train(1, [probe(m, fitted, f"client-{i}", rank=4) for i, m in enumerate(messages)])
-    assert len(per_rank.ledger.rejected) == 2
-    assert all("'probe': not with per-client ranks" in r for r in per_rank.ledger.rejected)
+    _, _, ledger = play_round(per_rank, [probe(m, fitted, f"client-{i}", rank=4) for i, m in enumerate(messages)])
+    assert len(ledger.rejected) == 2
+    assert all("'probe': not with per-client ranks" in r for r in ledger.rejected)
 
 
 def test_a_head_probe_for_sst2s_minilm_head_uploads_under_2_kb():

@@ -19,13 +19,13 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune import wire
 from fedtune.client import client_app
+from fedtune.core import wire
 
 app = ClientApp()
 
 LIAR_FACTOR = 10**6
-MAX_EXAMPLES = 10**9  # strategies/base.py rejects a reply claiming more
+MAX_EXAMPLES = 10**9  # strategies/updates.py rejects a reply claiming more
 SIGNFLIP = -1e4
 HUGE = 1e6
 

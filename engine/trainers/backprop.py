@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fedtune.config import ClientSection
+from fedtune.core.config import ClientSection
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.data import (
     IGNORE_INDEX,
@@ -58,6 +58,12 @@ def averaged_over(batch: dict[str, torch.Tensor], task: str) -> int:
 
 
 class BackpropTrainer:
+    releases_loss = True  # its training loss goes into the reply
+
+    def preflight(self, *args: object) -> tuple[None, None]:
+        """No privacy mechanism, nothing to check before the first round."""
+        return None, None
+
     def __init__(self, moments_file: Path | None = None) -> None:
         self.moments_file = moments_file  # where the optimizer's state is kept across rounds, if it is
 

@@ -11,10 +11,10 @@ from typing import Protocol
 
 import torch
 
-from fedtune.config import ClientSection
+from fedtune.core.config import ClientSection
+from fedtune.core.spsa import ZOStep
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.data import ExampleSet
-from fedtune.spsa import ZOStep
 
 
 @dataclass
@@ -27,6 +27,19 @@ class TrainResult:
 
 
 class Trainer(Protocol):
+    releases_loss: bool  # whether the training loss may leave the client (not under DP-SGD)
+
+    def preflight(
+        self,
+        model: AdapterModel,
+        params: dict[str, torch.nn.Parameter],
+        data: ExampleSet,
+        settings: ClientSection,
+        whose: str,
+    ) -> tuple[str | None, str | None]:
+        """Warnings before a client's first round: (noise against signal, clip against gradients)."""
+        ...
+
     def train(
         self,
         model: AdapterModel,

@@ -4,9 +4,12 @@ Opacus' ``GradSampleModule`` computes per-sample gradients of the trained adapte
 tensors and its ``DPOptimizer`` clips each to ``privacy.max_grad_norm``, sums, adds
 N(0, (σ·max_grad_norm)²) and divides by the expected batch size. Batches are Poisson
 samples (each example independently with rate q = batch_size / examples), the sampling
-that Opacus' RDP accountant assumes; the client's ledger (``client/privacy.py``) is
-advanced once per optimizer step. The wrapper is removed after the round, because one
-model object serves every simulated client of a process.
+that Opacus' RDP accountant assumes. The trainer owns the client's privacy ledger
+(engine/dp_ledger.py), as Opacus' PrivacyEngine owns its accountant: it loads it from the
+client's state dir, refuses a round past the budget, advances it once per optimizer step,
+saves it, and reports ε in its result; and it makes the client's preflight (is the noise
+too loud, is the clip where the gradients are). The Opacus wrapper is removed after the
+round, because one model object serves every simulated client of a process.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedtune.config import ClientSection, Config
-from fedtune.dp_accounting import calibrated_noise, clip_warning, dp_random, torch_generator, utility_warning
+from fedtune.core.config import ClientSection, Config
+from fedtune.core.dp_accounting import calibrated_noise, clip_warning, dp_random, torch_generator, utility_warning
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.data import (
     IGNORE_INDEX,
@@ -37,6 +40,8 @@ from fedtune.engine.trainers.base import TrainResult, to_device
 
 
 class DPSGDTrainer:
+    releases_loss = False  # the training loss is not privatised: it stays on the client
+
     def __init__(
         self,
         ledger: PrivacyLedger,
@@ -57,16 +62,18 @@ class DPSGDTrainer:
     def for_client(
         cls,
         config: Config,
-        ledger: PrivacyLedger,
+        state_dir: Path | None,
         examples: int,
         name: str,
         round_number: int,
         steps: int,
         moments_file: Path | None = None,
     ) -> DPSGDTrainer:
-        """σ from ``privacy.noise_multiplier``, or calibrated so the planned rounds of STEPS reach target ε."""
+        """The client's trainer and its ledger (from STATE_DIR; a fresh one in memory without): σ from
+        ``privacy.noise_multiplier``, or calibrated so the planned rounds of STEPS reach target ε."""
         noise, rate = cls.noise_for(config, examples, steps)
         secret = dp_random(config.privacy.seed, name, round_number)
+        ledger = PrivacyLedger.load(state_dir, config.privacy.delta) if state_dir else PrivacyLedger(None, config.privacy.delta)
         return cls(ledger, noise, config.privacy.max_grad_norm, rate, secret, moments_file)
 
     @staticmethod
@@ -79,8 +86,23 @@ class DPSGDTrainer:
             noise = calibrated_noise(privacy.target_epsilon, privacy.delta, rate, config.federation.rounds * steps)
         return noise, rate
 
+    def preflight(
+        self,
+        model: AdapterModel,
+        params: dict[str, torch.nn.Parameter],
+        data: ExampleSet,
+        settings: ClientSection,
+        whose: str,
+    ) -> tuple[str | None, str | None]:
+        """(the noise-against-signal warning, the clip warning) for a client's first DP-SGD round (its ledger
+        has no history yet), else none: printed where it runs, never sent."""
+        if self.ledger.accountant.history:
+            return None, None
+        coordinates = sum(param.numel() for param in params.values())
+        return self.utility_warning(coordinates, len(data)), self.clip_warning(model, params, data, settings, whose)
+
     def utility_warning(self, coordinates: int, examples: int) -> str | None:
-        """fedtune/dp_accounting.py's warning for this client's σ, trained COORDINATES and expected batch."""
+        """core/dp_accounting.py's warning for this client's σ, trained COORDINATES and expected batch."""
         return utility_warning(
             "sample", self.noise_multiplier, coordinates, expected_batch_size(self.sample_rate, examples)
         )
@@ -93,7 +115,7 @@ class DPSGDTrainer:
         settings: ClientSection,
         whose: str,
     ) -> str | None:
-        """fedtune/dp_accounting.py's clip warning, from norms measured on DATA (WHOSE examples, for the line)."""
+        """core/dp_accounting.py's clip warning, from norms measured on DATA (WHOSE examples, for the line)."""
         norms = per_example_grad_norms(model, params, data, settings, random.Random(0))  # not the secret draws
         return clip_warning(self.max_grad_norm, norms, whose)
 
@@ -161,11 +183,12 @@ class DPSGDTrainer:
             if module is not None:
                 module._close()  # remove the hooks and per-sample buffers from the shared model
             model.model.eval()
+        self.ledger.save()  # before the reply leaves: a crash after it must not forget the steps
         return TrainResult(
             steps=steps,
             examples=examples,
             loss=total_loss / steps,
-            metrics={"noise_multiplier": self.noise_multiplier, "sample_rate": rate},
+            metrics={"noise_multiplier": self.noise_multiplier, "sample_rate": rate, "epsilon": self.ledger.epsilon()},
         )
 
 

@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fedtune.atomic import staged_file
-from fedtune.errors import UserError
+from fedtune.core.atomic import staged_file
+from fedtune.core.errors import UserError
 
 MOMENTS_FILE = "optimizer.safetensors"
 

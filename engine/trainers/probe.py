@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from fedtune.core.plan import role_of
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.data import ExampleSet
 from fedtune.engine.trainers.base import to_device
-from fedtune.plan import role_of
 
 RIDGE = 0.01  # relative to the mean diagonal of XᵀX/n; measured on SST-2 (any value 1e-3..1e-1 within 1 point)
 MAX_EXAMPLES = 2048  # enough for a fit of a few hundred features (SST-2: 1,500 rows gave 75% on dev)

@@ -2,7 +2,7 @@
 
 Per step and perturbation: ``θ += eps·z``, forward, ``θ -= 2·eps·z``, forward, restore θ
 exactly (a copy of the trained tensors, which are adapter-sized), ``g = (L+ − L−) / 2eps``;
-then ``θ -= lr·mean(g·z)`` with ``z`` regenerated from its seed (fedtune/zo.py). The
+then ``θ -= lr·mean(g·z)`` with ``z`` regenerated from its seed (core/spsa.py). The
 whole step runs under ``torch.inference_mode`` in eval mode (dropout off), so memory
 stays at the level of inference: no activations are kept for a backward pass.
 """
@@ -14,11 +14,11 @@ import random
 
 import torch
 
-from fedtune.config import ClientSection
+from fedtune.core.config import ClientSection
+from fedtune.core.spsa import ZOStep, apply_step, exact, perturb
 from fedtune.engine.adapters import AdapterModel
 from fedtune.engine.data import ExampleSet
 from fedtune.engine.trainers.base import TrainResult, to_device
-from fedtune.spsa import ZOStep, apply_step, exact, perturb
 
 
 def zo_learning_rate(settings: ClientSection, step: int, round_number: int, rounds: int, steps: int) -> float:
@@ -32,6 +32,12 @@ def zo_learning_rate(settings: ClientSection, step: int, round_number: int, roun
 
 
 class ZOTrainer:
+    releases_loss = True  # its training loss goes into the reply
+
+    def preflight(self, *args: object) -> tuple[None, None]:
+        """No privacy mechanism, nothing to check before the first round."""
+        return None, None
+
     def __init__(self, round_number: int = 1, rounds: int = 1) -> None:
         self.round_number, self.rounds = round_number, rounds  # position in the lr schedule
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import Config, read_yaml_mapping, validate_config
-from fedtune.errors import UserError
+from fedtune.core.config import Config, read_yaml_mapping, validate_config
+from fedtune.core.errors import UserError
 
 CHECKPOINT_PATTERN = re.compile(r"^round-(\d+)$")
 

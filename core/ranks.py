@@ -15,18 +15,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-from fedtune.plan import role_of
+from fedtune.core.config import AdapterSection
+from fedtune.core.plan import role_of
 
 Tensors = dict[str, torch.Tensor]
-RANK_AUTO = -1  # an agent's ``--rank auto``: the largest rank whose step fits its memory budget (engine/memory.py)
 
 
-def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
-    """peft's ``scaling``: α/r, or α/√r with rsLoRA."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
+@dataclass(frozen=True)
+class LoraScale:
+    """peft's scale s(r) of a LoRA layer's change s(r)·B·A: α/r, or α/√r with rsLoRA (``adapter.alpha``,
+    ``adapter.rslora``), one value for every rank."""
+
+    alpha: float
+    rslora: bool = False
+
+    @classmethod
+    def of(cls, adapter: AdapterSection) -> LoraScale:
+        return cls(adapter.alpha, adapter.rslora)
+
+    def at(self, rank: int) -> float:
+        return self.alpha / math.sqrt(rank) if self.rslora else self.alpha / rank
 
 
 def rank_of(tensors: Mapping[str, torch.Tensor]) -> int | None:
@@ -38,12 +50,12 @@ def rank_of(tensors: Mapping[str, torch.Tensor]) -> int | None:
     return ranks.pop() if ranks else None
 
 
-def resize(tensors: Mapping[str, torch.Tensor], rank: int, alpha: float, rslora: bool = False) -> Tensors:
+def resize(tensors: Mapping[str, torch.Tensor], rank: int, scale: LoraScale) -> Tensors:
     """The factors in ``tensors`` at ``rank`` (see the module docstring); other tensors unchanged."""
     current = rank_of(tensors)
     if current is None or current == rank:
         return dict(tensors)
-    factor = math.sqrt(lora_scale(alpha, current, rslora) / lora_scale(alpha, rank, rslora))
+    factor = math.sqrt(scale.at(current) / scale.at(rank))
     kept = min(current, rank)
     resized = {}
     for name, value in tensors.items():

@@ -16,7 +16,7 @@ Codecs (``federation.compression``), applied to uploads and broadcasts alike:
 
 A zeroth-order client with ``client.zo_upload: seeds`` sends no tensors at all: its
 steps' seeds, projected gradients and learning rates (``zo`` + ``zo-config``), exact,
-which the coordinator replays (fedtune/zo.py): 12 bytes per perturbation, 4 per step.
+which the coordinator replays (core/spsa.py): 12 bytes per perturbation, 4 per step.
 Its first round sends the head it fitted in closed form (``probe``): int8, one array,
 no layout (the receiver knows the head's names and shapes), centred over the classes with
 class 0's row left out (the rows then sum to zero, so the receiver restores it).
@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedtune.spsa import ZOStep, pack, unpack
+from fedtune.core.flower_internals import get_all_nested_objects
+from fedtune.core.spsa import ZOStep, pack, unpack
 
 Tensors = dict[str, torch.Tensor]
 CODECS = ("none", "fp16", "int8")
@@ -187,7 +188,7 @@ def encode_seeds(steps: list[ZOStep], weight_decay: float) -> dict[str, ArrayRec
 
 def seed_payload_bytes(steps: int, samples: int) -> int:
     """Bytes of STEPS ZO steps of SAMPLES perturbations each: a seed and a projected gradient per
-    perturbation, a learning rate per step (fedtune/spsa.py's ``pack``)."""
+    perturbation, a learning rate per step (core/spsa.py's ``pack``)."""
     return 12 * steps * samples + 4 * steps
 
 
@@ -264,3 +265,12 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         raise WireError(f"int8 payload: {scales.numel()} scales for {codes.numel()} values (block {BLOCK})")
     padded = torch.nn.functional.pad(codes.float(), (0, (-codes.numel()) % BLOCK)).reshape(-1, BLOCK)
     return (padded * scales.float()[:, None]).reshape(-1)[: codes.numel()]
+
+
+def sealed(records: dict[str, Any], nonce: str) -> RecordDict:
+    """RECORDS as a message's content, each config record (the layouts, the round's config) with NONCE.
+
+    A SuperLink keeps the child list of an object id from the first tree that names it, so an agent who
+    could compute the id of an object the coordinator is about to send (a layout is the same every round)
+    could register it first with children that never arrive, and stall every client."""
+    return RecordDict({k: ConfigRecord({**dict(v), "nonce": nonce}) if isinstance(v, ConfigRecord) else v for k, v in records.items()})

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedtune.rundir import RunDir  # noqa: E402
+from fedtune.core.rundir import RunDir  # noqa: E402
 
 
 def plot_run(run: RunDir) -> Path:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedtune.errors import UserError
+from fedtune.core.errors import UserError
 
 SYNTHETIC_PREFIX = "synthetic:"
 HF_PREFIX = "hf:"
@@ -27,7 +27,7 @@ csv.field_size_limit(2**31 - 1)
 def read_records(source: str) -> tuple[dict[str, Any], ...]:
     """All rows of a source, cached per process (simulated clients share one read)."""
     if source.startswith(SYNTHETIC_PREFIX):
-        from fedtune.synthetic import generate
+        from fedtune.core.synthetic import generate
 
         return tuple(generate(source[len(SYNTHETIC_PREFIX) :]))
     if source.startswith(HF_PREFIX):

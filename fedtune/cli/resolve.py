@@ -1,4 +1,4 @@
-"""Turning a validated config into a fully resolved one before a run starts.
+"""Turning a validated config into a fully resolved one before a run starts (the CLI's step before any command).
 
 Resolution fills every default that depends on the model or the data (target
 modules, token budget, label set, run name) and checks the rules that span sections.
@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fedtune.config import BASE_RESIDUAL_STRATEGIES, PER_CLIENT_RANK_STRATEGIES, Config
-from fedtune.errors import UserError
+from fedtune.core.config import Config
+from fedtune.core.errors import UserError
+from fedtune.strategies import check_config, with_defaults
 
 
 def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
@@ -27,7 +28,8 @@ def resolve(config: Config, *, name_hint: str, need_train_data: bool) -> Config:
     if isinstance(zo_clients, list) and any(i >= fed.clients for i in zo_clients):
         raise UserError(f"client.zo_clients: {zo_clients} names clients beyond 0..{fed.clients - 1}")
     check_privacy(config)
-    check_ranks(config)
+    check_config(config)  # the strategy's name, its section and its own checks
+    with_defaults(config)
     if config.model.device == "cuda":
         import torch
 
@@ -85,33 +87,17 @@ def check_privacy(config: Config) -> None:
             )
         if client.grad_accum != 1:
             raise UserError("privacy.mode sample: client.grad_accum must be 1 (the Poisson batch is client.batch_size)")
+    fed = config.federation
+    if privacy.mode == "client" and fed.fraction * fed.clients < fed.min_clients:
+        raise UserError(
+            f"federation.fraction: under privacy.mode client each client joins a round with probability "
+            f"{fed.fraction:g}, so {fed.fraction * fed.clients:.2f} of {fed.clients} clients are expected per round, "
+            f"fewer than federation.min_clients ({fed.min_clients}); raise federation.clients or federation.fraction "
+            "(see README: client-level DP needs many clients per round)"
+        )
     if privacy.mode == "client" and config.strategy.robust in ("trimmed-mean", "median"):
         raise UserError(
             f"strategy.robust {config.strategy.robust}: not with privacy.mode client (its clip to privacy.clip_norm "
             "and equal weights already bound each client, and a statistic across clients would break DP-FedAvg's "
             "sensitivity bound); use strategy.robust norm-bound (a no-op under client-level DP) or none"
         )
-
-
-def check_ranks(config: Config) -> None:
-    """Per-client ranks: only with a strategy that combines them, each at most adapter.r, and not with
-    what needs one shared rank (client-level DP's common broadcast, coordinate-wise statistics, seed replay)."""
-    ranks, name = config.client.ranks, config.strategy.name
-    allowed = ", ".join(PER_CLIENT_RANK_STRATEGIES)
-    if ranks and name not in PER_CLIENT_RANK_STRATEGIES:
-        raise UserError(f"client.ranks: strategy {name} trains every client at one rank; per-client ranks need {allowed}")
-    if ranks and max(ranks) > config.adapter.r:
-        raise UserError(f"client.ranks: {max(ranks)} exceeds adapter.r ({config.adapter.r}), the global rank")
-    if name not in PER_CLIENT_RANK_STRATEGIES:
-        return
-    if name in BASE_RESIDUAL_STRATEGIES and config.model.quantization != "none":
-        raise UserError(
-            f"strategy.name {name}: adds a residual to the frozen base weights, which needs a float base "
-            f"(model.quantization none, not {config.model.quantization})"
-        )
-    if config.privacy.mode == "client":
-        raise UserError(f"strategy.name {name}: not with privacy.mode client yet (clients start from different broadcasts)")
-    if config.strategy.robust in ("trimmed-mean", "median"):
-        raise UserError(f"strategy.robust {config.strategy.robust}: not with {name}, whose factors differ in rank; use norm-bound or none")
-    if config.client.zo_upload == "seeds":  # whatever client.mode says: an agent's --mode zo would upload seeds
-        raise UserError(f"client.zo_upload seeds: not with {name} (the coordinator replays seeds from one broadcast); use delta")

@@ -40,7 +40,7 @@ class ParameterPlan:
     sent: frozenset[str]  # roles clients upload (and the server broadcasts back)
     private: frozenset[str] = frozenset()  # roles each client keeps across rounds
     frozen: frozenset[str] = frozenset()  # roles fixed at the shared seeded init
-    per_client_ranks: bool = False  # clients may train LoRA factors at ranks of their own (fedtune/ranks.py)
+    per_client_ranks: bool = False  # clients may train LoRA factors at ranks of their own (core/ranks.py)
 
     def __post_init__(self) -> None:
         for group in (self.trained, self.sent, self.private, self.frozen):

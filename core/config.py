@@ -12,14 +12,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedtune.errors import UserError
-from fedtune.model_catalog import describe_model_name
-from fedtune.records import HF_PREFIX, SYNTHETIC_PREFIX
+from fedtune.core.errors import UserError
+from fedtune.core.model_catalog import describe_model_name
+from fedtune.core.records import HF_PREFIX, SYNTHETIC_PREFIX
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -47,6 +47,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+SectionT = TypeVar("SectionT", bound=Section)
+
+
 class ModelSection(Section):
     name: str = "minilm-l6"
     task: Literal["classification", "causal-lm"] = "classification"
@@ -71,49 +74,26 @@ class AdapterSection(Section):
     rslora: bool = False
 
 
-class FedSaSection(Section):
-    """``strategy.fedsa``: what FedSA-LoRA keeps private besides B."""
-
-    head: Literal["shared", "private"] = "shared"
-
-
-class FairSection(Section):
-    """``strategy.fair``: LoRA-FAIR's correction solver."""
-
-    regularization: float = Field(0.01, ge=0.0)  # λ on ‖ΔB‖
-    max_steps: int = Field(200, ge=1)
-
-
-STRATEGY_NAMES = ("fedit", "ffa", "fedsa", "fair", "flexlora", "hetlora", "flora", "fedex")  # = fedtune.strategies.STRATEGIES (tested)
-PER_CLIENT_RANK_STRATEGIES = ("flexlora", "hetlora", "flora", "fedex")  # their plans have per_client_ranks (tested)
-BASE_RESIDUAL_STRATEGIES = ("flora", "fedex")  # they fold a residual into the frozen base weights
-# Keys that moved into a strategy's own section; still read (older configs and run directories hold them).
-MOVED_STRATEGY_KEYS = {"head": ("fedsa", "head"), "fair_lambda": ("fair", "regularization"), "fair_steps": ("fair", "max_steps")}
-
-
 class StrategySection(Section):
-    name: Literal[STRATEGY_NAMES] = "fedit"
+    """``strategy``: which method, and the robust aggregation every method takes.
+
+    ``name`` and a method's own section (``strategy.NAME``, e.g. ``strategy.fair``) are the
+    registry's to check (strategies/__init__.py: each class declares its settings): unset,
+    the name is the registry's default, filled in when the config is resolved.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # strategy.NAME: the method's section
+
+    name: str | None = None
     robust: Literal["none", "norm-bound", "trimmed-mean", "median"] = "norm-bound"
     max_weight_ratio: float = Field(3.0, ge=1.0)
     norm_bound: float = Field(3.0, ge=1.0)
     trim_fraction: float = Field(0.2, ge=0.0, lt=0.5)
-    fedsa: FedSaSection = FedSaSection()
-    fair: FairSection = FairSection()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _moved_keys(cls, raw: Any) -> Any:
-        """A key of one strategy, written where it used to be, goes to its section (which wins if both are set)."""
-        if not isinstance(raw, dict) or not any(key in raw for key in MOVED_STRATEGY_KEYS):
-            return raw
-        raw = dict(raw)
-        for old, (section, key) in MOVED_STRATEGY_KEYS.items():
-            if old in raw:
-                value = raw.pop(old)
-                target = raw.setdefault(section, {})
-                if isinstance(target, dict):
-                    raw[section] = {key: value, **target}
-        return raw
+    def section(self, name: str) -> dict[str, Any]:
+        """The raw ``strategy.NAME`` section (empty when not given)."""
+        value = (self.model_extra or {}).get(name, {})
+        return value if isinstance(value, dict) else {}
 
 
 class FederationSection(Section):
@@ -198,7 +178,7 @@ class DataSection(Section):
         if source is None or source.startswith(HF_PREFIX):
             return source
         if source.startswith(SYNTHETIC_PREFIX):
-            from fedtune.synthetic import describe_synthetic
+            from fedtune.core.synthetic import describe_synthetic
 
             problem = describe_synthetic(source[len(SYNTHETIC_PREFIX) :])
             if problem:
@@ -387,6 +367,21 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
         return Config.model_validate(raw)
     except ValidationError as err:
         lines = [_describe_error(source, e) for e in err.errors()]
+        raise UserError("\n".join(lines)) from None
+
+
+def validate_section(model: type[SectionT], raw: Any, where: str, source: str = "config") -> SectionT:
+    """RAW as the section MODEL found at WHERE (``strategy.fair``), one ``UserError`` line per problem."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for error in err.errors():
+            loc = [where, *map(str, error["loc"])]
+            if error["type"] == "extra_forbidden":
+                lines.append(f"{source}: {'.'.join(loc)}: unknown key; allowed keys here: {', '.join(model.model_fields)}")
+            else:
+                lines.append(_describe_error(source, {**error, "loc": loc}))
         raise UserError("\n".join(lines)) from None
 
 

@@ -8,7 +8,7 @@ verdicts on replies it refused before reading them).
 
 from __future__ import annotations
 
-from flwr.common.constant import ErrorCode
+from fedtune.core.flower_internals import ErrorCode
 
 DATA_MISMATCH = 101  # the agent's data lacks the run's columns or labels: it leaves the federation
 FOREIGN_APP = 102  # the run's app is not fedtune's: the agent ran nothing of it

@@ -1,7 +1,7 @@
 """Built-in model aliases: the names every side (config, clients, coordinator, edge) shares.
 
 Pure data, no heavy imports: the config validator needs the names, the loader in
-``client/model.py`` needs the rest.
+``engine/base_model.py`` needs the rest.
 """
 
 from __future__ import annotations

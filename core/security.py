@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedtune.errors import UserError
+from fedtune.core.errors import UserError
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.crt", "server.key"
 VALID_DAYS = 365

@@ -19,9 +19,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtune.config import STRATEGY_NAMES, Config, load_config
-from fedtune.errors import UserError
-from fedtune.rundir import RunDir
+from fedtune.core.config import Config, load_config
+from fedtune.core.errors import UserError
+from fedtune.core.rundir import RunDir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="run several strategies on identical seeds and partitions")
     compare.add_argument("config", metavar="CONFIG", help="YAML config file")
     compare.add_argument(
-        "--strategies", default=",".join(STRATEGY_NAMES), help=f"comma-separated (default: all: {','.join(STRATEGY_NAMES)})"
+        "--strategies", default="all", help="comma-separated strategy names, or all (every registered strategy; the default)"
     )
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     compare.add_argument("--out", required=True, metavar="DIR", help="comparison directory")
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="this agent's LoRA rank, at most the run's adapter.r, or auto: the largest power of two whose "
         "backprop step fits --memory-budget; for strategies with per-client ranks "
-        "(flexlora, hetlora, flora, fedex) (default: adapter.r)",
+        "(README's strategy table) (default: adapter.r)",
     )
     agent.add_argument(
         "--memory-budget",
@@ -265,7 +265,7 @@ def _prepare_run(
     args: argparse.Namespace, need_train_data: bool, check: Callable[[Config], None] | None = None
 ) -> tuple[Config, RunDir]:
     """The resolved config and a new run directory, created only once every check passed."""
-    from fedtune.engine.resolve import resolve
+    from fedtune.cli.resolve import resolve
 
     config = resolve(
         load_config(args.config, args.overrides), name_hint=Path(args.config).stem, need_train_data=need_train_data
@@ -317,11 +317,12 @@ def _report(summary: dict, run: RunDir) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedtune.engine.resolve import resolve
+    from fedtune.cli.resolve import resolve
     from fedtune.simulations.compare import markdown_table, run_comparison
     from fedtune.strategies import STRATEGIES
 
     strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    strategies = list(STRATEGIES) if strategies == ["all"] else strategies
     unknown = [name for name in strategies if name not in STRATEGIES]
     if unknown or not strategies:
         raise UserError(f"--strategies: unknown {unknown}; allowed: {', '.join(STRATEGIES)}")
@@ -336,10 +337,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from fedtune.core.records import read_records
     from fedtune.engine.checkpoint import load_run_model
     from fedtune.engine.data import TaskSpec, encode
     from fedtune.engine.evaluate import evaluate
-    from fedtune.records import read_records
 
     run = RunDir.open(args.run_dir)
     progress = functools.partial(print, file=sys.stderr, flush=True)  # stdout holds the one JSON line
@@ -391,7 +392,7 @@ def _client(args: argparse.Namespace) -> int:
         )
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
-    rank = _rank(args.rank) if args.rank is not None else 0
+    rank = _rank(args.rank) if args.rank is not None else None
     settings = AgentSettings(
         args.coordinator,
         args.data,
@@ -410,12 +411,10 @@ def _client(args: argparse.Namespace) -> int:
     return run_agent(settings)
 
 
-def _rank(text: str) -> int:
-    """``--rank``: a positive integer, or ``auto`` (``RANK_AUTO``: chosen by the agent from its memory budget)."""
-    from fedtune.ranks import RANK_AUTO
-
+def _rank(text: str) -> int | str:
+    """``--rank``: a positive integer, or ``auto`` (chosen by the agent from its memory budget)."""
     if text.strip().lower() == "auto":
-        return RANK_AUTO
+        return "auto"
     if not text.strip().isdigit() or int(text) < 1:
         raise UserError(f"--rank {text}: use a positive integer (at most the run's adapter.r) or auto")
     return int(text)
@@ -437,7 +436,7 @@ def _megabytes(size: str) -> float:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from fedtune.security import make_certs
+    from fedtune.core.security import make_certs
 
     files = make_certs(args.directory, args.host)
     print(f"fedtune: wrote {', '.join(str(p) for p in files.values())} (+ ca.key: keep it private)")
@@ -446,7 +445,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from fedtune.security import make_agent_key
+    from fedtune.core.security import make_agent_key
 
     public = make_agent_key(args.path)
     print(f"fedtune: private key {args.path} (stays on the agent), public key {public} (give it to the coordinator)")
@@ -454,8 +453,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _partition(args: argparse.Namespace) -> int:
+    from fedtune.cli.resolve import resolve
     from fedtune.engine.partition import client_partition
-    from fedtune.engine.resolve import resolve
 
     config = resolve(load_config(args.config, args.overrides), name_hint="partition", need_train_data=True)
     out = Path(args.out or "partitions")
@@ -493,11 +492,12 @@ def _export(args: argparse.Namespace) -> int:
         if args.client or args.quantize != "none":
             raise UserError("--clients: not with --client or --quantize (an adapter bundle is fp32 and holds every client)")
         from fedtune.edge.adapters import export_adapter_bundle
+        from fedtune.edge.lm_adapters import export_lm_adapter_bundle
 
+        run = RunDir.open(args.run_dir)
         names = None if args.clients == "all" else [n.strip() for n in args.clients.split(",") if n.strip()]
-        export_adapter_bundle(
-            RunDir.open(args.run_dir), Path(args.out), names, args.round, args.check_data, args.check_examples, args.tolerance
-        )
+        export = export_lm_adapter_bundle if run.config().model.task == "causal-lm" else export_adapter_bundle
+        export(run, Path(args.out), names, args.round, args.check_data, args.check_examples, args.tolerance)
         return 0
     export_bundle(
         RunDir.open(args.run_dir),
@@ -531,8 +531,8 @@ def _edge_run(args: argparse.Namespace) -> int:
 
 
 def _edge_bench(args: argparse.Namespace) -> int:
+    from fedtune.core.records import read_records
     from fedtune.edge import Bundle, bench
-    from fedtune.records import read_records
 
     bundle = Bundle.load(args.bundle)
     if args.client:

@@ -87,13 +87,13 @@ def utility_warning(level: str, noise_multiplier: float, coordinates: int, denom
         what = f"expected batch {denominator:.0f}"
         knobs = (
             "raise client.batch_size (client.max_physical_batch keeps memory low), train fewer coordinates "
-            "(strategy ffa, a smaller adapter.r) or raise privacy.target_epsilon"
+            "(a strategy that keeps lora_A frozen, a smaller adapter.r) or raise privacy.target_epsilon"
         )
     else:
         what = f"{denominator:.1f} expected clients per round"
         knobs = (
             "put more clients in each round (federation.clients x federation.fraction), send fewer coordinates "
-            "(strategy ffa, a smaller adapter.r) or raise privacy.target_epsilon"
+            "(a strategy that keeps lora_A frozen, a smaller adapter.r) or raise privacy.target_epsilon"
         )
     return (
         f"privacy: the noise is {ratio:.1f}x the largest signal per step (σ {noise_multiplier:.2f}, "
