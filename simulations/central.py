@@ -66,7 +66,7 @@ def run_central(config: Config, run: RunDir, echo=print) -> dict[str, Any]:
         result = trainer.train(model, params, train, config.client, rng, steps)
         record: dict[str, Any] = {"round": rnd, "train_loss": result.loss, "steps": result.steps}
         if "epsilon" in result.metrics:  # DP-SGD on the pooled data
-            record.update(**result.metrics, epsilon=json_epsilon(result.metrics["epsilon"]), delta=config.privacy.delta)
+            record.update(result.metrics, epsilon=json_epsilon(result.metrics["epsilon"]), delta=config.privacy.delta)
         if evaluation is not None and book.evaluates(rnd):
             metrics = evaluate(model, evaluation)
             record.update(eval_accuracy=metrics["accuracy"], eval_loss=metrics["loss"])
