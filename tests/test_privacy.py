@@ -577,7 +577,7 @@ def test_noise_to_signal_is_the_noise_norm_over_the_clip_norm():
     assert float(noise.norm()) == pytest.approx(noise_to_signal(2.0, 40_000, 100), rel=0.02)
     assert utility_warning("sample", 0.5, 10_000, 50 / NOISE_TO_SIGNAL_LIMIT) is None
     warning = utility_warning("sample", 2.0, 40_000, 100)
-    assert "4.0x" in warning and "client.batch_size" in warning and "ffa" in warning
+    assert "4.0x" in warning and "client.batch_size" in warning and "lora_A frozen" in warning
     warning = utility_warning("client", 2.0, 40_000, 10)
     assert "40.0x" in warning and "clients per round" in warning and "federation.fraction" in warning
 
