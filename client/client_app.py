@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune.client import secagg as secure
 from fedtune.client.job import SHARED_MODEL, ClientJob, process_tag
 from fedtune.core import wire
 from fedtune.core.plan import ParameterPlan
+from fedtune.core.secagg import SecAggError
 from fedtune.engine.evaluate import evaluate as evaluate_model
 from fedtune.engine.trainers import BudgetSpent, make_trainer
 from fedtune.engine.trainers.base import seeded_torch
@@ -30,6 +34,8 @@ def train(msg: Message, context: Context) -> Message:
     plan = ParameterPlan.from_record(dict(config))
     round_number = int(config["round"])
     received = job.fit_rank(plan, wire.decode(msg.content["arrays"], msg.content["layout"]))
+    masking = msg.content["secagg"] if "secagg" in msg.content.config_records else None
+    bad = secure.open_envelopes(context.node_id, masking) if masking is not None else []
     job.load(plan, received, msg.content)
     params = job.model.trainable(plan.trained)
     started = time.perf_counter()
@@ -40,6 +46,7 @@ def train(msg: Message, context: Context) -> Message:
             steps=job.config.client.local_steps, state_dir=job.state_dir,
         )  # fmt: skip
     except BudgetSpent as spent:
+        secure.forget(context.node_id)
         print(f"fedtune: {job.name}: {spent}", flush=True)
         metrics = {"num-examples": len(job.train), "epsilon": spent.epsilon}
         info = {"name": job.name, "privacy-spent": str(spent)}
@@ -62,12 +69,52 @@ def train(msg: Message, context: Context) -> Message:
     if trainer.releases_loss:  # DP-SGD's loss is not privatised, so it stays here
         metrics["train_loss"] = result.loss
     info = _train_info(job, plan)
-    if result.zo_steps and job.config.client.zo_upload == "seeds":
+    if masking is not None:
+        update = _masked(context.node_id, job.model.state(plan.sent), received, masking, bad)
+    elif result.zo_steps and job.config.client.zo_upload == "seeds":
         update = wire.encode_seeds(result.zo_steps, job.config.client.weight_decay)
     else:
         update = wire.encode(job.model.state(plan.sent), str(config["compression"]))
     content = RecordDict({**update, "metrics": MetricRecord(metrics), "info": ConfigRecord(info)})
     return Message(content=content, reply_to=msg)
+
+
+def _masked(node: int, sent: dict[str, torch.Tensor], received: dict[str, torch.Tensor], record: ConfigRecord, bad: list[int]) -> dict:
+    """The secure-aggregation upload: this client's change from the broadcast, weighted and masked."""
+    names = record.get("names")
+    if not isinstance(names, list) or names != sorted(sent) or not set(names) <= set(received):
+        secure.forget(node)
+        raise SecAggError("secure aggregation: the release layout is not this round's sent tensors")
+    release = np.concatenate([(sent[n].double() - received[n].double()).reshape(-1).cpu().numpy() for n in names])
+    vector, _ = secure.masked_release(node, release, record.get("weight"), record)
+    return {"masked": ArrayRecord({"values": Array(vector)}), "secagg": ConfigRecord({"bad": bad})}
+
+
+@app.train("secagg_setup")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 1: fresh keys for this attempt, and the example count (the weight)."""
+    job = ClientJob.for_context(context)
+    record = secure.setup(context.node_id, msg.content["config"])
+    return _stage_reply(msg, job, record, {"num-examples": len(job.train)})
+
+
+@app.train("secagg_share_keys")
+def secagg_share_keys(msg: Message, context: Context) -> Message:
+    job = ClientJob.for_context(context)
+    return _stage_reply(msg, job, secure.share_keys(context.node_id, msg.content["config"]))
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    job = ClientJob.for_context(context)
+    return _stage_reply(msg, job, secure.unmask(context.node_id, msg.content["config"]))
+
+
+def _stage_reply(msg: Message, job: ClientJob, record: ConfigRecord, metrics: dict | None = None) -> Message:
+    records: dict = {"secagg": record, "info": ConfigRecord({"name": job.name})}
+    if metrics:
+        records["metrics"] = MetricRecord(metrics)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 def _train_info(job: ClientJob, plan: ParameterPlan) -> dict[str, str | int]:

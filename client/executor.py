@@ -199,7 +199,11 @@ def describe_task(message: Message, reply: Message) -> tuple[str, bool]:
         return f"fedtune: run finished ({status}{', ' + result if result else ''})", True
     metrics = dict(reply.content["metrics"]) if "metrics" in reply.content.metric_records else {}
     round_number = config.get("round", "?")
-    if message.metadata.message_type == MessageType.TRAIN:
+    kind = message.metadata.message_type
+    if kind.startswith(f"{MessageType.TRAIN}.secagg_"):  # secure aggregation's key and share exchanges
+        stage = {"setup": "keys made", "share_keys": "keys shared", "unmask": "shares sent"}.get(kind.split("_", 1)[1], "stage")
+        return f"fedtune: secure aggregation: {stage}", False
+    if kind == MessageType.TRAIN:
         if "privacy-spent" in (reply.content["info"] if "info" in reply.content.config_records else {}):
             return f"fedtune: round {round_number}: privacy budget spent, not training", False
         loss = f"loss {metrics['train_loss']:.4f}" if "train_loss" in metrics else f"ε {metrics.get('epsilon', 0):.3f}"

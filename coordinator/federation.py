@@ -23,6 +23,7 @@ from fedtune.coordinator.dp_preflight import privacy_warnings
 from fedtune.coordinator.identity import NodeNames
 from fedtune.coordinator.replies import ReplyBudget, collect, send, send_and_collect
 from fedtune.coordinator.report import say
+from fedtune.coordinator.secure_round import SecureRound
 from fedtune.coordinator.session import Session
 from fedtune.core.config import Config
 from fedtune.core.dp_accounting import json_epsilon
@@ -96,6 +97,9 @@ class RoundRunner:
             if reason := self.strategy.refusal():
                 return self._finish(book.elapsed(), stopped=f"before round {rnd}: {reason}", budget=True)
             train_metrics, traffic, deadline = self._train_round(grid, rnd)
+            if train_metrics is None and fed.secure_aggregation != "none" and self._clients_with_budget() >= fed.min_clients:
+                say(f"round {rnd}: skipped (secure aggregation failed in every attempt); the global adapter is unchanged")
+                continue
             if train_metrics is None:
                 budget = self._clients_with_budget() < fed.min_clients
                 return self._finish(book.elapsed(), stopped=self._why_no_round(rnd), budget=budget)
@@ -122,7 +126,8 @@ class RoundRunner:
             record["zo_clients"] = zo_clients
         if ledger.rejected:
             record["rejected"] = ledger.rejected
-        record |= {key: ledger.stats[key] for key in ("robust_clipped", "robust_capped") if ledger.stats.get(key)}
+        shown = ("robust_clipped", "robust_capped", "secagg_dropped", "secagg_clipped", "secagg_s")
+        record |= {key: ledger.stats[key] for key in shown if ledger.stats.get(key)}
         return record | self._privacy_metrics()
 
     def _state(self) -> dict[str, Any]:
@@ -144,19 +149,17 @@ class RoundRunner:
         of the attempt that counted: evaluation shares it)."""
         fed = self.config.federation
         traffic = {"bytes_up": 0, "bytes_down": 0}
+        self.session.suspended = set()
         for attempt in range(fed.round_retries + 1):
             self._wait_for_clients(grid)
             deadline = time.time() + fed.round_timeout
             messages = self.strategy.configure_train(rnd, self.arrays, ConfigRecord(), self.session.trainers(grid))
-            self.session.start_round(messages)
             if rnd == self.first_round and attempt == 0:  # clients load the model first: the longest round
                 say(f"sending round {rnd} to {len(messages)} clients; they load the model, then train")
-            budget = ReplyBudget(self.strategy.max_reply_bytes(MessageType.TRAIN))
-            timer = _Timed(self.session.receive_train)  # replies are checked and decoded as they arrive
-            self.session.ledger.silent = collect(grid, send(grid, messages, deadline), deadline, budget, timer)
-            started = time.perf_counter()
-            new_arrays, train_metrics = self.session.aggregate(rnd)
-            spent = timer.seconds + time.perf_counter() - started
+            if fed.secure_aggregation != "none":
+                new_arrays, train_metrics, spent = self._secure_attempt(grid, rnd, messages, deadline)
+            else:
+                new_arrays, train_metrics, spent = self._plain_attempt(grid, rnd, messages, deadline)
             traffic["aggregate_s"] = round(traffic.get("aggregate_s", 0.0) + spent, 4)
             traffic["bytes_up"] += self.session.ledger.bytes_up
             traffic["bytes_down"] += self.session.ledger.bytes_down
@@ -166,12 +169,31 @@ class RoundRunner:
                 return dict(train_metrics), traffic, deadline
             if self._clients_with_budget() < fed.min_clients:
                 return None, traffic, deadline
-            say(
-                f"round {rnd}: {len(self.session.ledger.updates)} usable replies < min_clients "
-                f"{fed.min_clients} (attempt {attempt + 1}/{fed.round_retries + 1}); "
-                + "; ".join(self.session.ledger.rejected[:3])
-            )
+            rejected = self.session.ledger.rejected
+            secure = [reason for reason in rejected if reason.startswith("secure aggregation:")]
+            why = secure[0] if secure else f"{len(self.session.ledger.updates)} usable replies < min_clients {fed.min_clients}"
+            others = [reason for reason in rejected if reason not in secure][:3]
+            say(f"round {rnd}: {why} (attempt {attempt + 1}/{fed.round_retries + 1}); " + "; ".join(others))
         return None, traffic, time.time()
+
+    def _plain_attempt(self, grid: Grid, rnd: int, messages: list[Message], deadline: float) -> tuple[ArrayRecord | None, Any, float]:
+        """Send, collect, aggregate; (new arrays or None, metrics, the server's seconds: checking, decoding, math)."""
+        self.session.start_round(messages)
+        budget = ReplyBudget(self.strategy.max_reply_bytes(MessageType.TRAIN))
+        timer = _Timed(self.session.receive_train)  # replies are checked and decoded as they arrive
+        self.session.ledger.silent = collect(grid, send(grid, messages, deadline), deadline, budget, timer)
+        started = time.perf_counter()
+        new_arrays, train_metrics = self.session.aggregate(rnd)
+        return new_arrays, train_metrics, timer.seconds + time.perf_counter() - started
+
+    def _secure_attempt(self, grid: Grid, rnd: int, messages: list[Message], deadline: float) -> tuple[ArrayRecord | None, Any, float]:
+        """The four exchanges of secure aggregation (coordinator/secure_round.py) in place of send and collect."""
+        assert isinstance(self.strategy, LoraStrategy)  # client-level DP with secure aggregation is refused at load
+        secure = SecureRound(grid, self.session, self.strategy, self.config, rnd)
+        outcome = secure.run(messages, deadline)
+        self.session.suspended |= secure.suspects
+        new_arrays, train_metrics = self.session.settle(outcome)
+        return new_arrays, train_metrics, secure.server_seconds
 
     def _note_epsilons(self) -> None:
         """Sample-level DP: remember every client's latest ε and who has stopped for budget."""

@@ -22,6 +22,7 @@ from fedtune.coordinator.identity import NodeNames
 from fedtune.core.flower_internals import log
 from fedtune.core.wire import payload_bytes
 from fedtune.strategies import ClientLevelDP, LoraStrategy
+from fedtune.strategies.base import Aggregate
 from fedtune.strategies.updates import (
     ClientUpdate,
     NamedReplyError,
@@ -66,11 +67,13 @@ class Session:
         self.strategy, self.identity = strategy, identity
         self.budget_replies = budget_replies  # sample-level DP: clients may reply "privacy budget spent"
         self.retired: set[str] = set()  # clients whose privacy budget is spent: not sampled to train
+        self.suspended: set[int] = set()  # nodes kept out of the round's further attempts (secure aggregation)
         self.ledger = RoundLedger()
 
     def trainers(self, grid: Grid) -> NodeView:
         """The nodes a round may sample to train: all but the retired clients'."""
-        return NodeView(grid, [node for node, name in self.identity.bound.items() if name in self.retired])
+        retired = [node for node, name in self.identity.bound.items() if name in self.retired]
+        return NodeView(grid, [*retired, *self.suspended])
 
     def evaluators(self, grid: Grid) -> NodeView:
         """The nodes a round may ask to evaluate: all but those silent in its training."""
@@ -83,24 +86,33 @@ class Session:
         """Decode a train reply into the ledger, or record why it was rejected."""
         node = reply.metadata.src_node_id
         if reply.has_error():
-            self._reject(self.identity.name(node), client_error(reply.error.code))
+            self.reject(self.identity.name(node), client_error(reply.error.code))
             return
         self.ledger.replies += 1
         name = self.identity.name(node)
         try:
             self.ledger.bytes_up += payload_bytes(reply.content)
-            name = self._identify(node, reply)
-            if "privacy-spent" in checked_info(reply.content) and self.budget_replies:  # a DP-SGD client at its budget
-                self.ledger.budget_spent[name] = spent_epsilon(reply.content)
-                self.ledger.rejected.append(f"{name}: privacy budget spent")  # the client's own text is not recorded
+            name = self.identify(node, reply)
+            if self.budget_spent(reply, name):
                 return
             self.ledger.updates.append(self.strategy.decode(reply.content, node, name))
         except Exception as err:  # one client's reply must never fail the round
-            self._reject(getattr(err, "name", name), fault(err))
+            self.reject(getattr(err, "name", name), fault(err))
+
+    def budget_spent(self, reply: Message, name: str) -> bool:
+        """Whether REPLY says its DP-SGD client is at its budget (then recorded: it trains no more)."""
+        if "privacy-spent" not in checked_info(reply.content) or not self.budget_replies:
+            return False
+        self.ledger.budget_spent[name] = spent_epsilon(reply.content)
+        self.ledger.rejected.append(f"{name}: privacy budget spent")  # the client's own text is not recorded
+        return True
 
     def aggregate(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The strategy's aggregate of the accepted updates; what it did goes to the ledger."""
-        outcome = self.strategy.aggregate(server_round, self.ledger.updates)
+        return self.settle(self.strategy.aggregate(server_round, self.ledger.updates))
+
+    def settle(self, outcome: Aggregate) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A round attempt's outcome; what the aggregation did goes to the ledger."""
         self.ledger.stats = outcome.stats
         if outcome.problem:
             self.ledger.rejected.append(outcome.problem)
@@ -115,7 +127,7 @@ class Session:
             try:
                 if reply.has_error():
                     raise ReplyError(client_error(reply.error.code))
-                name = self._identify(node, reply)
+                name = self.identify(node, reply)
                 results[name] = decode_evaluation(reply.content)
             except Exception as err:  # one client's reply must never fail the round
                 reason = fault(err)
@@ -123,13 +135,13 @@ class Session:
                 log(WARNING, "round %d: evaluate reply from %s not counted: %s", server_round, name, reason)
         return self.strategy.evaluation_metrics([results[name] for name in sorted(results)])  # arrival order must not matter
 
-    def _identify(self, node: int, reply: Message) -> str:
+    def identify(self, node: int, reply: Message) -> str:
         """The reply's name, if its node may use it (``NamedReplyError`` naming the node's own name otherwise)."""
         claimed = client_name(reply.content, f"node {node}")
         if problem := self.identity.check(node, claimed):
             raise NamedReplyError(self.identity.name(node), problem)
         return claimed
 
-    def _reject(self, name: str, reason: str) -> None:
+    def reject(self, name: str, reason: str) -> None:
         self.ledger.rejected.append(f"{name}: {reason}")
         log(WARNING, "rejected reply from %s: %s", name, reason)

@@ -107,6 +107,10 @@ class FederationSection(Section):
     eval_every: int = Field(1, ge=0)
     compression: Literal["none", "fp16", "int8"] = "none"
     max_message_mb: float = Field(64.0, gt=0.0)
+    secure_aggregation: Literal["none", "secagg+"] = "none"  # the coordinator learns only sums (core/secagg.py)
+    secagg_threshold: int = Field(3, ge=3)  # the fewest clients whose sum may be revealed (always a majority too)
+    secagg_clip: float | None = Field(None, gt=0.0)  # ±c per coordinate of a weighted change; None: from client.lr
+    secagg_stage_timeout: float = Field(120.0, gt=0.0)  # each key and share exchange's deadline
 
     def clients_per_round(self) -> int:
         """Clients sampled per round when all are connected: ⌈fraction·clients⌉, at least min_clients."""

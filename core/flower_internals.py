@@ -68,6 +68,18 @@ LAZY = {  # name -> the Flower module it comes from, imported on first use
     "read_superlink_connection": "flwr.cli.flower_config",
     "init_http_client_from_connection": "flwr.cli.utils",
     "HttpGrid": "flwr.superlink.grid.http_grid",
+    # secure aggregation's primitives (core/secagg.py): Flower ships them for its legacy SecAgg+ workflow only
+    "generate_key_pairs": "flwr.supercore.primitives.asymmetric",
+    "public_key_to_bytes": "flwr.supercore.primitives.asymmetric",
+    "private_key_to_bytes": "flwr.supercore.primitives.asymmetric",
+    "bytes_to_private_key": "flwr.supercore.primitives.asymmetric",
+    "generate_shared_key": "flwr.common.secure_aggregation.crypto.symmetric_encryption",
+    "encrypt": "flwr.common.secure_aggregation.crypto.symmetric_encryption",
+    "decrypt": "flwr.common.secure_aggregation.crypto.symmetric_encryption",
+    "create_shares": "flwr.common.secure_aggregation.crypto.shamir",
+    "combine_shares": "flwr.common.secure_aggregation.crypto.shamir",
+    "share_keys_plaintext_concat": "flwr.common.secure_aggregation.secaggplus_utils",
+    "share_keys_plaintext_separate": "flwr.common.secure_aggregation.secaggplus_utils",
 }
 MODULES = {  # the Flower modules fedtune's launchers adjust before running them
     "superlink_cli": "flwr.superlink.cli.flower_superlink",

@@ -20,6 +20,7 @@ from fedtune.strategies.flexlora import FlexLora
 from fedtune.strategies.flora import FLoRA
 from fedtune.strategies.hetlora import HetLora
 from fedtune.strategies.rolora import RoLoRA
+from fedtune.strategies.secure import check_secure_config
 
 STRATEGIES: dict[str, type[LoraStrategy]] = {
     cls.name: cls for cls in (FedIT, FfaLora, FedSaLora, LoraFair, FlexLora, HetLora, FLoRA, FedExLora, RoLoRA)
@@ -59,6 +60,7 @@ def check_config(config: Config) -> None:
         per_client = ", ".join(n for n, c in STRATEGIES.items() if c.plan.per_client_ranks)
         raise UserError(f"client.ranks: strategy {name} trains every client at one rank; per-client ranks need {per_client}")
     cls.check_config(config)
+    check_secure_config(config, cls, [n for n, c in STRATEGIES.items() if c.secure_sum])
 
 
 def with_defaults(config: Config) -> None:

@@ -58,6 +58,8 @@ class LoraStrategy(ReplyRules, Strategy):
     base_residual: ClassVar[bool] = False  # folds a residual into the frozen base (strategies/base_residual.py)
     settings: ClassVar[type[Section] | None] = None  # the model of its own config section, strategy.NAME
     moved_keys: ClassVar[dict[str, str]] = {}  # older flat keys strategy.KEY -> the key of its section they became
+    secure_sum: ClassVar[bool] = False  # its round is the weighted mean of the clients' changes (strategies/secure.py)
+    secure_refusal: ClassVar[str] = ""  # why a secure sum cannot serve it, when it cannot
 
     def __init__(
         self,

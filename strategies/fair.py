@@ -175,6 +175,7 @@ def product_name(a_name: str) -> str:
 
 class LoraFair(LoraStrategy):
     name = "fair"
+    secure_refusal = "its correction needs each client's product B_k·A_k"
     plan = ParameterPlan(trained=frozenset(ROLES), sent=frozenset(ROLES))
     settings: ClassVar = FairSettings
     moved_keys: ClassVar = {"fair_lambda": "regularization", "fair_steps": "max_steps"}  # the old flat strategy keys

@@ -44,6 +44,7 @@ def fedex_combine(tensors: list[Tensors], weights: list[float], scale: float, pr
 
 class FedExLora(BaseResidualStrategy):
     name = "fedex"
+    secure_refusal = "its residual needs each client's product B_k·A_k"
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         scale = self.scale.at(self.rank)

@@ -21,4 +21,5 @@ class FedIT(LoraStrategy):
     is not a robust statistic of the products B_k·A_k; strategies/robust.py)."""
 
     name = "fedit"
+    secure_sum = True
     plan = ParameterPlan(trained=frozenset(ROLES), sent=frozenset(ROLES))

@@ -40,6 +40,7 @@ class FedSaLora(LoraStrategy):
     """
 
     name = "fedsa"
+    secure_sum = True
     plan = fedsa_plan(private_head=False)  # B is private either way; strategy.fedsa.head decides the head
     settings: ClassVar = FedSaSettings
     moved_keys: ClassVar = {"head": "head"}  # strategy.head, from before the strategy had its own section

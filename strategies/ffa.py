@@ -23,6 +23,7 @@ class FfaLora(LoraStrategy):
     """
 
     name = "ffa"
+    secure_sum = True
     plan = ParameterPlan(
         trained=frozenset({"lora_B", "head"}),
         sent=frozenset({"lora_B", "head"}),

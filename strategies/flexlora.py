@@ -58,6 +58,7 @@ def flexlora_combine(tensors: list[Tensors], weights: list[float], rank: int, pr
 
 class FlexLora(PerClientRankStrategy):
     name = "flexlora"
+    secure_refusal = "its SVD needs each client's product B_k·A_k"
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         return flexlora_combine([u.tensors for u in updates], [u.num_examples for u in updates], self.rank, current)

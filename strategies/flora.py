@@ -58,6 +58,7 @@ def flora_combine(
 
 class FLoRA(BaseResidualStrategy):
     name = "flora"
+    secure_refusal = "it stacks each client's factors"
 
     def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -49,6 +49,7 @@ def hetlora_combine(tensors: list[Tensors], weights: list[float]) -> Tensors:
 
 class HetLora(PerClientRankStrategy):
     name = "hetlora"
+    secure_refusal = "its weights are each client's update norm"
 
     def combine(self, current: Tensors, updates: list[ClientUpdate]) -> Tensors:
         return hetlora_combine([u.tensors for u in updates], [u.num_examples for u in updates])

@@ -24,6 +24,7 @@ class RoLoRA(LoraStrategy):
     head; with the other factor common, a statistic of it is a statistic of the updates (as for FFA-LoRA)."""
 
     name = "rolora"
+    secure_sum = True
     plan = TRAIN_B  # round 1's
 
     def plan_for(self, server_round: int) -> ParameterPlan:

@@ -17,12 +17,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune.core import faults, spsa, wire
 from fedtune.core.flower_internals import log
 from fedtune.core.plan import ParameterPlan, role_of
+from fedtune.core.secagg import SecAggError
 
 Tensors = dict[str, torch.Tensor]
 
@@ -151,7 +153,7 @@ def checked_info(content: RecordDict) -> dict[str, str | int | float]:
 
 def fault(err: Exception) -> str:
     """The reason for an exception raised while checking one reply: a failed rule, else only its type."""
-    return str(err) if isinstance(err, (ReplyError, wire.WireError)) else f"malformed reply ({type(err).__name__})"
+    return str(err) if isinstance(err, (ReplyError, wire.WireError, SecAggError)) else f"malformed reply ({type(err).__name__})"
 
 
 def client_error(code: object) -> str:
@@ -230,12 +232,7 @@ def decode_update(content: RecordDict, node: int, name: str, rules: ReplyRules) 
     complete = len(sent) == 1 and UPDATE_RECORDS[sent[0]] in (None, *content.config_records)
     if not complete or "metrics" not in content.metric_records:
         raise ReplyError("needs a 'metrics' record and one update: 'arrays' + 'layout', ZO 'zo' + 'zo-config' or 'probe'")
-    metrics = dict(content["metrics"])
-    num_examples = COUNT.check(WEIGHT_KEY, metrics.pop(WEIGHT_KEY, None))
-    metrics = checked_metrics(metrics, TRAIN_METRICS)
-    info = checked_info(content)
-    if rules.frozen_checksum is not None and info.get("frozen-checksum") != rules.frozen_checksum:
-        raise ReplyError("frozen tensors differ from the shared init (checksum mismatch)")
+    num_examples, metrics, info = _checked_fields(content, rules)
     if sent == ["zo"]:
         tensors = rules.replay_seeds(content["zo"], content["zo-config"])
     elif sent == [wire.HEAD_PROBE]:
@@ -247,6 +244,30 @@ def decode_update(content: RecordDict, node: int, name: str, rules: ReplyRules) 
             raise ReplyError(f"{key}: contains NaN or Inf")
     tensors = {k: v.float() for k, v in tensors.items()}
     return ClientUpdate(node, name, rules.lifted(tensors, info), int(num_examples), metrics, info)
+
+
+def decode_masked(content: RecordDict, node: int, name: str, rules: ReplyRules, length: int) -> tuple[ClientUpdate, np.ndarray, list[int]]:
+    """A secure-aggregation train reply: its fields checked as ``decode_update`` checks them, its masked
+    vector of LENGTH uint32 values, and the peers whose envelopes did not open for it."""
+    if not {"masked"} <= set(content.array_records) or "metrics" not in content.metric_records or "secagg" not in content.config_records:
+        raise ReplyError("a secure-aggregation reply needs 'masked', 'metrics' and 'secagg' records")
+    num_examples, metrics, info = _checked_fields(content, rules)
+    vector = wire.read_array(content["masked"], "values", "uint32", length)
+    bad = content["secagg"].get("bad", [])
+    if not (isinstance(bad, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in bad)):
+        raise ReplyError("'bad' must be a list of node ids")
+    return ClientUpdate(node, name, {}, int(num_examples), metrics, info), vector, bad
+
+
+def _checked_fields(content: RecordDict, rules: ReplyRules) -> tuple[int, dict[str, float], dict[str, str | int | float]]:
+    """A train reply's example count, metrics and info, each checked; and its frozen tensors' checksum."""
+    metrics = dict(content["metrics"])
+    num_examples = int(COUNT.check(WEIGHT_KEY, metrics.pop(WEIGHT_KEY, None)))
+    metrics = checked_metrics(metrics, TRAIN_METRICS)
+    info = checked_info(content)
+    if rules.frozen_checksum is not None and info.get("frozen-checksum") != rules.frozen_checksum:
+        raise ReplyError("frozen tensors differ from the shared init (checksum mismatch)")
+    return num_examples, metrics, info
 
 
 def decodable(replies: Iterable[Message], decode: Callable[[RecordDict, int, str], ClientUpdate]) -> list[ClientUpdate]:
