@@ -171,6 +171,10 @@ def main() -> None:
         summary = json.loads((work / name / "summary.json").read_text())
         results[name]["eval_accuracy"] = summary["final"].get("eval_accuracy")
         results[name]["client_base_model_loads"] = summary["client_base_model_loads"]
+    messages = args.clients * args.rounds  # train messages; the reload app loads for each, and for evaluations
+    if results["reload"]["client_base_model_loads"] < messages:
+        sys.exit(f"the reload baseline loaded the base model {results['reload']['client_base_model_loads']} times "
+                 f"for {messages} train messages: it does not reload, so the comparison would be void")  # fmt: skip
     steps = args.clients * args.rounds * args.local_steps
     report = {
         "workload": {

@@ -58,6 +58,10 @@ class SharedModel:
         model.activate()
         return model
 
+    def forget(self) -> None:
+        """Drop the loaded models, so the next ``get`` loads the base model again (benchmarks/reload_app)."""
+        self.key, self.by_rank = "", {}
+
 
 SHARED_MODEL = SharedModel()
 

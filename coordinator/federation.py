@@ -35,6 +35,7 @@ from fedtune.engine.data import ExampleSet
 from fedtune.engine.evaluate import eval_set, evaluate
 from fedtune.engine.rounds import RoundBook, finish_run
 from fedtune.strategies import ClientLevelDP, LoraStrategy, build_strategy
+from fedtune.strategies.secure import summary as secure_summary
 
 END_NOTICE_SECONDS = 10.0  # how long the end-of-run notice waits for agents' acknowledgements
 EVAL_GRACE_SECONDS = 30.0  # evaluation's wait for the agents that trained, when training used the round's deadline
@@ -71,6 +72,8 @@ class RoundRunner:
         session = Session(strategy, NodeNames(registered), budget_replies=config.privacy.mode == "sample")
         for warning in privacy_warnings(config, strategy, model, simulated):
             say(f"WARNING: {warning}")
+        if config.federation.secure_aggregation != "none":
+            say(secure_summary(config))
         federation = cls(config, run, strategy, session, model, eval_set(config, model), ArrayRecord(model.state()))
         rounds = run.completed_rounds()
         if rounds:

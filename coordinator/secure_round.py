@@ -226,7 +226,7 @@ class SecureRound:
         budget = ReplyBudget(self.strategy.max_reply_bytes(MessageType.TRAIN) + 8 * secagg.EXTRA)
         self.session.ledger.silent = collect(self.grid, send(self.grid, sent, deadline), deadline, budget, receive)
         self.session.ledger.updates = accepted
-        self._enough("train", len(uploads), len(peers), threshold)
+        self._enough("train", len(uploads), len(peers), max(threshold, self.strategy.min_clients))
         return uploads, accepted
 
     def _unmask(
@@ -260,6 +260,7 @@ class SecureRound:
 
         budget = 4096 + len(order) * (secagg.SK_SHARE_BYTES + 64)
         self._exchange(UNMASK, dict.fromkeys(active, record), receive, budget, self._stage_deadline())
+        computing = time.perf_counter()
         count = len(next(iter(uploads.values())))
         total = np.zeros(count, dtype=np.uint32)
         for node in active:
@@ -277,6 +278,7 @@ class SecureRound:
             for node in active:  # the pair masks NODE added with GONE: take them out again
                 agreed = secagg.agreed_key(key, members[node].pk1)
                 total -= secagg.signed(node, gone, secagg.pair_mask(agreed, self.nonce, node, gone, count))
+        self.server_seconds += time.perf_counter() - computing
         return total
 
     # -- helpers ------------------------------------------------------------------------------------

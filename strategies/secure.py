@@ -83,6 +83,19 @@ def clip_range(config: Config) -> float:
     return CLIP_PER_STEP * lr * (client.zo_steps or client.local_steps)
 
 
+def summary(config: Config) -> str:
+    """The one line a secure run starts with: what the coordinator sees, and what robust aggregation still does."""
+    fed = config.federation
+    line = (
+        f"secure aggregation ({fed.secure_aggregation}): the coordinator learns only sums of at least "
+        f"{fed.secagg_threshold} clients' changes (and always of a majority of those sampled); each client "
+        f"clips every coordinate of its change to ±{clip_range(config):.3g}"
+    )
+    if config.strategy.robust == "norm-bound":
+        line += "; strategy.robust norm-bound caps the example counts only (no update norm is visible to clip)"
+    return line
+
+
 def weights(strategy: LoraStrategy, counts: list[int]) -> tuple[list[float], int]:
     """Each client's weight in (0, 1] from its example count (capped as ``norm-bound`` caps it), and how many were capped."""
     capped, lowered = (

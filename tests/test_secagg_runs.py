@@ -53,3 +53,14 @@ def test_a_client_lost_after_the_key_exchange_is_unmasked_by_the_others(tmp_path
     assert [r["clients"] for r in records] == [4, 4] and [r["secagg_dropped"] for r in records] == [1, 1]
     assert all(r["eval_accuracy"] > 0.3 for r in records)
     assert all(value.isfinite().all() for value in model.values())
+
+
+def test_a_round_below_the_threshold_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTUNE_ATTACKS", json.dumps(dict.fromkeys(["2", "3", "4"], "dropout-first")))
+    app = str(REPO / "benchmarks" / "hostile_app")
+    out = tmp_path / "skipped"
+    records, _, stdout = _simulate(out, "federation.secure_aggregation=secagg+", "federation.round_retries=0", app=app)
+    assert [r["round"] for r in records] == [2] and records[0]["clients"] == 5
+    assert "round 1: secure aggregation: stopped at train: 2 of 5 clients answered, threshold 3" in stdout
+    assert "round 1: skipped (secure aggregation failed in every attempt); the global adapter is unchanged" in stdout
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"

@@ -8,7 +8,8 @@ handler, then rewrites its train reply (broadcast = the tensors the round sent i
   sent tensor set to 0.5 (a poisoned model claiming most of the federation's data);
 - ``signflip``: (sent − broadcast) × (−10⁴) + broadcast;
 - ``huge``: (sent − broadcast) × 10⁶ + broadcast;
-- ``dropout``: trains, then fails before replying (a client lost mid-round).
+- ``dropout``: trains, then fails before replying (a client lost mid-round); ``dropout-first``: only in
+  round 1.
 
 Under secure aggregation the poison goes in before masking (the client's own clip to ±c still
 applies: the ``edge`` variants bypass it, as a member speaking the Fleet API can, and put every
@@ -43,7 +44,7 @@ def attack_of(context: Context) -> str | None:
     return attack
 
 
-ATTACKS = ("liar", "signflip", "huge", "dropout", "liar-edge", "signflip-edge")
+ATTACKS = ("liar", "signflip", "huge", "dropout", "dropout-first", "liar-edge", "signflip-edge")
 
 
 def poison(attack: str, sent: dict[str, torch.Tensor], broadcast: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,13 +70,13 @@ def edge_quantizer(clients: int):  # noqa: ANN201
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     attack = attack_of(context)
-    if attack == "dropout":
+    if attack == "dropout" or (attack == "dropout-first" and int(msg.content["config"]["round"]) == 1):
         client_app.train(msg, context)
         raise RuntimeError("hostile_client: dropped out after training")
-    if attack is not None and "secagg" in msg.content.config_records:
+    if attack in ("liar", "signflip", "huge", "liar-edge", "signflip-edge") and "secagg" in msg.content.config_records:
         return _masked_poison(attack, msg, context)
     reply = client_app.train(msg, context)
-    if attack is None or "arrays" not in reply.content.array_records:
+    if attack not in ("liar", "signflip", "huge") or "arrays" not in reply.content.array_records:
         return reply
     broadcast = wire.decode(msg.content["arrays"], msg.content["layout"])
     sent = wire.decode(reply.content["arrays"], reply.content["layout"])

@@ -1,4 +1,8 @@
-"""fedtune's ClientApp, except that every message loads the base model afresh."""
+"""fedtune's ClientApp, except that every message loads the base model afresh (FlowerTune's way).
+
+It goes through fedtune's own loader (``SharedModel.get``), so each load is counted in the
+``model-loads`` every reply reports; benchmarks/framework_overhead.py and
+tests/test_reload_app.py check that the count is one per message."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -10,8 +14,8 @@ app = ClientApp()
 
 def _fresh_model(context: Context) -> None:
     client_job = job.ClientJob.for_context(context)
-    job.SHARED_MODEL.model = None  # forget it: the next get loads the base model again
-    client_job.model = job.SHARED_MODEL.get(client_job.config)
+    job.SHARED_MODEL.forget()  # the next get loads the base model again
+    client_job.model = job.SHARED_MODEL.get(client_job.config, client_job.rank)
 
 
 @app.train()
