@@ -9,11 +9,11 @@ side by side in one invocation (run it alone: two CPU-heavy jobs on 2 cores dist
 - ``scale``: the quickstart at 10 and 100 simulated clients, one local step, 2 rounds, FFA:
   bytes per client-round up and down, and seconds per round (the second round: no model loads),
   with and without secure aggregation.
-- ``hostile``: SST-2, ffa, 6 rounds under secure aggregation with ``benchmarks/hostile_app``:
-  clean; the 10⁶-count liar with its update at 0.5 everywhere, through fedtune's own client
-  (clipped to ±c) and bypassing the clip (``-edge``: every coordinate at the edge of the
-  coordinator's range check, as a member speaking the Fleet API can); the ×10⁴ sign-flipper,
-  bypassing the clip.
+- ``hostile``: SST-2, fedit, 6 rounds under secure aggregation with ``benchmarks/hostile_app``:
+  clean; the 10⁶-count liar with its update at 0.5 everywhere and the ×10⁴ sign-flipper, both
+  bypassing the client's clip (``-edge``: every coordinate at the edge of the coordinator's range
+  check, as a member speaking the Fleet API can; through fedtune's own client the clip to ±c
+  would bound them like an honest client).
 
     python benchmarks/secure_aggregation.py accuracy --out /tmp/secagg-bench
     python benchmarks/secure_aggregation.py scale --out /tmp/secagg-bench
@@ -120,11 +120,10 @@ def scale(out: Path) -> str:
 
 
 def hostile(out: Path) -> str:
-    common = ["strategy.name=ffa", "federation.rounds=6", "federation.eval_every=0", "data.eval_max_examples=1000"]
+    common = ["strategy.name=fedit", "federation.rounds=6", "federation.eval_every=0", "data.eval_max_examples=1000"]
     common += ["output.plots=false", SECURE]
     scenarios = {
         "clean": {},
-        "liar": {"0": "liar"},
         "liar-edge": {"0": "liar-edge"},
         "signflip-edge": {"1": "signflip-edge"},
     }
