@@ -202,29 +202,17 @@ class SecureRound:
         uploads: dict[int, np.ndarray] = {}
         accepted: list[ClientUpdate] = []
 
-        def receive(reply: Message) -> None:
-            node = reply.metadata.src_node_id
-            name = self.session.identity.name(node)
-            if reply.has_error():
-                self._reject(name, client_error(reply.error.code))
+        def receive(reply: Message, node: int, name: str) -> None:
+            if self.session.budget_spent(reply, name):
                 return
-            self.session.ledger.replies += 1
-            try:
-                self.session.ledger.bytes_up += wire.payload_bytes(reply.content)
-                name = self.session.identify(node, reply)
-                if self.session.budget_spent(reply, name):
-                    return
-                update, vector, bad = decode_masked(reply.content, node, name, self.strategy, length)
-            except Exception as err:  # one client's reply must never fail the round
-                self._reject(getattr(err, "name", name), fault(err))
-                return
+            update, vector, bad = decode_masked(reply.content, node, name, self.strategy, length)
             for src in set(bad) & set(peers):
                 self._reject(members[src].name, "secagg: its envelope did not open for a peer")
             uploads[node] = vector
             accepted.append(update)
 
         budget = ReplyBudget(self.strategy.max_reply_bytes(MessageType.TRAIN) + 8 * secagg.EXTRA)
-        self.session.ledger.silent = collect(self.grid, send(self.grid, sent, deadline), deadline, budget, receive)
+        self.session.ledger.silent = collect(self.grid, send(self.grid, sent, deadline), deadline, budget, self._checked(receive))
         self.session.ledger.updates = accepted
         self._enough("train", len(uploads), len(peers), max(threshold, self.strategy.min_clients))
         return uploads, accepted
@@ -297,12 +285,20 @@ class SecureRound:
         ]
         self.session.ledger.bytes_down += sum(wire.payload_bytes(m.content) for m in messages)
 
+        budget = ReplyBudget(REPLY_RECORDS_BYTES + max_bytes)
+        collect(self.grid, send(self.grid, messages, deadline), deadline, budget, self._checked(receive))
+
+    def _checked(self, receive: Callable[[Message, int, str], None]) -> Callable[[Message], None]:
+        """RECEIVE behind the checks every stage's reply passes first: not an error, bytes counted, its node's
+        own name; anything RECEIVE raises rejects that reply only, in fixed words."""
+
         def checked(reply: Message) -> None:
             node = reply.metadata.src_node_id
             name = self.session.identity.name(node)
             if reply.has_error():
                 self._reject(name, client_error(reply.error.code))
                 return
+            self.session.ledger.replies += 1
             try:
                 self.session.ledger.bytes_up += wire.payload_bytes(reply.content)
                 name = self.session.identify(node, reply)
@@ -310,13 +306,7 @@ class SecureRound:
             except Exception as err:  # one client's reply must never fail the round
                 self._reject(getattr(err, "name", name), fault(err))
 
-        collect(
-            self.grid,
-            send(self.grid, messages, deadline),
-            deadline,
-            ReplyBudget(REPLY_RECORDS_BYTES + max_bytes),
-            checked,
-        )
+        return checked
 
     def _stage_deadline(self) -> float:
         return time.time() + min(self.config.federation.secagg_stage_timeout, self.config.federation.round_timeout)
